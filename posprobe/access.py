@@ -289,6 +289,8 @@ class LayerCapture:
         memo = self.extras.setdefault("pattern_memo", {})
         key = (len(query_index), int(query_index[0]), int(query_index[-1]), int(query_index.sum()))
         if key not in memo:
+            if len(memo) >= 16:  # bounded: a few chunks per layer, freed when the layer's capture is dropped
+                memo.pop(next(iter(memo)))
             memo[key] = self._source()(query_index)
         return memo[key]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import pandas as pd
 import torch
@@ -115,6 +115,7 @@ class ScanContext:
         return idx
 
 
+@runtime_checkable
 class Reducer(Protocol):
     """Per-scan state of a streaming probe: sees each shared text pass layer by layer, then summarises."""
 
@@ -127,6 +128,7 @@ class Reducer(Protocol):
     def finish(self) -> ProbeResult: ...
 
 
+@runtime_checkable
 class Probe(Protocol):
     """A registered probe. `Config` is a frozen dataclass; exactly one of `reducer` / `run` is implemented."""
 

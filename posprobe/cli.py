@@ -1,0 +1,181 @@
+"""The `posprobe` command line: scan, rank, export, models, probes, app.
+
+Owns argument parsing (typer) and turning posprobe errors into one-line messages with exit code 2. The commands are
+thin: they call the public API (`scan`, `load`, `Scan.rank`) and write tables with pandas.
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from posprobe.errors import PosprobeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="posprobe: probe how transformer language models use position.")
+
+
+class Format(str, Enum):
+    csv = "csv"
+    json = "json"
+    md = "md"
+    parquet = "parquet"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"posprobe: error: {message}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _write_table(df, fmt: Format, out: Optional[Path]) -> None:
+    if fmt is Format.parquet:
+        if out is None:
+            _fail("--format parquet needs --out FILE (Parquet is binary and cannot go to the terminal).")
+        df.to_parquet(out, index=False)
+        typer.echo(f"wrote {len(df)} rows to {out}", err=True)
+        return
+    if fmt is Format.csv:
+        text = df.to_csv(index=False)
+    elif fmt is Format.json:
+        text = df.to_json(orient="records", indent=1)
+    else:
+        text = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
+    if out is None:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {len(df)} rows to {out}", err=True)
+
+
+def _has_tabulate() -> bool:
+    try:
+        import tabulate  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _load(scan_dir: Path):
+    from posprobe.scan import load
+
+    return load(scan_dir)
+
+
+@app.command()
+def scan(
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the scan to")],
+    model: Annotated[Optional[str], typer.Option(help="model name or path (default: embedded gemma-3-270m)")] = None,
+    probes: Annotated[Optional[str], typer.Option(help="comma-separated probe names (default: all that apply)")] = None,
+    budget: Annotated[str, typer.Option(help="quick | standard | full")] = "standard",
+    seed: Annotated[int, typer.Option(help="seed of every generated input")] = 0,
+    backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
+    rank_metric: Annotated[Optional[str], typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
+) -> None:
+    """Scan a model and save the result (Parquet + JSON) to OUT."""
+    from posprobe.scan import scan as run_scan
+
+    names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
+    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend)
+    result.save(out)
+    typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
+               f"{', '.join(result.metrics)}) to {out} in {result.meta['timings_s']['total']:.0f} s", err=True)
+    for name, reason in result.meta.get("skipped", {}).items():
+        typer.echo(f"skipped probe {name}: {reason}", err=True)
+    if rank_metric:
+        ranked = result.rank(rank_metric, top=None)
+        ranked.to_csv(out / "ranking.csv", index=False)
+        typer.echo(f"wrote head ranking by {rank_metric} to {out / 'ranking.csv'}", err=True)
+
+
+@app.command()
+def rank(
+    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory")],
+    metric: Annotated[str, typer.Option(help="head metric to rank by")],
+    top: Annotated[int, typer.Option(help="number of heads (0 = all)")] = 20,
+    ascending: Annotated[bool, typer.Option(help="lowest first")] = False,
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
+) -> None:
+    """Rank heads of a saved scan by one metric."""
+    result = _load(scan_dir)
+    _write_table(result.rank(metric, top=top or None, ascending=ascending), format, out)
+
+
+@app.command()
+def export(
+    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory")],
+    format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
+    table: Annotated[str, typer.Option(help="heads | curves | <extra table name>")] = "heads",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
+) -> None:
+    """Export a whole table of a saved scan (default: the heads table)."""
+    result = _load(scan_dir)
+    tables = {"heads": result.heads, "curves": result.curves, **result.tables}
+    if table not in tables:
+        from posprobe.errors import UnknownNameError
+
+        raise UnknownNameError("table", table, tables)
+    _write_table(tables[table], format, out)
+
+
+@app.command()
+def models() -> None:
+    """Known model names and whether they are installed."""
+    from posprobe.models import ZOO, list_models
+
+    for name, installed in list_models().items():
+        entry = ZOO[name]
+        status = "installed" if installed else f"not installed ({entry.install})"
+        typer.echo(f"{name:16s} {status:40s} {entry.description}")
+
+
+@app.command()
+def probes() -> None:
+    """Registered probes."""
+    from posprobe.probes import get_probe, list_probes
+
+    for name in list_probes():
+        typer.echo(f"{name:20s} {get_probe(name).description}")
+
+
+@app.command(name="app")
+def app_command(
+    scan_dirs: Annotated[list[Path], typer.Argument(help="saved scan directories to open")],
+    host: Annotated[str, typer.Option(help="interface to bind (default: localhost only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8050,
+) -> None:
+    """Open the Dash explorer over saved scans."""
+    try:
+        from app import serve
+    except ImportError as exc:
+        _fail(f"the explorer needs Dash ({exc}). Install it with: pip install 'posprobe[app]'")
+    serve(scan_dirs, host=host, port=port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: posprobe errors become `posprobe: error: ...` and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except PosprobeError as exc:
+        typer.echo(f"posprobe: error: {exc}", err=True)
+        return 2
+    except Exception as exc:  # click usage errors in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        if isinstance(exc, click.exceptions.Abort):
+            return 1
+        raise
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,4 @@
+"""Interventions: context managers that edit a model through the access interface and restore it exactly.
+
+Owns the public intervention names (METRICS.md section 7). Each intervention lives in its own module.
+"""

@@ -1,0 +1,49 @@
+"""The probe registry: names -> probe objects, with discovery and helpful errors.
+
+Owns `register`, `get_probe`, `list_probes`. Built-in probes are listed in ONE block below as import paths and
+imported on first use (no work at import time). A new probe is one module in this package plus one line here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from posprobe.errors import UnknownNameError
+from posprobe.probes.base import BUDGETS, Budget, ProbeResult, ScanContext, get_budget
+
+# --- built-in registrations (name -> "module:attribute") ------------------------------------------------------
+_BUILTIN: dict[str, str] = {
+    "attention_entropy": "posprobe.probes.attention_entropy:PROBE",
+    "head_basics": "posprobe.probes.head_basics:PROBE",
+}
+# ---------------------------------------------------------------------------------------------------------------
+
+_REGISTRY: dict[str, Any] = {}
+
+
+def register(probe: Any, *, replace: bool = False) -> Any:
+    """Register a probe object (see `posprobe.probes.base.Probe`). Returns it, so it can decorate a factory."""
+    name = probe.name
+    if not replace and (name in _REGISTRY or name in _BUILTIN):
+        raise ValueError(f"A probe named {name!r} is already registered; pass replace=True to override it.")
+    _REGISTRY[name] = probe
+    return probe
+
+
+def get_probe(name: str) -> Any:
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _BUILTIN:
+        module, attr = _BUILTIN[name].split(":")
+        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
+        return _REGISTRY[name]
+    raise UnknownNameError("probe", name, list_probes())
+
+
+def list_probes() -> list[str]:
+    """Names of every registered probe, built-in and user-registered."""
+    return sorted({*_BUILTIN, *_REGISTRY})
+
+
+__all__ = ["BUDGETS", "Budget", "ProbeResult", "ScanContext", "get_budget", "get_probe", "list_probes", "register"]

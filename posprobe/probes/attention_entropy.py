@@ -1,0 +1,124 @@
+"""Attention entropy per head and by position (METRICS.md section 3; after Zhang et al. 2024).
+
+Owns the head columns `entropy_mean` (H_i = -sum_j a_ij log a_ij in nats, mean over sampled queries i >= 1),
+`entropy_norm` (H_i / log(k_i) with k_i the number of keys query i can see: i + 1 under causal attention,
+min(i + 1, window) on sliding-window layers, so 1 always means uniform over what the query can see) and
+`entropy_nosink` (entropy after dropping the first `n_sink` keys and renormalising), and the curves
+`entropy_by_position` (log2 query-position buckets, one series per context length) and `entropy_by_length`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+
+
+@dataclass(frozen=True)
+class AttentionEntropyConfig:
+    chunk_size: int = 256  # queries per pattern chunk
+    n_sink: int = 1  # keys dropped for entropy_nosink: BOS / position 0 is the usual attention sink
+    n_position_buckets: int = 14  # log2 buckets of query position: [1,2), [2,4), ... up to 8k
+
+
+def entropy_rows(probs: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats over the last axis (0 log 0 = 0)."""
+    return torch.special.entr(probs).sum(-1)
+
+
+class _Reducer:
+    taps = frozenset({Tap.PATTERN})
+
+    def __init__(self, ctx: ScanContext, config: AttentionEntropyConfig) -> None:
+        self.ctx, self.config, info = ctx, config, ctx.info
+        shape = (info.n_layers, info.n_heads)
+        self.sums = {k: torch.zeros(shape, dtype=torch.float64) for k in ("raw", "norm", "nosink")}
+        self.counts = {k: torch.zeros(info.n_layers, dtype=torch.float64) for k in ("raw", "nosink")}
+        nb = config.n_position_buckets
+        self.by_pos: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.by_len: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._nb = nb
+        self.sample: TextSample | None = None
+
+    def begin(self, sample: TextSample) -> None:
+        self.sample = sample
+        length = sample.context_length
+        info = self.ctx.info
+        if length not in self.by_pos:
+            self.by_pos[length] = (torch.zeros(info.n_layers, info.n_heads, self._nb, dtype=torch.float64),
+                                   torch.zeros(info.n_layers, self._nb, dtype=torch.float64))
+            self.by_len[length] = (torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64),
+                                   torch.zeros(info.n_layers, dtype=torch.float64))
+
+    def on_layer(self, cap: LayerCapture) -> None:
+        cfg, layer, window = self.config, cap.layer, cap.info.sliding_window
+        queries = self.ctx.query_sample(cap.n_tokens)
+        pos_sum, pos_n = self.by_pos[self.sample.context_length]
+        len_sum, len_n = self.by_len[self.sample.context_length]
+        for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
+            p = probs.double()  # [b, H, cq, n]
+            h = entropy_rows(p)  # [b, H, cq]
+            visible = (qidx + 1).double() if window is None else (qidx + 1).clamp(max=window).double()
+            hn = h / torch.log(visible)
+            self.sums["raw"][layer] += h.mean(0).sum(-1)
+            self.sums["norm"][layer] += hn.mean(0).sum(-1)
+            self.counts["raw"][layer] += len(qidx)
+            keep = qidx >= cfg.n_sink
+            if keep.any():
+                rest = p[:, :, keep, cfg.n_sink:]
+                rest = rest / rest.sum(-1, keepdim=True).clamp(min=1e-30)
+                self.sums["nosink"][layer] += entropy_rows(rest).mean(0).sum(-1)
+                self.counts["nosink"][layer] += int(keep.sum())
+            buckets = torch.floor(torch.log2(qidx.double())).long().clamp(0, self._nb - 1)
+            hm = h.mean(0)  # [H, cq]
+            for head in range(hm.shape[0]):
+                pos_sum[layer, head].index_add_(0, buckets, hm[head])
+            pos_n[layer].index_add_(0, buckets, torch.ones(len(qidx), dtype=torch.float64))
+            len_sum[layer] += hm.sum(-1)
+            len_n[layer] += len(qidx)
+
+    def finish(self) -> ProbeResult:
+        info: ModelInfo = self.ctx.info
+        n_raw = self.counts["raw"].clamp(min=1)[:, None]
+        heads = head_frame(info, {
+            "entropy_mean": self.sums["raw"] / n_raw,
+            "entropy_norm": self.sums["norm"] / n_raw,
+            "entropy_nosink": self.sums["nosink"] / self.counts["nosink"].clamp(min=1)[:, None],
+        })
+        rows = []
+        for length, (s, n) in self.by_pos.items():
+            mean = s / n.clamp(min=1)[:, None, :]
+            for layer in range(info.n_layers):
+                for b in np.flatnonzero(n[layer].numpy()):
+                    for head in range(info.n_heads):
+                        rows.append({"curve": "entropy_by_position", "series": f"len={length}", "layer": layer,
+                                     "head": head, "x": float(2**b), "y": float(mean[layer, head, b])})
+        for length, (s, n) in self.by_len.items():
+            mean = s / n.clamp(min=1)[:, None]
+            for layer in range(info.n_layers):
+                for head in range(info.n_heads):
+                    rows.append({"curve": "entropy_by_length", "series": "", "layer": layer, "head": head,
+                                 "x": float(length), "y": float(mean[layer, head])})
+        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+        return ProbeResult(heads=heads, curves=curves)
+
+
+class AttentionEntropy:
+    name = "attention_entropy"
+    Config = AttentionEntropyConfig
+    description = "attention entropy (raw, normalised, sink-excluded) per head; entropy by position and length"
+    streaming = True
+
+    def skip_reason(self, info: ModelInfo, config: AttentionEntropyConfig) -> str | None:
+        return None
+
+    def reducer(self, ctx: ScanContext, config: AttentionEntropyConfig) -> _Reducer:
+        return _Reducer(ctx, config)
+
+
+PROBE = AttentionEntropy()

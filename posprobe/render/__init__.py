@@ -1,0 +1,28 @@
+"""Pure renderers: `Scan -> plotly.graph_objects.Figure`, shared by notebooks, the CLI and the Dash app.
+
+Owns the figure registry `FIGURES` and `figure(scan, kind, **kwargs)`. Renderers read only the scan's tables and
+meta; they never touch a model. A new figure is one function in a module here plus one line in `FIGURES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from posprobe.errors import UnknownNameError
+from posprobe.render.heads import atlas, curve, ranking
+
+FIGURES: dict[str, Callable[..., Any]] = {
+    "atlas": atlas,
+    "curve": curve,
+    "ranking": ranking,
+}
+
+
+def figure(scan: Any, kind: str = "atlas", **kwargs: Any) -> Any:
+    if kind not in FIGURES:
+        raise UnknownNameError("figure", kind, FIGURES)
+    return FIGURES[kind](scan, **kwargs)
+
+
+__all__ = ["FIGURES", "atlas", "curve", "figure", "ranking"]

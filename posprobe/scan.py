@@ -1,0 +1,353 @@
+"""`posprobe.scan(model)` and the `Scan` it returns: tidy tables plus provenance, saved as Parquet + JSON.
+
+Owns the orchestration of probes (streaming probes fused into one pass per shared text; task probes run after),
+the heads table (one row per layer x head: `layer`, `head`, `kv_head`, `layer_type`, then one column per metric),
+the long-format curves table (`probe, curve, series, layer, head, x, y`; layer/head -1 = model or layer level),
+extra per-trial tables, and `meta` (model id and weights hash, ModelInfo, every probe config, budget, seed,
+versions, timings, skipped probes with reasons). A saved scan is data only: loading validates the manifest and
+never executes anything from the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
+from posprobe.errors import ProbeError, ScanFormatError, UnknownNameError
+from posprobe.probes import get_probe, list_probes
+from posprobe.probes.base import CURVE_COLUMNS, Budget, ProbeResult, ScanContext, TextSample, get_budget
+from posprobe.tasks.text import SOURCE_NAME as TEXT_SOURCE
+
+FORMAT = "posprobe-scan"
+FORMAT_VERSION = 1
+HEAD_ID_COLUMNS = ["layer", "head", "kv_head", "layer_type"]
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _jsonable(dataclasses.asdict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating, float)):
+        value = float(obj)
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # enums
+        return obj.value
+    return obj
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for package in ("posprobe", "torch", "transformers", "numpy", "pandas", "scikit-learn", "scipy"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    out["python"] = sys.version.split()[0]
+    return out
+
+
+class Scan:
+    """The result of a scan: `heads`, `curves`, `tables` (name -> DataFrame) and `meta` (provenance)."""
+
+    def __init__(self, heads: pd.DataFrame, curves: pd.DataFrame, meta: dict[str, Any],
+                 tables: dict[str, pd.DataFrame] | None = None) -> None:
+        self.heads = heads
+        self.curves = curves
+        self.meta = meta
+        self.tables = dict(tables or {})
+
+    # --- inspection ---------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo.from_dict(self.meta["model_info"])
+
+    @property
+    def metrics(self) -> list[str]:
+        """The head-metric columns present (everything except the identifying columns)."""
+        return [c for c in self.heads.columns if c not in HEAD_ID_COLUMNS]
+
+    def rank(self, metric: str, top: int | None = 20, ascending: bool = False) -> pd.DataFrame:
+        """Heads sorted by `metric` (descending by default), NaNs last, with a 1-based `rank` column."""
+        if metric not in self.metrics:
+            raise UnknownNameError("metric", metric, self.metrics)
+        ranked = self.heads.sort_values(metric, ascending=ascending, na_position="last", kind="stable")
+        ranked = ranked[HEAD_ID_COLUMNS + [metric] + [m for m in self.metrics if m != metric]]
+        if top is not None:
+            ranked = ranked.head(top)
+        ranked = ranked.reset_index(drop=True)
+        ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
+        return ranked
+
+    def curve(self, curve: str, layer: int | None = None, head: int | None = None) -> pd.DataFrame:
+        """Rows of one curve, optionally for one layer / head."""
+        df = self.curves[self.curves["curve"] == curve]
+        if layer is not None:
+            df = df[df["layer"] == layer]
+        if head is not None:
+            df = df[df["head"] == head]
+        return df.reset_index(drop=True)
+
+    def figure(self, kind: str = "atlas", **kwargs: Any) -> Any:
+        """A plotly Figure from `posprobe.render` (kinds: see `posprobe.render.FIGURES`)."""
+        from posprobe.render import figure
+
+        return figure(self, kind, **kwargs)
+
+    def explore(self, **kwargs: Any) -> Any:
+        """Open this scan in the Dash explorer (inline in Jupyter when possible)."""
+        from app import run_explorer
+
+        return run_explorer([self], **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"Scan(model={self.meta.get('model')!r}, heads={len(self.heads)}, metrics={self.metrics}, "
+                f"curves={self.curves['curve'].nunique() if len(self.curves) else 0}, tables={list(self.tables)})")
+
+    def _repr_html_(self) -> str:
+        meta = self.meta
+        lines = [f"<b>posprobe scan</b> of <code>{meta.get('model')}</code> (budget {meta.get('budget', {}).get('name')},"
+                 f" seed {meta.get('seed')}, {len(self.heads)} heads)"]
+        skipped = meta.get("skipped", {})
+        if skipped:
+            lines.append("<br>skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+        for metric in self.metrics[:4]:
+            top = self.rank(metric, top=3)
+            best = ", ".join(f"L{r.layer}H{r.head}={getattr(r, metric):.3g}" for r in top.itertuples())
+            lines.append(f"<br>top <code>{metric}</code>: {best}")
+        return "".join(lines) + "<br>" + self.heads.head(8).to_html(float_format=lambda v: f"{v:.3g}")
+
+    def equals(self, other: Scan) -> bool:
+        return (self.heads.equals(other.heads) and self.curves.equals(other.curves)
+                and self.meta == other.meta and self.tables.keys() == other.tables.keys()
+                and all(self.tables[k].equals(other.tables[k]) for k in self.tables))
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path) -> Path:
+        """Write heads/curves/tables as Parquet and `manifest.json` (format, version, files, meta)."""
+        out = Path(directory)
+        (out / "tables").mkdir(parents=True, exist_ok=True)
+        files: dict[str, Any] = {"heads": "heads.parquet", "curves": "curves.parquet", "tables": {}}
+        self.heads.to_parquet(out / files["heads"], index=False)
+        self.curves.to_parquet(out / files["curves"], index=False)
+        for name, table in self.tables.items():
+            rel = f"tables/{name}.parquet"
+            table.to_parquet(out / rel, index=False)
+            files["tables"][name] = rel
+        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "meta": _jsonable(self.meta)}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Scan:
+        """Read a saved scan, validating the manifest and required columns first."""
+        folder = Path(directory)
+        manifest_path = folder / "manifest.json"
+        if not folder.is_dir():
+            raise ScanFormatError(f"No scan directory at {folder}: it does not exist. Create one with "
+                                  f"`posprobe scan --out {folder}` or scan.save('{folder}').")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except FileNotFoundError:
+            raise ScanFormatError(f"{folder} is not a posprobe scan: it has no manifest.json.") from None
+        except (OSError, ValueError) as exc:
+            raise ScanFormatError(f"The manifest of {folder} is unreadable or not valid JSON ({exc}); the scan is "
+                                  f"corrupted. Re-run the scan.") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ScanFormatError(f"{manifest_path} is not a posprobe scan manifest (format != {FORMAT!r}).")
+        version = manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ScanFormatError(f"{folder} has scan format version {version}; this posprobe reads version "
+                                  f"{FORMAT_VERSION}. Re-run the scan with this version or install the matching one.")
+        files = manifest.get("files", {})
+
+        def read(rel: Any, required: Sequence[str]) -> pd.DataFrame:
+            if not isinstance(rel, str) or ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise ScanFormatError(f"The manifest of {folder} names an invalid file {rel!r}.")
+            try:
+                df = pd.read_parquet(folder / rel)
+            except Exception as exc:  # pyarrow raises several types for truncated / garbage files
+                raise ScanFormatError(f"Cannot read {folder / rel}: {type(exc).__name__}: {exc}. The scan is "
+                                      f"corrupted or incomplete; re-run it.") from None
+            missing = [c for c in required if c not in df.columns]
+            if missing:
+                raise ScanFormatError(f"{folder / rel} lacks required columns {missing}; the scan is incompatible.")
+            return df
+
+        heads = read(files.get("heads"), HEAD_ID_COLUMNS)
+        curves = read(files.get("curves"), CURVE_COLUMNS)
+        tables = {name: read(rel, []) for name, rel in (files.get("tables") or {}).items()}
+        meta = manifest.get("meta")
+        if not isinstance(meta, dict) or "model_info" not in meta:
+            raise ScanFormatError(f"The manifest of {folder} has no model provenance (meta.model_info).")
+        return cls(heads, curves, meta, tables)
+
+
+def load(directory: str | Path) -> Scan:
+    """Load a scan saved with `Scan.save` / `posprobe scan --out`."""
+    return Scan.load(directory)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _progress(enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    show = sys.stderr.isatty() if enabled is None else enabled
+
+    def wrap(iterable: Iterable[Any], desc: str) -> Iterable[Any]:
+        return tqdm(iterable, desc=desc, disable=not show, file=sys.stderr, leave=False)
+
+    return wrap
+
+
+def shared_texts(access: ModelAccess, budget: Budget, seed: int) -> list[TextSample]:
+    """The seeded generated-text samples the streaming probes read (lengths clipped to the model's maximum)."""
+    import torch
+
+    from posprobe.tasks.text import text_ids
+
+    limit = access.info.max_positions or max(budget.context_lengths)
+    samples = []
+    for length in sorted({min(n, limit) for n in budget.context_lengths}):
+        for index in range(budget.n_texts):
+            ids = text_ids(access, length, seed=seed * 100_003 + length * 101 + index)
+            samples.append(TextSample(torch.tensor([ids]), length, index))
+    return samples
+
+
+def _resolve(names: str | Sequence[str] | None, info: ModelInfo, configs: dict[str, Any]) -> tuple[list, dict]:
+    chosen = list_probes() if names is None else ([names] if isinstance(names, str) else list(names))
+    probes, skipped = [], {}
+    for name in chosen:
+        probe = get_probe(name)
+        config = configs.get(name) or probe.Config()
+        if not isinstance(config, probe.Config):
+            raise ProbeError(f"The config for probe {name!r} must be a {probe.Config.__name__}, got "
+                             f"{type(config).__name__}. Build it with posprobe.probes.get_probe({name!r}).Config(...).")
+        reason = probe.skip_reason(info, config)
+        if reason:
+            skipped[name] = reason
+        else:
+            probes.append((probe, config))
+    return probes, skipped
+
+
+def scan(
+    model: Any = None,
+    probes: str | Sequence[str] | None = None,
+    budget: str | Budget = "standard",
+    seed: int = 0,
+    *,
+    configs: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    backend: str | None = None,
+    progress: bool | None = None,
+) -> Scan:
+    """Run probes over a model and return a `Scan`.
+
+    model: anything `posprobe.load_model` accepts (None = the embedded Gemma 3 270M). probes: registered names
+    (default: every probe that applies; a probe that does not apply, e.g. a RoPE probe on a NoPE model, is
+    skipped with its reason recorded in `meta["skipped"]`). budget: "quick", "standard", "full" or a `Budget`.
+    configs: probe name -> that probe's Config instance, to override defaults.
+    """
+    from posprobe.models import load_model
+
+    started = time.time()
+    access = load_model(model, tokenizer=tokenizer, backend=backend)
+    budget = get_budget(budget)
+    configs = dict(configs or {})
+    unknown = [name for name in configs if name not in list_probes()]
+    if unknown:
+        raise UnknownNameError("probe", unknown[0], list_probes())
+    chosen, skipped = _resolve(probes, access.info, configs)
+    bar = _progress(progress)
+    timings: dict[str, float] = {}
+    results: dict[str, ProbeResult] = {}
+
+    streaming = [(p, c) for p, c in chosen if p.streaming]
+    texts: list[TextSample] = shared_texts(access, budget, seed) if streaming else []
+    ctx = ScanContext(access=access, budget=budget, seed=seed, texts=texts, text_source=TEXT_SOURCE, progress=bar)
+    if streaming:
+        t0 = time.time()
+        reducers = [(p, p.reducer(ctx, c)) for p, c in streaming]
+        taps = frozenset().union(*(r.taps for _, r in reducers))
+
+        def dispatch(capture: LayerCapture) -> None:
+            for _, reducer in reducers:
+                reducer.on_layer(capture)
+
+        for sample in bar(texts, "shared text passes"):
+            for _, reducer in reducers:
+                reducer.begin(sample)
+            access.run(sample.input_ids, taps=taps, on_layer=dispatch)
+        for probe, reducer in reducers:
+            results[probe.name] = reducer.finish()
+        timings["shared_passes"] = time.time() - t0
+    for probe, config in chosen:
+        if probe.streaming:
+            continue
+        t0 = time.time()
+        results[probe.name] = probe.run(ctx, config)
+        timings[probe.name] = time.time() - t0
+
+    heads = _heads_table(access.info, results)
+    curves = pd.concat([r.curves for r in results.values() if r.curves is not None and len(r.curves)],
+                       ignore_index=True) if any(r.curves is not None and len(r.curves) for r in results.values()) \
+        else pd.DataFrame({c: pd.Series(dtype="float64" if c in ("x", "y") else ("int64" if c in ("layer", "head")
+                           else "object")) for c in CURVE_COLUMNS})
+    tables: dict[str, pd.DataFrame] = {}
+    for name, result in results.items():
+        for table_name, table in result.tables.items():
+            key = table_name if table_name.startswith(name) else f"{name}.{table_name}"
+            tables[key] = table
+    timings["total"] = time.time() - started
+    meta = {
+        "model": access.info.name,
+        "backend": access.backend,
+        "weights_hash": access.weights_hash(),
+        "model_info": access.info.to_dict(),
+        "probes": {p.name: dataclasses.asdict(c) for p, c in chosen},
+        "skipped": skipped,
+        "summaries": {name: r.summary for name, r in results.items() if r.summary},
+        "budget": budget.to_dict(),
+        "seed": seed,
+        "text_source": ctx.text_source if streaming else None,
+        "versions": _versions(),
+        "timings_s": timings,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Scan(heads, curves, _jsonable(meta), tables)
+
+
+def _heads_table(info: ModelInfo, results: dict[str, ProbeResult]) -> pd.DataFrame:
+    rows = [(l, h, info.kv_head(h), info.layers[l].layer_type) for l in range(info.n_layers)
+            for h in range(info.n_heads)]
+    heads = pd.DataFrame(rows, columns=HEAD_ID_COLUMNS)
+    for name, result in results.items():
+        if result.heads is None:
+            continue
+        clash = [c for c in result.heads.columns if c in heads.columns and c not in ("layer", "head")]
+        if clash:
+            raise ProbeError(f"Probe {name!r} reports head columns {clash} that another probe already reported.")
+        heads = heads.merge(result.heads, on=["layer", "head"], how="left")
+    return heads

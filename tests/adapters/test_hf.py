@@ -1,0 +1,142 @@
+"""HF adapter: patterns equal eager attention, invariants, logits unchanged, edits restore exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from posprobe.access import AttentionEdit, ProjectionInputEdit, RotaryEdit, Tap
+from posprobe.errors import InterventionError
+
+
+def _eager(access, ids):
+    model = access.model
+    before = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            return model(torch.tensor([ids]), output_attentions=True, output_hidden_states=True)
+    finally:
+        model.set_attn_implementation(before)
+
+
+def _collect(access, ids, taps, **kw):
+    caps = {}
+
+    def on_layer(c):
+        caps[c.layer] = {"pattern": c.pattern() if Tap.PATTERN in taps else None, "q": c.q, "k": c.k,
+                         "q_pre": c.q_pre, "k_pre": c.k_pre, "resid_post": c.resid_post, "info": c.info}
+
+    result = access.run(ids, taps=taps, on_layer=on_layer, **kw)
+    return caps, result
+
+
+@pytest.mark.parametrize("name", ["tiny_rope", "tiny_nope", "tiny_absolute"])
+def test_patterns_residuals_and_logits_match_eager(name, request):
+    access = request.getfixturevalue(name)
+    ids = access.encode("The old farmer carried a wooden chair near the harbour. " * 3)
+    caps, result = _collect(access, ids, [Tap.PATTERN, Tap.RESID_POST], logits="all")
+    ref = _eager(access, ids)
+    assert len(caps) == access.info.n_layers
+    for layer, cap in caps.items():
+        assert torch.allclose(cap["pattern"][0], ref.attentions[layer][0], atol=1e-5)
+    # hidden_states[l + 1] is the output of block l (the last one after the final norm in HF: skip it)
+    for layer in range(access.info.n_layers - 1):
+        assert torch.allclose(caps[layer]["resid_post"], ref.hidden_states[layer + 1], atol=1e-5)
+    assert torch.allclose(result.logits, ref.logits, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny_rope", "tiny_nope", "tiny_absolute"])
+def test_pattern_invariants(name, request):
+    access = request.getfixturevalue(name)
+    ids = access.encode("A quiet student found the blue lantern. " * 4)
+    caps, _ = _collect(access, ids, [Tap.PATTERN])
+    n = len(ids)
+    for cap in caps.values():
+        p = cap["pattern"][0]
+        assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5)
+        assert float(p.triu(diagonal=1).abs().max()) == 0.0
+
+
+def test_sliding_window_puts_no_mass_beyond_window():
+    from posprobe.adapters.hf import HFAccess
+    from posprobe.models import tiny_model
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tok = tiny_model("rope")
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+                           max_position_embeddings=512)
+    model = MistralForCausalLM(config).eval()
+    model.config._attn_implementation = "sdpa"
+    access = HFAccess(model, tok, name="tiny-mistral-window8")
+    assert all(layer.sliding_window == 8 for layer in access.info.layers)
+    ids = access.encode("The shepherd noticed the stone bridge. " * 2)
+    caps, result = _collect(access, ids, [Tap.PATTERN], logits="all")
+    ref = _eager(access, ids)
+    for layer, cap in caps.items():
+        p = cap["pattern"][0]
+        dist = torch.arange(len(ids))[:, None] - torch.arange(len(ids))[None, :]
+        assert float(p[:, dist >= 8].abs().max()) == 0.0
+        assert torch.allclose(p, ref.attentions[layer][0], atol=1e-5)
+    assert torch.allclose(result.logits, ref.logits, atol=1e-4)
+
+
+def test_rotary_preserves_chunk_norms(tiny_rope):
+    ids = tiny_rope.encode("The river pilot measured the long fence before the storm.")
+    caps, _ = _collect(tiny_rope, ids, [Tap.Q, Tap.K, Tap.Q_PRE, Tap.K_PRE])
+    for cap in caps.values():
+        a, b = cap["info"].chunk_coordinates()
+        for post, pre in ((cap["q"], cap["q_pre"]), (cap["k"], cap["k_pre"])):
+            norm_post = torch.sqrt(post[..., a] ** 2 + post[..., b] ** 2)
+            norm_pre = torch.sqrt(pre[..., a] ** 2 + pre[..., b] ** 2)
+            assert torch.allclose(norm_post, norm_pre, atol=1e-5)
+            assert not torch.allclose(post, pre)  # the rotation really happened
+
+
+def test_run_leaves_model_untouched(tiny_rope):
+    model = tiny_rope.model
+    impl = model.config._attn_implementation
+
+    def hooks():
+        return [(name, list(m._forward_hooks), list(m._forward_pre_hooks)) for name, m in model.named_modules()]
+
+    before = hooks()
+    ids = tiny_rope.encode("A curious child sold the copper kettle.")
+    tiny_rope.run(ids, taps=list(Tap), on_layer=lambda c: c.pattern())
+    assert model.config._attn_implementation == impl
+    assert hooks() == before
+
+
+@pytest.mark.parametrize("edit_factory", [
+    lambda: AttentionEdit(1, lambda p, ctx: torch.tril(torch.ones_like(p)) / torch.tril(torch.ones_like(p)).sum(-1, keepdim=True)),
+    lambda: ProjectionInputEdit(0, dims=(0, 1, 2), factor=-1.0),
+    lambda: RotaryEdit(0),
+])
+def test_edit_changes_logits_and_exit_restores_bitwise(tiny_rope, edit_factory):
+    ids = tiny_rope.encode("The librarian wrapped an old photograph across the square.")
+    before = tiny_rope.run(ids, logits="all").logits
+    with tiny_rope.editing([edit_factory()]):
+        edited = tiny_rope.run(ids, logits="all").logits
+    after = tiny_rope.run(ids, logits="all").logits
+    assert not torch.allclose(before, edited, atol=1e-4)
+    assert torch.equal(before, after)
+
+
+def test_kv_cached_greedy_matches_recompute(tiny_rope):
+    from posprobe.access import ModelAccess
+
+    ids = tiny_rope.encode("The engineer counted")
+    cached = tiny_rope.greedy(ids, 6)
+    recomputed = ModelAccess.greedy(tiny_rope, ids, 6)
+    assert torch.equal(cached, recomputed)
+    edit = [AttentionEdit(1, lambda p, ctx: torch.tril(torch.ones_like(p), diagonal=p.shape[-1] - p.shape[-2])
+                          / torch.tril(torch.ones_like(p), diagonal=p.shape[-1] - p.shape[-2]).sum(-1, keepdim=True))]
+    assert torch.equal(tiny_rope.greedy(ids, 6, edits=edit), ModelAccess.greedy(tiny_rope, ids, 6, edits=edit))
+
+
+def test_rotary_edit_on_nope_model_is_an_error(tiny_nope):
+    with pytest.raises(InterventionError, match="no RoPE"):
+        with tiny_nope.editing([RotaryEdit(0)]):
+            tiny_nope.run(tiny_nope.encode("hello"))
