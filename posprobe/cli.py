@@ -165,13 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     except PosprobeError as exc:
         typer.echo(f"posprobe: error: {exc}", err=True)
         return 2
-    except Exception as exc:  # click usage errors in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors of typer's (vendored) click in non-standalone mode
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
             exc.show()
             return 2
-        if isinstance(exc, click.exceptions.Abort):
+        if type(exc).__name__ == "Abort":
             return 1
         raise
     return 0

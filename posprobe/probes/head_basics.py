@@ -87,6 +87,7 @@ class _Reducer:
             for h in range(p.shape[0]):
                 self.dist_sum[layer, h].index_add_(0, flat_bins, p[h][vis])
             rel = p * n_visible[None, :, None] if cfg.relative_to_uniform else p
+            rel = torch.round(rel, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
             values.append(rel[:, vis])  # [H, pairs]
             logd.append(torch.log1p(dist[vis].double()))
         a = torch.cat(values, dim=1)

@@ -1,0 +1,90 @@
+"""CLI: scan -> rank/export round trip, the hand-wired previous-token head ranked first, exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from posprobe.cli import main
+
+
+@pytest.fixture(scope="module")
+def prev_token_scan_dir(tmp_path_factory):
+    from tests.planted_models import previous_token_model
+
+    model, tok = previous_token_model(layer=0, head=3)
+    model_dir = tmp_path_factory.mktemp("model")
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out = tmp_path_factory.mktemp("scan") / "scan"
+    assert main(["scan", "--model", str(model_dir), "--probes", "head_basics,attention_entropy", "--budget", "quick",
+                 "--out", str(out), "--rank", "previous_token_score"]) == 0
+    return out
+
+
+def test_cli_ranks_the_hand_wired_previous_token_head_first(prev_token_scan_dir, capsys):
+    assert main(["rank", str(prev_token_scan_dir), "--metric", "previous_token_score", "--top", "3"]) == 0
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert (table.layer[0], table["head"][0]) == (0, 3)
+    assert table.previous_token_score[0] > 0.95
+    ranking = pd.read_csv(prev_token_scan_dir / "ranking.csv")
+    assert (ranking.layer[0], ranking["head"][0]) == (0, 3)
+
+
+def test_csv_export_parses_back_to_the_same_numbers(prev_token_scan_dir, capsys):
+    import posprobe
+
+    assert main(["export", str(prev_token_scan_dir), "--format", "csv"]) == 0
+    exported = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    heads = posprobe.load(prev_token_scan_dir).heads
+    pd.testing.assert_frame_equal(exported, heads, check_dtype=False, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("fmt", ["json", "parquet", "md"])
+def test_other_formats(prev_token_scan_dir, tmp_path, fmt, capsys):
+    out = tmp_path / f"rank.{fmt}"
+    assert main(["rank", str(prev_token_scan_dir), "--metric", "sink_mass", "--format", fmt, "--out", str(out)]) == 0
+    if fmt == "json":
+        assert len(json.loads(out.read_text())) == 8
+    elif fmt == "parquet":
+        assert len(pd.read_parquet(out)) == 8
+    else:
+        assert "sink_mass" in out.read_text()
+
+
+def test_unknown_metric_exits_2_listing_valid_ones(prev_token_scan_dir, capsys):
+    assert main(["rank", str(prev_token_scan_dir), "--metric", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown metric 'nope'" in err and "previous_token_score" in err and "Traceback" not in err
+
+
+def test_missing_scan_dir_exits_2(tmp_path, capsys):
+    assert main(["rank", str(tmp_path / "missing"), "--metric", "sink_mass"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_corrupted_scan_exits_2(prev_token_scan_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(prev_token_scan_dir, broken)
+    (broken / "curves.parquet").write_bytes(b"garbage")
+    assert main(["export", str(broken), "--table", "curves"]) == 2
+    assert "corrupted" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_2(capsys):
+    assert main(["rank"]) == 2
+    assert main(["scan", "--out", "x", "--model", "no-such-model"]) == 2
+    assert "Unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_models_and_probes_commands(capsys):
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "gemma-3-270m" in out and "tiny-rope" in out
+    assert main(["probes"]) == 0
+    assert "head_basics" in capsys.readouterr().out
