@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from posprobe.errors import InputError
+from posprobe.types import KeyMask, Pattern, QueryIndex, Scores
 
 # ---------------------------------------------------------------------------------------------------------------
 # Model facts
@@ -171,8 +172,8 @@ class Tap(str, enum.Enum):
 
 
 def causal_key_mask(
-    query_index: Tensor, n_keys: int, sliding_window: int | None, key_start: int = 0
-) -> Tensor:
+    query_index: QueryIndex, n_keys: int, sliding_window: int | None, key_start: int = 0
+) -> KeyMask:
     """Boolean [q, k] mask of keys each query may attend to: j <= i and, with a window w, i - j < w."""
     keys = torch.arange(key_start, n_keys, device=query_index.device)
     allowed = keys[None, :] <= query_index[:, None]
@@ -187,7 +188,7 @@ def expand_kv(k: Tensor, n_heads: int) -> Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
-def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None = None) -> Tensor:
+def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None = None) -> Scores:
     """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d]."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if softcap is not None:
@@ -198,13 +199,13 @@ def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None =
 def attention_probs(
     q: Tensor,
     k: Tensor,
-    query_index: Tensor,
+    query_index: QueryIndex,
     *,
     scale: float,
     softcap: float | None,
     sliding_window: int | None,
     key_start: int = 0,
-) -> Tensor:
+) -> Pattern:
     """Attention probabilities for queries `query_index` over keys [key_start, key_start + k.shape[2]).
 
     q: [b, H, cq, d] (rows of `query_index`), k: [b, H, nk, d]. Masked entries are exactly 0.
@@ -278,7 +279,7 @@ class LayerCapture:
         full[..., start:stop] = probs
         return full
 
-    def pattern(self, query_index: Tensor | None = None) -> Tensor:
+    def pattern(self, query_index: QueryIndex | None = None) -> Pattern:
         """Attention probabilities [b, H, cq, n] for the given queries (all queries if None).
 
         The last few results are memoised for the life of this capture, so several probes reading the same

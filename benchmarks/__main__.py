@@ -1,0 +1,51 @@
+"""`python -m benchmarks`: run the speed/memory cases one process at a time and write a markdown table.
+
+Owns the benchmark entry point: for each context length, every case of `benchmarks.attention_stats` in its own
+subprocess, then the table (wall time, ratio to the bare forward pass, peak memory over the loaded model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from benchmarks.attention_stats import CASES, run_isolated
+
+
+def table(rows: list[dict]) -> str:
+    floor = {r["tokens"]: r["seconds"] for r in rows if r.get("case") == "forward" and "seconds" in r}
+    lines = ["| tokens | case | wall s | x forward | peak MB over loaded model | process peak MB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['tokens']} | {r['case']} | error: {r['error']} | | | |")
+            continue
+        ratio = r["seconds"] / floor[r["tokens"]] if r["tokens"] in floor else float("nan")
+        lines.append(f"| {r['tokens']} | {r['case']} | {r['seconds']:.1f} | {ratio:.2f} | {r['extra_peak_mb']:.0f} "
+                     f"| {r['peak_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="posprobe speed and memory benchmarks (run alone)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.md"))
+    args = parser.parse_args(argv)
+    rows = []
+    for n in args.tokens:
+        for case in args.cases:
+            row = run_isolated(case, n, args.model)
+            print(row, file=sys.stderr, flush=True)
+            rows.append(row)
+    text = f"# posprobe benchmarks ({args.model})\n\n{table(rows)}\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Speed and memory of reading attention statistics: posprobe's streaming path vs the naive ways.
+
+Owns one benchmark case per subprocess (so peak memory is the case's own): the bare SDPA forward pass (the floor),
+the streaming head-statistics pass posprobe's scan runs (sampled queries as in a budget, and all queries), eager
+attention with `output_attentions=True` reducing the full patterns afterwards, and TransformerLens
+`run_with_cache` with a names filter on `hook_pattern`. Peak memory is the process high-water mark (VmHWM) reset
+after the model is loaded, so it is the pass's own peak on top of the weights. Run alone: two torch processes
+fight over two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CASES = ("forward", "stream_sampled", "stream_all", "eager", "tl_cache")
+
+
+def _reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def run_case(case: str, n_tokens: int, model_name: str) -> dict:
+    """Run one case in this process and return its measurements."""
+    import torch
+
+    import posprobe
+    from posprobe.probes.base import Budget
+    from posprobe.tasks.text import text_ids
+
+    torch.set_num_threads(os.cpu_count() or 2)
+    access = posprobe.load_model(model_name)
+    ids = torch.tensor([text_ids(access, n_tokens, seed=0)])
+    access.run(ids[:, :64])  # warm-up
+    loaded = _rss_mb()
+    _reset_peak()
+    start = time.perf_counter()
+    if case == "forward":
+        access.run(ids)
+    elif case in ("stream_sampled", "stream_all"):
+        queries = 256 if case == "stream_sampled" else n_tokens
+        budget = Budget("bench", context_lengths=(n_tokens,), n_texts=1, max_queries=queries, retrieval_trials=0,
+                        bias_trials=0, implicit_sequences=0)
+        posprobe.scan(access, probes=["head_basics", "attention_entropy"], budget=budget, progress=False)
+    elif case == "eager":
+        model = access.model
+        model.set_attn_implementation("eager")
+        with torch.inference_mode():
+            out = access.base(input_ids=ids, output_attentions=True, use_cache=False)
+            for pattern in out.attentions:  # the same reductions, on the full cached patterns
+                torch.special.entr(pattern).sum(-1).mean()
+                pattern[..., 0].mean()
+                torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1).mean()
+        model.set_attn_implementation("sdpa")
+    elif case == "tl_cache":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(model_name, hf_model=access.model, tokenizer=access.tokenizer,
+                                                     device="cpu")
+        loaded = _rss_mb()
+        _reset_peak()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            _, cache = bridge.run_with_cache(ids, names_filter=lambda name: name.endswith("hook_pattern"))
+            for name in cache:
+                pattern = cache[name]
+                torch.special.entr(pattern).sum(-1).mean()
+    else:
+        raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    seconds = time.perf_counter() - start
+    return {"case": case, "tokens": n_tokens, "seconds": seconds, "peak_mb": _peak_mb(), "loaded_mb": loaded,
+            "extra_peak_mb": _peak_mb() - loaded}
+
+
+def run_isolated(case: str, n_tokens: int, model_name: str, timeout: float = 1800) -> dict:
+    """Run one case in a fresh interpreter (one at a time) and parse its JSON line."""
+    cmd = [sys.executable, "-m", "benchmarks.attention_stats", "--case", case, "--tokens", str(n_tokens),
+           "--model", model_name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"case": case, "tokens": n_tokens, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--case", choices=CASES, required=True)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--model", default="gemma-3-270m")
+    args = parser.parse_args(argv)
+    print(json.dumps(run_case(args.case, args.tokens, args.model)))
+
+
+if __name__ == "__main__":
+    main()
