@@ -1,0 +1,322 @@
+"""The nnsight adapter: posprobe's access interface over an nnsight 0.8 `TransformersModel`, through `trace()`.
+
+Owns the translation of `Tap`s and edit specs into reads and writes of the model's own module tree inside one trace
+(METRICS.md conventions: explicit position_ids, post-rotary q/k as the model computed them, the model's own attention
+pattern), the restoration of the model's attention implementation after every trace, and the remote (NDIF) path.
+Positional facts come from the HF config of the wrapped model (`architectures.model_info`), as in every adapter.
+
+Where each tap is read, per decoder block (always in execution order; nnsight refuses anything else):
+    RESID_PRE  block.input                     ATTN_IN  attn.input (the post-norm input of attention)
+    Q_PRE/K_PRE  the inputs of `attn.source.apply_rotary_pos_emb_0` (after Gemma 3's q/k norms); layers without
+                 RoPE report the post-rotary q/k
+    Q/K        the query/key arguments of `attn.source.attention_interface_1` (post-rotary, KV heads not expanded)
+    PATTERN    `attn.output[1]`, the model's own eager attention weights: the model runs with eager attention for
+               passes that ask for it, and its previous implementation is restored afterwards
+    SCORES     computed by `LayerCapture.scores` from Q/K        ATTN_OUT  attn.output[0]
+    RESID_POST block.output (where `on_layer` is called)
+
+Edits: ProjectionInputEdit rewrites `attn.q_proj.input` / `attn.k_proj.input`; RotaryEdit replaces the output of
+`apply_rotary_pos_emb_0` by its inputs (the identity rotation); AttentionEdit replaces the output of
+`attention_interface_1` by eager attention computed from its q/k/v with the edit applied (so PATTERN then shows the
+edited probabilities, the ones the model used).
+
+Streaming: locally, the trace body runs while the model runs, so `on_layer` is called inside the trace as each block
+finishes and nothing is kept. With `streaming=False` (and always with `remote=...`) the requested taps of every
+layer are saved inside the trace and `on_layer` is called layer by layer after it: this mode is NOT memory-streaming
+(all requested taps of all layers are alive at once). `remote=True` passes through to nnsight's NDIF execution; it is
+untested here (no network), while `remote="local"` (nnsight's serialising dry run) is what the tests can reach.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from posprobe.access import (
+    AttentionEdit,
+    Edit,
+    EditContext,
+    LayerCallback,
+    LayerCapture,
+    ModelAccess,
+    ProjectionInputEdit,
+    RotaryEdit,
+    Tap,
+    attention_scores,
+    causal_key_mask,
+    expand_kv,
+)
+from posprobe.adapters._wrapping import private_copy, state_dict_hash
+from posprobe.adapters.architectures import get_path, model_info, module_paths
+from posprobe.errors import InterventionError, MissingDependencyError, ModelLoadError, UnsupportedModelError
+
+_INSTALL = 'pip install "nnsight>=0.8"  (or: pip install "posprobe[nnsight]")'
+_QK_TAPS = frozenset({Tap.Q, Tap.K, Tap.SCORES})
+_PRE_TAPS = frozenset({Tap.Q_PRE, Tap.K_PRE})
+_ROTARY_OP = "apply_rotary_pos_emb_0"  # operation labels of nnsight 0.8 `.source` (they change between versions)
+_ATTENTION_OP = "attention_interface_1"
+
+
+def _nnsight() -> Any:
+    try:
+        import nnsight
+        from nnsight.modeling.transformers import TransformersModel  # noqa: F401
+    except ImportError:
+        raise MissingDependencyError("The nnsight backend", _INSTALL) from None
+    return nnsight
+
+
+def eager_attention(
+    query: Tensor, key: Tensor, value: Tensor, *, layer: int, scale: float, softcap: float | None,
+    window: int | None, edits: Sequence[AttentionEdit], position_ids: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Eager attention with `edits` applied, in the (output [b, n, H, d], probs [b, H, n, nk]) form of HF's
+    attention functions. Queries may be a suffix of the keys."""
+    n_heads, n_keys = query.shape[1], key.shape[2]
+    query_index = torch.arange(n_keys - query.shape[2], n_keys, device=query.device)
+    k, v = expand_kv(key, n_heads), expand_kv(value, n_heads)
+    ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=position_ids)
+    scores = attention_scores(query, k, scale, softcap)
+    scores = scores.masked_fill(~causal_key_mask(query_index, n_keys, window), float("-inf"))
+    for edit in edits:
+        if edit.stage == "scores":
+            scores = edit.fn(scores, ctx)
+    probs = torch.softmax(scores, dim=-1)
+    for edit in edits:
+        if edit.stage == "probs":
+            probs = edit.fn(probs, ctx)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, tuple) else value
+
+
+class NNsightAccess(ModelAccess):
+    """ModelAccess over an nnsight `TransformersModel` (one `trace()` per pass).
+
+    remote: passed to `trace(remote=...)` (True: NDIF; "local": nnsight's serialising dry run). Remote passes collect
+    taps inside the trace and call `on_layer` afterwards, and accept no edits (their functions cannot be shipped).
+    streaming: call `on_layer` inside the trace as the model runs (default, local only); False collects first.
+    """
+
+    backend = "nnsight"
+
+    def __init__(
+        self, model: Any, tokenizer: Any = None, name: str | None = None, *, remote: bool | str = False,
+        streaming: bool = True,
+    ) -> None:
+        super().__init__()
+        _nnsight()
+        from nnsight.modeling.huggingface import HuggingFaceModel
+
+        hf_model = getattr(model, "_module", None) if isinstance(model, HuggingFaceModel) else None
+        if hf_model is None or not hasattr(hf_model, "config"):
+            raise UnsupportedModelError(
+                f"NNsightAccess expects an nnsight TransformersModel wrapping a transformers causal LM, got "
+                f"{type(model).__module__}.{type(model).__name__}. Build one with "
+                f"nnsight.TransformersModel(hf_model, tokenizer=tok), or use NNsightAccess.from_hf(hf_model, tok)."
+            )
+        self.lm = model
+        self.hf_model: nn.Module = hf_model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        if self.tokenizer is None:
+            raise ModelLoadError(
+                "The nnsight model has no tokenizer and none was given; posprobe needs it to build prompts. "
+                "Pass NNsightAccess(model, tokenizer=AutoTokenizer.from_pretrained(path))."
+            )
+        self.paths = module_paths(hf_model.config)
+        label = name or getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
+        self.info = model_info(hf_model, label, self.tokenizer)
+        self.remote = remote
+        self.streaming = streaming and not remote
+        self._hash: str | None = None
+
+    @classmethod
+    def from_hf(
+        cls, hf_model: nn.Module, tokenizer: Any, name: str | None = None, *, streaming: bool = True
+    ) -> NNsightAccess:
+        """Wrap a private copy of `hf_model` (shared weights) in a `TransformersModel`; the user's model is untouched.
+
+        nnsight installs per-instance forwards on every module it wraps and sets the tokenizer's padding side;
+        both get copies here.
+        """
+        _nnsight()
+        from nnsight import TransformersModel
+        from transformers import PreTrainedModel
+
+        if not isinstance(hf_model, PreTrainedModel) or hf_model.get_output_embeddings() is None:
+            raise UnsupportedModelError(
+                f"NNsightAccess.from_hf needs a transformers causal LM (AutoModelForCausalLM), got "
+                f"{type(hf_model).__module__}.{type(hf_model).__name__}."
+            )
+        if tokenizer is None:
+            raise ModelLoadError(
+                "NNsightAccess.from_hf needs the model's tokenizer. Pass tokenizer=AutoTokenizer.from_pretrained(path)."
+            )
+        module_paths(hf_model.config)  # unsupported architectures fail here, before the copy
+        import copy
+
+        model = TransformersModel(private_copy(hf_model).eval(), tokenizer=copy.deepcopy(tokenizer))
+        label = name or getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
+        return cls(model, tokenizer=tokenizer, name=label, streaming=streaming)
+
+    def weights_hash(self) -> str:
+        """The same hash as the HF adapter (the wrapped module tree keeps HF's parameter names)."""
+        if self._hash is None:
+            self._hash = state_dict_hash(self.hf_model.state_dict())
+        return self._hash
+
+    # --- one pass ----------------------------------------------------------------------------------------------
+    def _check_edits(self, edits: Sequence[Edit]) -> None:
+        if edits and self.remote:
+            raise InterventionError(
+                "Edits are not supported on remote nnsight passes: their Python functions would have to run on the "
+                "server. Run the intervention locally (remote=False) or through backend='hf'."
+            )
+        for edit in edits:
+            if isinstance(edit, ProjectionInputEdit) and self.paths.q_proj is None:
+                raise InterventionError(
+                    f"{self.info.architecture} has a fused QKV projection; ProjectionInputEdit needs separate "
+                    f"q_proj/k_proj modules (Llama, Gemma, Qwen, Mistral families)."
+                )
+            if isinstance(edit, RotaryEdit) and not self.info.layers[edit.layer].has_rope:
+                raise InterventionError(f"Layer {edit.layer} of {self.info.name} has no RoPE to disable.")
+
+    def _layer_body(
+        self, layer: int, block: Any, taps: frozenset[Tap], edits: Sequence[Edit], position_ids: Tensor,
+        save: Any,
+    ) -> LayerCapture:
+        """Everything read or written for one block, in the order the model executes it."""
+        info = self.info
+        layer_info = info.layers[layer]
+        cap = LayerCapture(layer=layer, info=layer_info, model=info, position_ids=position_ids)
+        cap.extras["attn_scale"] = info.attn_scale
+        attn = getattr(block, self.paths.attention)
+        projection = [e for e in edits if isinstance(e, ProjectionInputEdit)]
+        rotary = any(isinstance(e, RotaryEdit) for e in edits)
+        attention = [e for e in edits if isinstance(e, AttentionEdit)]
+        read_rotary = layer_info.has_rope and (bool(taps & _PRE_TAPS) or rotary)
+        read_attention = bool(taps & _QK_TAPS) or bool(attention) or (bool(taps & _PRE_TAPS) and not layer_info.has_rope)
+        # `.source` must be reached before the attention module starts running
+        source = attn.source if (read_rotary or read_attention) else None
+
+        if Tap.RESID_PRE in taps:
+            cap.resid_pre = save(block.input)
+        if Tap.ATTN_IN in taps:
+            cap.attn_in = save(attn.input)
+        if projection:
+            self._scale_projection_inputs(attn, projection)
+        if read_rotary:
+            op = getattr(source, _ROTARY_OP)
+            q_pre, k_pre = op.inputs[0][:2]
+            if Tap.Q_PRE in taps:
+                cap.q_pre = save(q_pre)
+            if Tap.K_PRE in taps:
+                cap.k_pre = save(k_pre)
+            if rotary:
+                op.output = (q_pre, k_pre)  # the identity rotation (a NoPE ablation of this layer)
+        if read_attention:
+            op = getattr(source, _ATTENTION_OP)
+            args, _ = op.inputs
+            query, key, value = args[1], args[2], args[3]
+            if taps & _QK_TAPS:
+                cap.q, cap.k = save(query), save(key)
+            if taps & _PRE_TAPS and not layer_info.has_rope:  # no rotation in this layer: pre == post
+                cap.q_pre, cap.k_pre = save(query), save(key)
+            if attention:
+                op.output = eager_attention(
+                    query, key, value, layer=layer, scale=info.attn_scale, softcap=info.attn_softcap,
+                    window=layer_info.sliding_window, edits=attention, position_ids=position_ids,
+                )
+        if Tap.PATTERN in taps or Tap.ATTN_OUT in taps:
+            output = attn.output
+            if Tap.ATTN_OUT in taps:
+                cap.attn_out = save(output[0])
+            if Tap.PATTERN in taps:
+                cap.extras["pattern"] = save(output[1])
+        cap.resid_post = save(_first(block.output)) if Tap.RESID_POST in taps else None
+        return cap
+
+    @staticmethod
+    def _scale_projection_inputs(attn: Any, edits: Sequence[ProjectionInputEdit]) -> None:
+        """Queries first, then keys: the order both projections run in (Llama, Gemma, Qwen, Mistral)."""
+        for which in ("q", "k"):
+            chosen = [e for e in edits if (e.queries != "none" if which == "q" else e.keys)]
+            if not chosen:
+                continue
+            module = getattr(attn, f"{which}_proj")
+            x = module.input.clone()
+            for edit in chosen:
+                dims = torch.tensor(edit.dims, dtype=torch.long)
+                if which == "q" and edit.queries == "last":
+                    x[:, -1:, dims] *= edit.factor
+                else:
+                    x[..., dims] *= edit.factor
+            module.input = x
+
+    @staticmethod
+    def _finish(cap: LayerCapture) -> LayerCapture:
+        pattern = cap.extras.pop("pattern", None)
+        if pattern is not None:
+            cap.pattern_source = lambda query_index: pattern[:, :, query_index]
+        return cap
+
+    def _forward(
+        self,
+        input_ids: Tensor,
+        position_ids: Tensor,
+        taps: frozenset[Tap],
+        on_layer: LayerCallback | None,
+        logit_positions: Tensor | None,
+        edits: Sequence[Edit],
+    ) -> Tensor | None:
+        nnsight = _nnsight()
+        self._check_edits(edits)
+        blocks = get_path(self.lm, self.paths.layers)
+        layered = bool(taps) or on_layer is not None or bool(edits)
+        streaming = self.streaming
+        save = (lambda x: x) if streaming else nnsight.save
+        captures: list[LayerCapture] = []
+        original_impl = self.hf_model.config._attn_implementation
+        eager = Tap.PATTERN in taps and original_impl != "eager"
+        kwargs: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
+        kwargs["logits_to_keep"] = 1 if logit_positions is None else logit_positions
+        if self.remote:
+            kwargs["remote"] = self.remote
+        logits = None
+        try:
+            if eager:
+                self.hf_model.set_attn_implementation("eager")
+            with self.lm.trace(input_ids, **kwargs) as tracer:
+                if layered:
+                    for layer in range(self.info.n_layers):
+                        cap = self._layer_body(layer, blocks[layer], taps, edits, position_ids, save)
+                        if streaming:
+                            if on_layer is not None:
+                                on_layer(self._finish(cap))
+                            del cap
+                        else:
+                            captures.append(cap)
+                if logit_positions is not None:
+                    logits = nnsight.save(self.lm.output.logits)
+                elif streaming:
+                    tracer.stop()  # the final norm and LM head are not needed
+        finally:
+            if eager:
+                self.hf_model.set_attn_implementation(original_impl)
+        if not streaming:
+            for cap in captures:
+                if on_layer is not None:
+                    on_layer(self._finish(cap))
+            captures.clear()
+        gc.collect()  # nnsight keeps per-trace state alive through reference cycles (BACKENDS.md)
+        return logits
+
+    def close(self) -> None:
+        """Nothing persists between passes: the attention implementation is restored after every trace."""
