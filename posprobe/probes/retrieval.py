@@ -1,0 +1,300 @@
+"""Retrieval heads: which heads copy the needle into the answer (METRICS.md section 5; Wu et al. 2024).
+
+Owns the head columns `retrieval_score` (mean over scored trials of copied needle tokens / needle length) and
+`retrieval_activation` (share of scored trials in which the head copied at least one needle token), the curves
+`retrieval_by_depth` / `retrieval_by_length` (per head) and `needle_accuracy_by_depth` / `needle_accuracy_by_length`
+(model level), and the per-trial tables `retrieval_trials` (length, depth, answer correct?, scored?) and
+`retrieval_copies` (per trial x head: copied needle tokens), so scores can be broken down by depth and length.
+
+Definition (Wu et al. 2024): at each answer step, w = the token being produced and j* = argmax_j a_ij of head
+(l, h) at the query i that produces it; the head copied if j* lies in the needle span and token[j*] == w. A copied
+needle position counts once per trial (the paper's set of copied tokens), so a trial's score is in [0, 1].
+- `mode="teacher_forced"` (default): one forward pass per trial with the reference answer appended; the steps are
+  the answer positions, and the answer counts as correct when the argmax at every answer position is the
+  reference token (exactly when greedy decoding would produce it). Attention is read only at the answer
+  positions, chunk-wise, from the q/k the model computed; logits only at those positions.
+- `mode="generate"`: greedy decoding as the paper (`access.greedy`, KV-cached in the HF adapter), then one pass
+  over prompt + generated tokens reading attention at the positions that produced each generated token; w is the
+  generated token. Correct when the generation starts with the answer tokens.
+- Needle span: by default the answer's tokens inside the needle (`span="answer"`, so a perfect copier scores 1);
+  `span="needle"` uses the whole needle statement as the reference code does (its maximum is then below 1).
+- Trials the model answers wrongly are counted and reported in `summary` and `retrieval_trials`; they are
+  excluded from the scores only because `include_wrong=False` says so (the paper keeps only answered trials).
+  When no trial is answered correctly the scores are NaN and a RuntimeWarning plus `summary["warning"]` say why.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
+from posprobe.errors import ProbeError
+from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame
+from posprobe.tasks.needle import NeedleTrial, grid_for_trials, make_needle_trial, minimum_context_length
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    # one pass per trial with the reference answer appended; "generate" decodes greedily first (the paper's way)
+    mode: Literal["teacher_forced", "generate"] = "teacher_forced"
+    task: Literal["needle", "passkey"] = "needle"  # the magic-number needle: one copy of the answer in the prompt
+    n_trials: int | None = None  # None: the budget's retrieval_trials
+    context_lengths: tuple[int, ...] | None = None  # None: the budget's context lengths (clipped, see below)
+    # lengths are clipped to [shortest prompt that fits, min(max_context_length, model maximum)]; None: no extra cap
+    max_context_length: int | None = None
+    depths: tuple[float, ...] | None = None  # None: evenly spaced so that lengths x depths gives n_trials cells
+    span: Literal["answer", "needle"] = "answer"  # which needle tokens count (answer: a perfect copier scores 1)
+    include_wrong: bool = False  # the paper scores only trials the model answered; wrong ones are reported anyway
+    threshold: float = 0.1  # Wu et al.: a head whose retrieval_score exceeds 0.1 is a retrieval head
+    n_digits: int = 7  # digits of the needle value: 7 copy steps plus the leading space with digit-split tokenizers
+    extra_new_tokens: int = 4  # generate mode decodes len(answer) + this many tokens (steps after it still count)
+    chunk_size: int = 64  # answer queries per pattern chunk (answers are short: usually one chunk)
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    """One trial's result: copies [n_layers, n_heads] (distinct needle positions copied), steps and correctness."""
+
+    trial: NeedleTrial
+    copies: np.ndarray
+    steps: tuple[int, ...]
+    correct: bool
+    token_accuracy: float
+    span: tuple[int, int]
+
+
+def _check(config: RetrievalConfig) -> None:
+    if config.mode not in ("teacher_forced", "generate"):
+        raise ProbeError(f"RetrievalConfig.mode must be 'teacher_forced' or 'generate'; got {config.mode!r}.")
+    if config.span not in ("answer", "needle"):
+        raise ProbeError(f"RetrievalConfig.span must be 'answer' or 'needle'; got {config.span!r}.")
+    if config.n_trials is not None and config.n_trials < 1:
+        raise ProbeError(f"RetrievalConfig.n_trials must be at least 1 (or None for the budget's); got "
+                         f"{config.n_trials}.")
+    if config.chunk_size < 1 or config.extra_new_tokens < 0:
+        raise ProbeError("RetrievalConfig.chunk_size must be >= 1 and extra_new_tokens >= 0.")
+
+
+def _stop_ids(access: ModelAccess) -> tuple[int, ...]:
+    eos = getattr(access.tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(int(e) for e in eos) if isinstance(eos, (list, tuple)) else ()
+
+
+def score_trial(access: ModelAccess, trial: NeedleTrial, config: RetrievalConfig = RetrievalConfig()) -> TrialOutcome:
+    """Run one trial in `config.mode` and count, per head, the distinct needle positions it copied."""
+    info = access.info
+    prompt = list(trial.input_ids)
+    answer = list(trial.answer_ids)
+    teacher_forced = config.mode == "teacher_forced"
+    if teacher_forced:
+        steps = answer
+    else:
+        max_new = len(answer) + config.extra_new_tokens
+        steps = [int(t) for t in access.greedy(trial.ids(), max_new, stop_ids=_stop_ids(access))[0].tolist()]
+    sequence = torch.tensor(prompt + steps[:-1], dtype=torch.long)
+    first = len(prompt) - 1  # the query that produces step 0
+    queries = torch.arange(first, first + len(steps))
+    produced = torch.tensor(steps, dtype=torch.long)
+    start, stop = trial.answer_span if config.span == "answer" else trial.needle_span
+    copies = np.zeros((info.n_layers, info.n_heads), dtype=np.int64)
+
+    def on_layer(cap: LayerCapture) -> None:
+        hit = torch.zeros(info.n_heads, stop - start, dtype=torch.bool)
+        for qidx, probs in cap.pattern_chunks(config.chunk_size, queries):
+            j_star = probs[0].argmax(-1)  # [H, cq]
+            w = produced[qidx - first]
+            copied = (j_star >= start) & (j_star < stop) & (sequence[j_star] == w[None, :])
+            heads, cols = copied.nonzero(as_tuple=True)
+            hit[heads, j_star[heads, cols] - start] = True
+        copies[cap.layer] = hit.sum(-1).numpy()
+
+    result = access.run(sequence[None], taps={Tap.PATTERN}, on_layer=on_layer,
+                        logits=queries if teacher_forced else "none")
+    if teacher_forced:
+        matches = (result.logits[0].argmax(-1) == produced).tolist()
+    else:
+        matches = [i < len(steps) and steps[i] == a for i, a in enumerate(answer)]
+    return TrialOutcome(trial=trial, copies=copies, steps=tuple(steps), correct=all(matches),
+                        token_accuracy=float(np.mean(matches)), span=(start, stop))
+
+
+def score_trials(
+    access: ModelAccess,
+    trials: Sequence[NeedleTrial],
+    config: RetrievalConfig = RetrievalConfig(),
+    *,
+    progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+) -> ProbeResult:
+    """Retrieval scores of every head over the given trials (the probe's work, usable on hand-made trials)."""
+    _check(config)
+    if not trials:
+        raise ProbeError("score_trials needs at least one needle trial; build some with "
+                         "posprobe.tasks.needle.make_needle_trials(access, lengths, depths).")
+    iterator = progress(trials, f"retrieval trials ({config.mode})") if progress is not None else trials
+    outcomes = [score_trial(access, trial, config) for trial in iterator]
+    return summarize(access.info, outcomes, config, decode=access.decode)
+
+
+def summarize(
+    info: ModelInfo,
+    outcomes: Sequence[TrialOutcome],
+    config: RetrievalConfig,
+    decode: Callable[[Sequence[int]], str] | None = None,
+) -> ProbeResult:
+    """Heads table, curves, per-trial tables and summary from trial outcomes."""
+    trial_rows, copy_rows = [], []
+    layers, heads = np.meshgrid(np.arange(info.n_layers), np.arange(info.n_heads), indexing="ij")
+    for o in outcomes:
+        t = o.trial
+        span_len = o.span[1] - o.span[0]
+        scored = o.correct or config.include_wrong
+        trial_rows.append({
+            "trial": t.index, "task": t.task, "mode": config.mode, "context_length": t.context_length,
+            "n_tokens": t.n_tokens, "depth": t.depth, "actual_depth": t.actual_depth,
+            "needle_start": t.needle_span[0], "needle_stop": t.needle_span[1], "span_start": o.span[0],
+            "span_stop": o.span[1], "n_steps": len(o.steps), "correct": o.correct,
+            "token_accuracy": o.token_accuracy, "scored": scored, "answer": t.answer,
+            "output": decode(list(o.steps)) if decode is not None else "",
+            "n_heads_copying": int((o.copies > 0).sum()),
+        })
+        copy_rows.append(pd.DataFrame({
+            "trial": t.index, "layer": layers.ravel(), "head": heads.ravel(), "copies": o.copies.ravel(),
+            "score": o.copies.ravel() / span_len, "correct": o.correct, "scored": scored,
+        }))
+    trials = pd.DataFrame(trial_rows)
+    copies = pd.concat(copy_rows, ignore_index=True)
+    used = copies[copies["scored"]]
+    shape = (info.n_layers, info.n_heads)
+    n_correct = int(trials["correct"].sum())
+    n_scored = int(trials["scored"].sum())
+    summary: dict[str, Any] = {
+        "mode": config.mode, "task": config.task, "span": config.span, "include_wrong": config.include_wrong,
+        "n_trials": len(trials), "n_correct": n_correct, "n_wrong": len(trials) - n_correct, "n_scored": n_scored,
+        "accuracy": n_correct / len(trials), "threshold": config.threshold,
+        "context_lengths": sorted({int(x) for x in trials["context_length"]}),
+        "depths": sorted({float(x) for x in trials["depth"]}),
+    }
+    if n_scored == 0:
+        score = np.full(shape, np.nan)
+        activation = np.full(shape, np.nan)
+        message = (f"retrieval: the model answered none of the {len(trials)} needle trials correctly, so no head "
+                   f"has a retrieval score (all NaN). Retrieval heads are defined on answered trials (Wu et al.). "
+                   f"Use shorter contexts (RetrievalConfig.context_lengths), the passkey task, or "
+                   f"RetrievalConfig(include_wrong=True) to score copying on failed trials anyway.")
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        summary["warning"] = message
+    else:
+        grouped = used.groupby(["layer", "head"])
+        score = np.array(grouped["score"].mean(), dtype=np.float64).reshape(shape)
+        activation = np.array((used["copies"] > 0).groupby([used["layer"], used["head"]]).mean(),
+                              dtype=np.float64).reshape(shape)
+        if n_correct < len(trials):
+            summary["note"] = (f"{len(trials) - n_correct} of {len(trials)} trials answered wrongly; "
+                               f"{'scored anyway (include_wrong=True)' if config.include_wrong else 'excluded from the scores (include_wrong=False)'}.")
+        flat = [(float(score[l, h]), l, h) for l in range(shape[0]) for h in range(shape[1])]
+        flat.sort(key=lambda x: -x[0])
+        n_ret = int((score > config.threshold).sum())
+        summary.update({"n_retrieval_heads": n_ret, "share_retrieval_heads": n_ret / score.size,
+                        "top_heads": [{"layer": l, "head": h, "retrieval_score": s} for s, l, h in flat[:10]]})
+    heads_df = head_frame(info, {"retrieval_score": score, "retrieval_activation": activation})
+    curves = _curves(trials, used, info)
+    return ProbeResult(heads=heads_df, curves=curves, tables={"retrieval_trials": trials, "retrieval_copies": copies},
+                       summary=summary)
+
+
+def _curves(trials: pd.DataFrame, used: pd.DataFrame, info: ModelInfo) -> pd.DataFrame:
+    rows: list[dict[str, Any]] = []
+    meta = trials.set_index("trial")[["depth", "context_length"]]
+    for key, curve in (("depth", "by_depth"), ("context_length", "by_length")):
+        accuracy = trials.groupby(key)["correct"].mean()
+        rows += [{"curve": f"needle_accuracy_{curve}", "x": float(x), "y": float(y)} for x, y in accuracy.items()]
+        if len(used):
+            per_head = used.join(meta, on="trial").groupby([key, "layer", "head"])["score"].mean()
+            rows += [{"curve": f"retrieval_{curve}", "layer": int(l), "head": int(h), "x": float(x), "y": float(y)}
+                     for (x, l, h), y in per_head.items()]
+    frame = pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"])
+    frame[["layer", "head"]] = frame[["layer", "head"]].fillna(-1)
+    return curve_frame(frame, PROBE.name)
+
+
+def mode_agreement(a: ProbeResult, b: ProbeResult) -> dict[str, Any]:
+    """Spearman correlation over heads of two runs' retrieval scores, on the trials both answered correctly.
+
+    Both results must come from the same trials (e.g. teacher-forced and generate mode of `score_trials`).
+    """
+    ta, tb = a.tables["retrieval_trials"], b.tables["retrieval_trials"]
+    both = set(ta.loc[ta["correct"], "trial"]) & set(tb.loc[tb["correct"], "trial"])
+    out: dict[str, Any] = {"n_trials": int(len(ta)), "n_common_correct": len(both), "spearman": math.nan,
+                           "max_abs_diff": math.nan}
+    if not both:
+        return out
+    scores = []
+    for result in (a, b):
+        c = result.tables["retrieval_copies"]
+        scores.append(c[c["trial"].isin(both)].groupby(["layer", "head"])["score"].mean().to_numpy())
+    out["max_abs_diff"] = float(np.abs(scores[0] - scores[1]).max())
+    if np.ptp(scores[0]) > 0 and np.ptp(scores[1]) > 0:
+        out["spearman"] = float(spearmanr(scores[0], scores[1]).statistic)
+    elif np.array_equal(scores[0], scores[1]):
+        out["spearman"] = 1.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe
+
+
+def context_lengths(access: ModelAccess, lengths: Sequence[int], config: RetrievalConfig) -> list[int]:
+    """The probe's lengths clipped to [shortest prompt that fits, min(max_context_length, model maximum)]."""
+    low = minimum_context_length(access, config.task, config.n_digits)
+    high = min(access.info.max_positions or math.inf, config.max_context_length or math.inf)
+    if high < low:
+        raise ProbeError(f"The retrieval probe needs contexts of at least {low} tokens for its {config.task} prompt, "
+                         f"but at most {high} are allowed (model maximum / RetrievalConfig.max_context_length). "
+                         f"Raise max_context_length or use a model with longer contexts.")
+    return sorted({int(min(max(n, low), high)) for n in lengths})
+
+
+def build_trials(access: ModelAccess, n_trials: int, lengths: Sequence[int], config: RetrievalConfig,
+                 seed: int) -> list[NeedleTrial]:
+    """The probe's trials: cells (length, depth) spread over the grid, each trial with its own seeded needle."""
+    if config.depths is None:
+        cells = grid_for_trials(lengths, n_trials)
+    else:
+        grid = [(length, float(d)) for d in config.depths for length in lengths]
+        cells = [grid[i % len(grid)] for i in range(n_trials)]
+    return [make_needle_trial(access, length, depth, seed * 1_000_003 + index, task=config.task,
+                              n_digits=config.n_digits, index=index)
+            for index, (length, depth) in enumerate(cells)]
+
+
+class Retrieval:
+    name = "retrieval"
+    Config = RetrievalConfig
+    description = "retrieval heads (Wu et al.): needle-copying score per head over needle trials (lengths x depths)"
+    streaming = False
+
+    def skip_reason(self, info: ModelInfo, config: RetrievalConfig) -> str | None:
+        return None
+
+    def run(self, ctx: ScanContext, config: RetrievalConfig) -> ProbeResult:
+        _check(config)
+        access = ctx.access
+        n_trials = config.n_trials or ctx.budget.retrieval_trials
+        lengths = context_lengths(access, config.context_lengths or ctx.budget.context_lengths, config)
+        trials = build_trials(access, n_trials, lengths, config, ctx.seed)
+        return score_trials(access, trials, config, progress=ctx.progress)
+
+
+PROBE = Retrieval()
