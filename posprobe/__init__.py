@@ -11,12 +11,14 @@ from posprobe.errors import PosprobeError
 from posprobe.models import list_models, load_model
 from posprobe.probes import list_probes
 from posprobe.scan import Scan, load, scan
+from posprobe.tasks import evaluate_positions
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PosprobeError",
     "Scan",
+    "evaluate_positions",
     "interventions",
     "list_models",
     "list_probes",

@@ -1,0 +1,305 @@
+"""The behavioural U-curve: accuracy of a retrieval task as a function of the gold item's position.
+
+Owns `evaluate_positions` (METRICS.md section 4, task level, on the tasks of section 8; after Liu et al. 2023):
+for every trial seed the same items are laid out once per gold position (gold moved, distractor order fixed),
+answered greedily with the access's KV-cached `greedy`, scored by the task's exact-match rule, and summarised per
+gold position with Wilson binomial intervals. Trials that raise are counted in `n_errors` and listed in the
+per-trial records, never dropped silently. Also owns `summarize_trials` and `wilson_interval`.
+
+Batching: prompts of one trial have the same length by construction (see `posprobe.tasks.base`), so they run as
+one batch of equal-length rows (no padding, which the access does not support); a trial whose prompts differ in
+length runs row by row. Each row's completion is cut at its first stop token, so a batch gives the same answers
+as one-at-a-time generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from posprobe.errors import InputError
+from posprobe.tasks.base import Prompt, Task
+
+TRIAL_COLUMNS = ["task", "n_items", "gold_position", "relative_position", "trial", "seed", "n_tokens", "correct",
+                 "error", "completion", "answer", "natural"]
+SUMMARY_COLUMNS = ["task", "n_items", "gold_position", "relative_position", "n", "n_correct", "n_errors",
+                   "accuracy", "ci_low", "ci_high"]
+
+
+def wilson_interval(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ((nan, nan) when there are no trials)."""
+    if trials <= 0:
+        return math.nan, math.nan
+    from scipy.stats import norm
+
+    z = float(norm.ppf(0.5 + confidence / 2))
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact bounds at the edges (no 1e-17 residue)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    """The task seed of trial `trial` in a run with base seed `seed` (independent streams per base seed)."""
+    return seed * 1_000_003 + trial
+
+
+def even_positions(n_items: int, count: int) -> list[int]:
+    """`count` evenly spaced gold positions over 0..n_items-1, always including the first and the last."""
+    count = max(1, min(count, n_items))
+    return sorted({int(round(x)) for x in np.linspace(0, n_items - 1, count)})
+
+
+# --- interventions --------------------------------------------------------------------------------------------------
+
+
+def _is_context_manager(obj: Any) -> bool:
+    return hasattr(obj, "__enter__") and hasattr(obj, "__exit__")
+
+
+def _run_context(intervention: Any, access: Any) -> contextlib.AbstractContextManager[Any]:
+    """The context entered once around every trial."""
+    if intervention is None or hasattr(intervention, "prompt_context"):
+        return contextlib.nullcontext()
+    if _is_context_manager(intervention):
+        return intervention
+    if callable(intervention):
+        manager = intervention(access)
+        if not _is_context_manager(manager):
+            raise InputError(f"intervention(access) returned a {type(manager).__name__}, not a context manager. "
+                             f"Return an object with __enter__/__exit__ (e.g. `access.editing(edits)`).")
+        return manager
+    raise InputError(
+        f"intervention must be a context manager, a callable access -> context manager, or an object with a "
+        f"prompt_context(access, prompts) method; got {type(intervention).__name__}."
+    )
+
+
+def _batch_context(intervention: Any, access: Any, prompts: Sequence[Prompt]) -> contextlib.AbstractContextManager[Any]:
+    """The context entered around one generation batch (row r of the batch is prompts[r])."""
+    if intervention is not None and hasattr(intervention, "prompt_context"):
+        return intervention.prompt_context(access, list(prompts))
+    return contextlib.nullcontext()
+
+
+def _describe(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if is_dataclass(obj) and not isinstance(obj, type):
+        try:
+            return {"type": type(obj).__name__, **asdict(obj)}
+        except TypeError:
+            pass
+    return repr(obj)
+
+
+# --- generation ---------------------------------------------------------------------------------------------------
+
+
+def _stop_ids(access: Any, task: Task) -> list[int]:
+    ids = set()
+    eos = getattr(access.tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    for text in task.stop_strings():
+        encoded = access.encode(text, add_bos=False)
+        if len(encoded) == 1:
+            ids.add(int(encoded[0]))
+    return sorted(ids)
+
+
+def _cut(row: list[int], stop: set[int]) -> list[int]:
+    for i, token in enumerate(row):
+        if token in stop:
+            return row[: i + 1]
+    return row
+
+
+def _generate(access: Any, prompts: Sequence[Prompt], max_new_tokens: int, stop: list[int],
+              intervention: Any) -> list[list[int]]:
+    import torch
+
+    ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
+    with _batch_context(intervention, access, prompts):
+        new = access.greedy(ids, max_new_tokens, stop_ids=stop)
+    stop_set = set(stop)
+    return [_cut([int(t) for t in row], stop_set) for row in new.tolist()]
+
+
+def _batches(prompts: list[Prompt], batch_size: int) -> Iterator[list[Prompt]]:
+    if len({p.n_tokens for p in prompts}) != 1:
+        batch_size = 1
+    for start in range(0, len(prompts), batch_size):
+        yield prompts[start : start + batch_size]
+
+
+# --- the evaluation ---------------------------------------------------------------------------------------------------
+
+
+def evaluate_positions(
+    model: Any = None,
+    task: str | Task = "kv_words",
+    n_items: int | Sequence[int] | None = None,
+    gold_positions: int | Sequence[int] | None = None,
+    n_trials: int = 40,
+    intervention: Any = None,
+    seed: int = 0,
+    *,
+    batch_size: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool | None = None,
+    tokenizer: Any = None,
+) -> pd.DataFrame:
+    """Accuracy of `task` per gold position (the behavioural U-curve of Liu et al. 2023), with Wilson 95% intervals.
+
+    model: anything `posprobe.load_model` accepts (None = the embedded Gemma 3 270M). task: a registered name
+    (`posprobe.tasks.list_tasks()`) or a Task object. n_items: items per prompt (an int or several; default the
+    task's). gold_positions: explicit 0-based slots (negative = from the end), or a count of evenly spaced slots
+    (default 5, first and last included). n_trials: trials per (n_items, gold position); trial t uses task seed
+    `seed * 1_000_003 + t`, the same items for every gold position.
+
+    intervention: None; a context manager (entered once around all trials, e.g. `access.editing(edits)`); a
+    callable `access -> context manager` (called and entered once); or an object with a
+    `prompt_context(access, prompts) -> context manager` method, entered around every generation batch with the
+    batch's prompts (row r is prompts[r]; their `spans` locate each document), for per-prompt interventions
+    such as Found-in-the-Middle calibration.
+
+    batch_size: rows per greedy call (default: all gold positions of one trial). Returns one row per
+    (n_items, gold_position): `task, n_items, gold_position, relative_position, n, n_correct, n_errors, accuracy,
+    ci_low, ci_high` (accuracy over the trials that ran; `n` counts them; trials that raised are in `n_errors`).
+    `table.attrs` holds provenance and speed (`tokens_per_second`, `prompt_tokens`, `generated_tokens`,
+    `seconds`, `n_errors`, `model`, `seed`, `task_config`, `intervention`) and `trials`: per-trial records
+    (`pd.DataFrame(table.attrs["trials"])`: completion, correct, error, ...).
+    """
+    from posprobe.models import load_model
+    from posprobe.tasks import get_task
+
+    access = load_model(model, tokenizer=tokenizer)
+    task_obj = get_task(task)
+    sizes = [task_obj.default_items] if n_items is None else ([n_items] if isinstance(n_items, int) else
+                                                              list(n_items))
+    if not isinstance(n_trials, int) or n_trials < 1:
+        raise InputError(f"n_trials must be a positive integer; got {n_trials!r}.")
+    if batch_size is not None and batch_size < 1:
+        raise InputError(f"batch_size must be >= 1 (or None for one batch per trial); got {batch_size!r}.")
+    steps = max_new_tokens or task_obj.max_new_tokens
+    stop = _stop_ids(access, task_obj)
+    plan = [(size, _positions(size, gold_positions)) for size in sizes]
+    total = sum(n_trials for _ in plan)
+    show = sys.stderr.isatty() if progress is None else progress
+    from tqdm.auto import tqdm
+
+    records: list[dict[str, Any]] = []
+    prompt_tokens = generated_tokens = 0
+    gen_seconds = 0.0
+    started = time.time()
+    with _run_context(intervention, access), tqdm(total=total, disable=not show, desc=f"{task_obj.name} trials",
+                                                  file=sys.stderr, leave=False) as bar:
+        for size, positions in plan:
+            for trial in range(n_trials):
+                t_seed = trial_seed(seed, trial)
+                prompts = [task_obj.make(access, size, g, t_seed) for g in positions]
+                for batch in _batches(prompts, batch_size or len(prompts)):
+                    t0 = time.time()
+                    outputs = _generate_or_errors(access, batch, steps, stop, intervention)
+                    gen_seconds += time.time() - t0
+                    for prompt, (row, error) in zip(batch, outputs):
+                        completion = access.decode(row) if error is None else ""
+                        prompt_tokens += prompt.n_tokens if error is None else 0
+                        generated_tokens += len(row)
+                        records.append({
+                            "task": task_obj.name, "n_items": size, "gold_position": prompt.gold_index,
+                            "relative_position": prompt.gold_index / max(size - 1, 1), "trial": trial,
+                            "seed": t_seed, "n_tokens": prompt.n_tokens,
+                            "correct": bool(error is None and task_obj.score(prompt, completion)),
+                            "error": error or "", "completion": completion, "answer": prompt.answer,
+                            "natural": prompt.natural,
+                        })
+                bar.update(1)
+    trials = pd.DataFrame(records, columns=TRIAL_COLUMNS)
+    table = summarize_trials(trials)
+    n_errors = int((trials["error"] != "").sum())
+    if n_errors:
+        first = trials.loc[trials["error"] != "", "error"].iloc[0]
+        warnings.warn(f"{n_errors} of {len(trials)} trials raised and are excluded from accuracy (counted in "
+                      f"n_errors); first error: {first}", RuntimeWarning, stacklevel=2)
+    table.attrs.update({
+        "model": access.info.name,
+        "task": task_obj.name,
+        "task_config": _describe(task_obj),
+        "seed": seed,
+        "n_trials": n_trials,
+        "max_new_tokens": steps,
+        "intervention": _describe(intervention),
+        "prompt_tokens": prompt_tokens,
+        "generated_tokens": generated_tokens,
+        "seconds": time.time() - started,
+        "generation_seconds": gen_seconds,
+        "tokens_per_second": (prompt_tokens + generated_tokens) / gen_seconds if gen_seconds > 0 else math.nan,
+        "n_errors": n_errors,
+        "trials": trials.to_dict("records"),
+    })
+    return table
+
+
+def _positions(n_items: int, gold_positions: int | Sequence[int] | None) -> list[int]:
+    if gold_positions is None:
+        return even_positions(n_items, 5)
+    if isinstance(gold_positions, int):
+        if gold_positions < 1:
+            raise InputError(f"gold_positions as a count must be >= 1; got {gold_positions}.")
+        return even_positions(n_items, gold_positions)
+    out = []
+    for g in gold_positions:
+        index = g + n_items if g < 0 else g
+        if not 0 <= index < n_items:
+            raise InputError(f"gold position {g} is outside 0..{n_items - 1} for n_items={n_items}. Give positions "
+                             f"inside the list (negative counts from the end) or a count of evenly spaced ones.")
+        out.append(int(index))
+    return sorted(set(out))
+
+
+def _generate_or_errors(access: Any, batch: list[Prompt], steps: int, stop: list[int],
+                        intervention: Any) -> list[tuple[list[int], str | None]]:
+    """Generate a batch; if it raises, retry row by row so one bad prompt costs only its own trial."""
+    try:
+        return [(row, None) for row in _generate(access, batch, steps, stop, intervention)]
+    except Exception as exc:  # noqa: BLE001 - recorded per trial, never dropped
+        if len(batch) == 1:
+            return [([], f"{type(exc).__name__}: {exc}")]
+    out: list[tuple[list[int], str | None]] = []
+    for prompt in batch:
+        try:
+            out.append((_generate(access, [prompt], steps, stop, intervention)[0], None))
+        except Exception as exc:  # noqa: BLE001
+            out.append(([], f"{type(exc).__name__}: {exc}"))
+    return out
+
+
+def summarize_trials(trials: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame:
+    """Per (task, n_items, gold_position): trials run, correct, errors, accuracy and its Wilson interval."""
+    rows = []
+    for (task, size, gold), group in trials.groupby(["task", "n_items", "gold_position"], sort=True):
+        ok = group[group["error"] == ""]
+        n, k = len(ok), int(ok["correct"].sum())
+        low, high = wilson_interval(k, n, confidence)
+        rows.append({"task": task, "n_items": int(size), "gold_position": int(gold),
+                     "relative_position": float(group["relative_position"].iloc[0]), "n": n, "n_correct": k,
+                     "n_errors": len(group) - n, "accuracy": k / n if n else math.nan, "ci_low": low,
+                     "ci_high": high})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+__all__ = ["evaluate_positions", "even_positions", "summarize_trials", "trial_seed", "wilson_interval"]
