@@ -16,6 +16,7 @@ from posprobe.probes.base import BUDGETS, Budget, ProbeResult, ScanContext, get_
 _BUILTIN: dict[str, str] = {
     "attention_entropy": "posprobe.probes.attention_entropy:PROBE",
     "head_basics": "posprobe.probes.head_basics:PROBE",
+    "position_bias": "posprobe.probes.position_bias:PROBE",
     "retrieval": "posprobe.probes.retrieval:PROBE",
 }
 # ---------------------------------------------------------------------------------------------------------------

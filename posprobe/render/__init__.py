@@ -10,11 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from posprobe.errors import UnknownNameError
+from posprobe.render.bias import document_bias, position_bias
 from posprobe.render.heads import atlas, curve, ranking
 
 FIGURES: dict[str, Callable[..., Any]] = {
     "atlas": atlas,
     "curve": curve,
+    "document_bias": document_bias,
+    "position_bias": position_bias,
     "ranking": ranking,
 }
 
