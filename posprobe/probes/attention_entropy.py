@@ -61,8 +61,8 @@ class _Reducer:
         pos_sum, pos_n = self.by_pos[self.sample.context_length]
         len_sum, len_n = self.by_len[self.sample.context_length]
         for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
-            p = probs.double()  # [b, H, cq, n]
-            h = entropy_rows(p)  # [b, H, cq]
+            terms = torch.special.entr(probs)  # [b, H, cq, n] float32, summed in float64 below
+            h = terms.sum(-1, dtype=torch.float64)  # [b, H, cq]
             visible = (qidx + 1).double() if window is None else (qidx + 1).clamp(max=window).double()
             hn = h / torch.log(visible)
             self.sums["raw"][layer] += h.mean(0).sum(-1)
@@ -70,14 +70,16 @@ class _Reducer:
             self.counts["raw"][layer] += len(qidx)
             keep = qidx >= cfg.n_sink
             if keep.any():
-                rest = p[:, :, keep, cfg.n_sink:]
-                rest = rest / rest.sum(-1, keepdim=True).clamp(min=1e-30)
-                self.sums["nosink"][layer] += entropy_rows(rest).mean(0).sum(-1)
+                # entropy of rest / Z with rest = keys >= n_sink: (sum entr(rest)) / Z + log Z, no copy of the rows
+                rest_terms = (h - terms[..., : cfg.n_sink].sum(-1, dtype=torch.float64))[:, :, keep]
+                z = probs[..., cfg.n_sink :].sum(-1, dtype=torch.float64)[:, :, keep]
+                # rows with (almost) no mass outside the sink have no defined remainder: entropy 0, as a pure sink
+                h_rest = torch.where(z > 1e-6, rest_terms / z.clamp(min=1e-6) + torch.log(z.clamp(min=1e-6)), 0.0)
+                self.sums["nosink"][layer] += h_rest.mean(0).sum(-1)
                 self.counts["nosink"][layer] += int(keep.sum())
             buckets = torch.floor(torch.log2(qidx.double())).long().clamp(0, self._nb - 1)
             hm = h.mean(0)  # [H, cq]
-            for head in range(hm.shape[0]):
-                pos_sum[layer, head].index_add_(0, buckets, hm[head])
+            pos_sum[layer].index_add_(1, buckets, hm)
             pos_n[layer].index_add_(0, buckets, torch.ones(len(qidx), dtype=torch.float64))
             len_sum[layer] += hm.sum(-1)
             len_n[layer] += len(qidx)

@@ -23,7 +23,8 @@ from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_fra
 @dataclass(frozen=True)
 class HeadBasicsConfig:
     chunk_size: int = 256  # queries per pattern chunk: bounds memory at chunk_size x n x heads floats
-    pairs_per_sample: int = 4000  # (query, key) pairs kept per head per text for the Spearman correlation
+    pairs_per_sample: int = 4000  # (query, key) pairs per head per text for the Spearman correlation: keys drawn
+    # uniformly from each sampled query's visible non-sink keys, so every query weighs the same
     n_distance_bins: int = 16  # log2 distance bins of the attention-vs-distance curve: 0, 1, 2-3, 4-7, ...
     # distance_corr ranks a_ij * k_i (attention relative to uniform over the k_i visible keys) rather than raw a_ij:
     # pooled over queries, raw a_ij of a perfectly uniform head falls as 1/(i+1) and long distances only occur at
@@ -31,21 +32,41 @@ class HeadBasicsConfig:
     relative_to_uniform: bool = True
 
 
-def distance_bins(dist: torch.Tensor, n_bins: int) -> torch.Tensor:
-    """Bin index of non-negative distances: 0 -> 0, d >= 1 -> floor(log2 d) + 1, clipped to n_bins - 1."""
-    safe = dist.clamp(min=1).float()
-    bins = torch.floor(torch.log2(safe)).long() + 1
-    bins = torch.where(dist <= 0, torch.zeros_like(bins), bins)
-    return bins.clamp(max=n_bins - 1)
+def bin_edges(n_bins: int) -> list[tuple[int, float]]:
+    """Distance bins (lo, hi) inclusive: (0, 0), (1, 1), (2, 3), (4, 7), ...; the last bin is open-ended."""
+    edges: list[tuple[int, float]] = [(0, 0.0)]
+    for b in range(1, n_bins):
+        edges.append((2 ** (b - 1), float(2**b - 1) if b < n_bins - 1 else float("inf")))
+    return edges
 
 
-def visible_mask(query_index: torch.Tensor, n: int, window: int | None) -> torch.Tensor:
-    keys = torch.arange(n)
-    dist = query_index[:, None] - keys[None, :]
-    mask = dist >= 0
-    if window is not None:
-        mask &= dist < window
-    return mask
+def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_bins: int,
+                    first_key: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query, the attention mass and number of visible keys in each distance bin, from prefix sums.
+
+    p: [H, cq, n] probabilities of queries `qidx`. Keys before `first_key` (the sink) are excluded.
+    Returns (mass [H, cq, n_bins] float64, count [cq, n_bins] float64). O(cq * n) for the prefix sum only.
+    """
+    cs = torch.nn.functional.pad(torch.cumsum(p.double(), dim=-1), (1, 0))  # cs[..., j] = sum_{t < j} p_t
+    i = qidx[:, None].double()
+    lows, highs = [], []
+    for lo, hi in bin_edges(n_bins):
+        start = i - (hi if hi != float("inf") else 1e18)  # smallest key of the bin
+        start = torch.maximum(start, torch.full_like(i, float(first_key)))
+        if window is not None:
+            start = torch.maximum(start, i - window + 1)
+        lows.append(start)
+        highs.append(i - lo)  # largest key of the bin
+    a = torch.cat(lows, dim=1)
+    c = torch.cat(highs, dim=1)
+    count = (c - a + 1).clamp(min=0)
+    a_idx = a.clamp(min=0).long()
+    c_idx = (c + 1).clamp(min=0).long()
+    c_idx = torch.maximum(c_idx, a_idx)
+    H = p.shape[0]
+    mass = cs.gather(-1, c_idx[None].expand(H, -1, -1)) - cs.gather(-1, a_idx[None].expand(H, -1, -1))
+    mass = torch.where(count[None] > 0, mass, torch.zeros_like(mass))
+    return mass, count
 
 
 class _Reducer:
@@ -58,7 +79,7 @@ class _Reducer:
         self.prev = torch.zeros(shape, dtype=torch.float64)
         self.count = torch.zeros(shape[0], dtype=torch.float64)
         self.dist_sum = torch.zeros(*shape, config.n_distance_bins, dtype=torch.float64)
-        self.dist_n = torch.zeros(shape[0], config.n_distance_bins, dtype=torch.float64)
+        self.dist_n = torch.zeros(config.n_distance_bins, dtype=torch.float64).repeat(shape[0], 1)
         self.pairs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {l: [] for l in range(info.n_layers)}
         self.generator = torch.Generator().manual_seed(ctx.seed)
         self.sample: TextSample | None = None
@@ -67,35 +88,36 @@ class _Reducer:
         self.sample = sample
 
     def on_layer(self, cap: LayerCapture) -> None:
-        cfg, layer = self.config, cap.layer
+        cfg, layer, window = self.config, cap.layer, cap.info.sliding_window
         queries = self.ctx.query_sample(cap.n_tokens)
-        n = cap.n_tokens
-        keys = torch.arange(n)
+        per_query = max(1, -(-cfg.pairs_per_sample // len(queries)))
         values, logd = [], []
         for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
-            p = probs.double().mean(0)  # [H, cq, n] (batch of identical-length texts averaged)
-            self.sink[layer] += p[:, :, 0].sum(-1)
-            self.prev[layer] += p[:, torch.arange(len(qidx)), qidx - 1].sum(-1)
+            p = probs.mean(0)  # [H, cq, n] (a batch of identical-length texts is averaged)
+            rows = torch.arange(len(qidx))
+            self.sink[layer] += p[:, :, 0].double().sum(-1)
+            self.prev[layer] += p[:, rows, qidx - 1].double().sum(-1)
             self.count[layer] += len(qidx)
-            vis = visible_mask(qidx, n, cap.info.sliding_window)
-            n_visible = vis.sum(-1).double()  # k_i, sink included
-            vis[:, 0] = False  # sink column excluded from distance statistics
-            dist = qidx[:, None] - keys[None, :]
-            bins = distance_bins(dist, cfg.n_distance_bins)
-            flat_bins = bins[vis]
-            self.dist_n[layer].index_add_(0, flat_bins, torch.ones(len(flat_bins), dtype=torch.float64))
-            for h in range(p.shape[0]):
-                self.dist_sum[layer, h].index_add_(0, flat_bins, p[h][vis])
-            rel = p * n_visible[None, :, None] if cfg.relative_to_uniform else p
-            rel = torch.round(rel, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
-            values.append(rel[:, vis])  # [H, pairs]
-            logd.append(torch.log1p(dist[vis].double()))
-        a = torch.cat(values, dim=1)
-        d = torch.cat(logd)
-        if len(d) > cfg.pairs_per_sample:
-            pick = torch.randperm(len(d), generator=self.generator)[: cfg.pairs_per_sample]
-            a, d = a[:, pick], d[pick]
-        self.pairs[layer].append((a.numpy(), d.numpy()))
+            mass, count = binned_key_sums(p, qidx, window, cfg.n_distance_bins)
+            self.dist_sum[layer] += mass.sum(1)
+            self.dist_n[layer] += count.sum(0)
+            # Spearman pairs: `per_query` keys drawn uniformly from each query's visible non-sink keys
+            low = torch.ones_like(qidx) if window is None else (qidx - window + 1).clamp(min=1)
+            span = (qidx - low + 1).clamp(min=0)
+            ok = span > 0
+            if not ok.any():
+                continue
+            u = torch.rand(int(ok.sum()), per_query, generator=self.generator)
+            keys = low[ok, None] + (u * span[ok, None]).long()
+            n_visible = (span[ok] + 1).double()  # k_i with the sink
+            a = p[:, ok].gather(-1, keys[None].expand(p.shape[0], -1, -1)).double()
+            if cfg.relative_to_uniform:
+                a = a * n_visible[None, :, None]
+                a = torch.round(a, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
+            values.append(a.reshape(p.shape[0], -1))
+            logd.append(torch.log1p((qidx[ok, None] - keys).double()).reshape(-1))
+        if values:
+            self.pairs[layer].append((torch.cat(values, dim=1).numpy(), torch.cat(logd).numpy()))
 
     def finish(self) -> ProbeResult:
         info: ModelInfo = self.ctx.info
@@ -116,7 +138,7 @@ class _Reducer:
         })
         mean = self.dist_sum / self.dist_n.clamp(min=1)[:, None, :]
         rows = []
-        x = [0.0] + [float(2 ** (b - 1)) for b in range(1, self.config.n_distance_bins)]
+        x = [float(lo) for lo, _ in bin_edges(self.config.n_distance_bins)]
         for layer in range(info.n_layers):
             for b in range(self.config.n_distance_bins):
                 if self.dist_n[layer, b] == 0:

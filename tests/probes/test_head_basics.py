@@ -64,3 +64,19 @@ def test_hand_wired_previous_token_head_in_real_model():
     top = scan.rank("previous_token_score", top=1)
     assert (int(top.layer[0]), int(top["head"][0])) == (1, 2)
     assert float(top.previous_token_score[0]) > 0.95
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_binned_key_sums_match_brute_force(window):
+    from posprobe.probes.head_basics import bin_edges, binned_key_sums
+
+    torch.manual_seed(0)
+    n, n_bins = 40, 7
+    qidx = torch.tensor([0, 1, 2, 7, 16, 39])
+    p = torch.rand(3, len(qidx), n)
+    mass, count = binned_key_sums(p, qidx, window, n_bins)
+    for r, i in enumerate(qidx.tolist()):
+        for b, (lo, hi) in enumerate(bin_edges(n_bins)):
+            keys = [j for j in range(1, i + 1) if lo <= i - j <= hi and (window is None or i - j < window)]
+            assert count[r, b] == len(keys)
+            assert torch.allclose(mass[:, r, b], p[:, r, keys].double().sum(-1), atol=1e-6)
