@@ -1,0 +1,429 @@
+"""The explorer's callbacks: thin wiring from Dash inputs to pure `update_*` functions.
+
+Owns `register_callbacks(app, catalog)` and one plain function per callback (`update_scan`, `update_atlas`,
+`select_head`, `update_head`, `update_ranking`, `download_ranking`, `update_model*`, `update_compare*`). Each takes the
+catalogue plus the raw input values and returns the outputs as a tuple, so it is unit-tested without a browser. They
+only read saved scans (never run a model), accept only catalogue names from the browser (never a path), and turn any
+failure into a message in the page instead of a traceback. Implements no METRICS.md section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import Input, Output, State, ctx, no_update
+from dash.exceptions import PreventUpdate
+
+from app import ids
+from app.catalog import ScanCatalog, ScanUnavailable
+from app.pages import atlas as atlas_page
+from app.pages import compare as compare_page
+from app.pages import head as head_page
+from app.pages import model as model_page
+from app.pages.common import HIDDEN, SHOWN, empty_figure, error_page, error_text, message, metric_choices, options, pick
+from app.pages.common import scan_summary
+from posprobe.render.compare import common_curves, common_metrics, compare_atlas, compare_curve
+from posprobe.render.model_view import head_level_curve_names, layer_mean_curve, metric_by_layer
+
+Head = tuple[int, int]
+
+
+def _as_head(value: Any) -> Head | None:
+    """A (layer, head) from the selected-head store ({"layer": int, "head": int}); None if malformed."""
+    if isinstance(value, dict):
+        layer, head = value.get("layer"), value.get("head")
+        if isinstance(layer, int) and isinstance(head, int) and not isinstance(layer, bool):
+            return layer, head
+    return None
+
+
+def _has_head(scan: Any, key: Head | None) -> bool:
+    if key is None:
+        return False
+    heads = scan.heads
+    return bool(((heads["layer"] == key[0]) & (heads["head"] == key[1])).any())
+
+
+def default_head(scan: Any, metric: str | None = None) -> Head | None:
+    """The head shown before the user picks one: the top head by `metric` (or the first metric), else the first."""
+    if scan.heads.empty:
+        return None
+    metrics = metric_choices(scan)
+    metric = metric if metric in metrics else (metrics[0] if metrics else None)
+    if metric is not None and scan.heads[metric].notna().any():
+        top = scan.rank(metric, top=1).iloc[0]
+        return int(top["layer"]), int(top["head"])
+    first = scan.heads.iloc[0]
+    return int(first["layer"]), int(first["head"])
+
+
+# --- scan picker ----------------------------------------------------------------------------------------------
+def update_scan(catalog: ScanCatalog, name: str | None) -> tuple[Any, dict[str, str], Any]:
+    """(error page or None, style of the views, summary line) for the chosen scan."""
+    try:
+        scan = catalog.get(name)
+    except ScanUnavailable as exc:
+        return error_page(str(exc)), HIDDEN, ""
+    return None, SHOWN, scan_summary(scan)
+
+
+# --- atlas ----------------------------------------------------------------------------------------------------
+def update_atlas(catalog: ScanCatalog, name: str | None, metric: str | None,
+                 selected: Any) -> tuple[list[dict[str, str]], str | None, go.Figure]:
+    """(metric options, metric, atlas figure). Keeps the metric across scans when the new scan has it."""
+    try:
+        scan = catalog.get(name)
+        metrics = metric_choices(scan)
+        metric = pick(metric, metrics)
+        if metric is None:
+            return [], None, empty_figure("This scan has no head metrics.")
+        key = _as_head(selected)
+        return options(metrics), metric, atlas_page.figure(scan, metric, key if _has_head(scan, key) else None)
+    except ScanUnavailable:
+        return [], None, empty_figure()
+    except Exception as exc:
+        return [], None, empty_figure(error_text(exc))
+
+
+def atlas_marker(selected: Any) -> list[dict[str, Any]]:
+    """The atlas `layout.shapes` outlining the selected head; merged into the figure in the browser (MERGE_SHAPES_JS)
+    so a selection never re-sends the heatmap."""
+    return atlas_page.marker_shapes(_as_head(selected))
+
+
+MERGE_SHAPES_JS = """
+function(shapes, figure) {
+    if (!figure || !figure.layout) { return window.dash_clientside.no_update; }
+    const layout = Object.assign({}, figure.layout, {shapes: shapes || []});
+    return Object.assign({}, figure, {layout: layout});
+}
+"""
+
+
+def update_atlas_panel(catalog: ScanCatalog, name: str | None, selected: Any) -> tuple[list[Any], bool]:
+    """(side panel children, 'head detail' button disabled)."""
+    try:
+        scan = catalog.get(name)
+        key = _as_head(selected)
+        return atlas_page.head_panel(scan, key if _has_head(scan, key) else None), not _has_head(scan, key)
+    except ScanUnavailable:
+        return [], True
+    except Exception as exc:
+        return [message(error_text(exc), "error")], True
+
+
+def select_head(catalog: ScanCatalog, name: str | None, trigger: str | None, click_data: Any, active_cell: Any,
+                layer_value: Any, head_value: Any, current: Any, metric: str | None = None) -> tuple[Any, ...]:
+    """Resolve the selected head from whichever input fired.
+
+    Returns (selected store, layer dropdown value, head dropdown value, layer options, head options). An atlas
+    click, a ranking-table row and the layer / head dropdowns all select; a selection that is not a head of the
+    scan is ignored (the previous or default head stays).
+    """
+    try:
+        scan = catalog.get(name)
+    except ScanUnavailable:
+        return None, None, None, [], []
+    layer_options, head_options = head_page.head_options(scan)
+    candidate: Head | None = None
+    if trigger == ids.ATLAS_GRAPH and isinstance(click_data, dict) and click_data.get("points"):
+        point = click_data["points"][0]
+        try:
+            candidate = int(point["y"]), int(point["x"])
+        except (KeyError, TypeError, ValueError):
+            candidate = None
+    elif trigger == ids.RANKING_TABLE and isinstance(active_cell, dict):
+        candidate = head_page.parse_row_id(active_cell.get("row_id"))
+    elif trigger in (ids.HEAD_LAYER, ids.HEAD_HEAD) and isinstance(layer_value, int) and isinstance(head_value, int):
+        candidate = layer_value, head_value
+    for key in (candidate, _as_head(current)):
+        if _has_head(scan, key):
+            break
+    else:
+        key = default_head(scan, metric)
+    if key is None:
+        return None, None, None, layer_options, head_options
+    return {"layer": key[0], "head": key[1]}, key[0], key[1], layer_options, head_options
+
+
+# --- head detail ----------------------------------------------------------------------------------------------
+def update_head(catalog: ScanCatalog, name: str | None, selected: Any) -> tuple[Any, list[Any], list[Any]]:
+    """(title, metrics table, curve cards) for the selected head."""
+    try:
+        scan = catalog.get(name)
+        key = _as_head(selected)
+        if not _has_head(scan, key):
+            return "", [], [message("Select a head in the atlas, the ranking below, or the dropdowns above.")]
+        layer, head = key
+        row = scan.heads[(scan.heads["layer"] == layer) & (scan.heads["head"] == head)].iloc[0]
+        title = f"Layer {layer}, head {head} — kv head {row['kv_head']}, {row['layer_type']} ({scan.meta.get('model')})"
+        return title, head_page.metrics_table(scan, layer, head), head_page.curve_cards(scan, layer, head)
+    except ScanUnavailable:
+        return "", [], []
+    except Exception as exc:
+        return "", [], [message(error_text(exc), "error")]
+
+
+def _follow(trigger: str | None, leader: str | None, own: str | None, choices: list[str]) -> str | None:
+    """A view's metric: its own dropdown when that fired, else the atlas metric (when the view opens, the scan
+    changes or the atlas metric changes)."""
+    if trigger in (ids.RANKING_METRIC, ids.MODEL_METRIC) and own in choices:
+        return own
+    return pick(leader, choices, default=own)
+
+
+def update_ranking(catalog: ScanCatalog, name: str | None, trigger: str | None, atlas_metric: str | None,
+                   metric: str | None) -> tuple[Any, ...]:
+    """(metric options, metric, table data, table columns, table sort_by) of the ranking table."""
+    try:
+        scan = catalog.get(name)
+        metrics = metric_choices(scan)
+        metric = _follow(trigger, atlas_metric, metric, metrics)
+        if metric is None:
+            return [], None, [], [], []
+        data, columns = head_page.ranking(scan, metric)
+        return options(metrics), metric, data, columns, []
+    except ScanUnavailable:
+        return [], None, [], [], []
+    except Exception as exc:
+        return [], None, [{"error": error_text(exc)}], [{"name": "error", "id": "error"}], []
+
+
+def download_ranking(catalog: ScanCatalog, name: str | None, metric: str | None,
+                     row_ids: list[Any] | None) -> dict[str, str] | None:
+    """The dcc.Download payload of the ranking CSV (current filter and order of the table), None if impossible."""
+    try:
+        scan = catalog.get(name)
+        if metric not in metric_choices(scan):
+            return None
+        filename, text = head_page.ranking_csv(scan, metric, row_ids, name)
+    except ScanUnavailable:
+        return None
+    return {"content": text, "filename": filename, "type": "text/csv", "base64": False}
+
+
+# --- model view -----------------------------------------------------------------------------------------------
+def update_model(catalog: ScanCatalog, name: str | None, trigger: str | None, atlas_metric: str | None,
+                 metric: str | None) -> tuple[Any, ...]:
+    """(metric options, metric, metric-by-layer figure, curve sections) of the model view."""
+    try:
+        scan = catalog.get(name)
+        metrics = metric_choices(scan)
+        metric = _follow(trigger, atlas_metric, metric, metrics)
+        figure = metric_by_layer(scan, metric) if metric else empty_figure("This scan has no head metrics.")
+        return options(metrics), metric, figure, model_page.curve_sections(scan)
+    except ScanUnavailable:
+        return [], None, empty_figure(), []
+    except Exception as exc:
+        return [], None, empty_figure(), [message(error_text(exc), "error")]
+
+
+def update_model_headcurve(catalog: ScanCatalog, name: str | None, curve: str | None) -> tuple[Any, ...]:
+    """(curve options, curve, layer-mean figure, section style); the section hides when there are no head curves."""
+    try:
+        scan = catalog.get(name)
+        names = head_level_curve_names(scan)
+        curve = pick(curve, names)
+        if curve is None:
+            return [], None, empty_figure(), HIDDEN
+        return options(names), curve, layer_mean_curve(scan, curve), SHOWN
+    except ScanUnavailable:
+        return [], None, empty_figure(), HIDDEN
+    except Exception as exc:
+        return [], None, empty_figure(error_text(exc)), SHOWN
+
+
+def update_model_table(catalog: ScanCatalog, name: str | None, table: str | None) -> tuple[Any, ...]:
+    """(table options, table, preview data, preview columns, section style) of the extra-tables section."""
+    try:
+        scan = catalog.get(name)
+        names = sorted(scan.tables)
+        table = pick(table, names)
+        if table is None:
+            return [], None, [], [], HIDDEN
+        data, columns = model_page.table_preview(scan.tables[table])
+        labels = {n: f"{n} ({len(scan.tables[n])} rows)" for n in names}
+        return options(names, labels), table, data, columns, SHOWN
+    except ScanUnavailable:
+        return [], None, [], [], HIDDEN
+    except Exception as exc:
+        return [], None, [{"error": error_text(exc)}], [{"name": "error", "id": "error"}], SHOWN
+
+
+# --- compare --------------------------------------------------------------------------------------------------
+def update_compare(catalog: ScanCatalog, name: str | None, trigger: str | None, a: str | None, b: str | None,
+                   metric: str | None, curve: str | None) -> tuple[Any, ...]:
+    """(A, B, A/B options, metric options, metric, message, figure, table data, table columns, curve options, curve).
+
+    A follows the scan picked in the header; B defaults to the next scan of the catalogue.
+    """
+    names = catalog.names
+    scan_options = [{"label": catalog.label(n), "value": n} for n in names]
+    if trigger in (ids.SCAN, ids.TABS, None) or a not in names:
+        a = name if name in names else (names[0] if names else None)
+    if b not in names:
+        b = next((n for n in names if n != a), a)
+    blank = (a, b, scan_options, [], None)
+    if len(names) < 2:
+        hint = message("Compare needs two scans: start the explorer with two scan directories, e.g. "
+                       "posprobe app scans/a scans/b.", "info")
+    else:
+        hint = None
+    try:
+        scan_a, scan_b = catalog.get(a), catalog.get(b)
+    except ScanUnavailable as exc:
+        return (*blank, message(str(exc), "error"), empty_figure(), [], [], [], None)
+    try:
+        metrics = common_metrics(scan_a, scan_b)
+        metric = pick(metric, metrics)
+        note = compare_page.shape_note(scan_a, scan_b, (a, b))
+        notes = [m for m in (hint, message(note, "warning") if note else None) if m is not None]
+        if metric is None:
+            notes.append(message("The two scans share no head metric.", "warning"))
+            figure, data, columns = empty_figure(), [], []
+        else:
+            figure = compare_atlas(scan_a, scan_b, metric, labels=(a, b))
+            data, columns = compare_page.difference_rows(scan_a, scan_b, metric)
+        curves = common_curves(scan_a, scan_b)
+        return (a, b, scan_options, options(metrics), metric, notes, figure, data, columns, options(curves),
+                pick(curve, curves))
+    except Exception as exc:
+        return (*blank, message(error_text(exc), "error"), empty_figure(), [], [], [], None)
+
+
+def update_compare_curve(catalog: ScanCatalog, a: str | None, b: str | None, curve: str | None,
+                         selected: Any) -> go.Figure:
+    """A shared curve of A and B overlaid: for per-head curves, the selected head's; else model / layer level."""
+    try:
+        scan_a, scan_b = catalog.get(a), catalog.get(b)
+        if curve is None or curve not in common_curves(scan_a, scan_b):
+            return empty_figure("The two scans share no curve." if curve is None else "")
+        key = _as_head(selected)
+        rows = scan_a.curves[scan_a.curves["curve"] == curve]
+        if key is not None and (rows["head"] >= 0).any():
+            return compare_curve(scan_a, scan_b, curve, layer=key[0], head=key[1], labels=(a, b))
+        return compare_curve(scan_a, scan_b, curve, labels=(a, b))
+    except ScanUnavailable:
+        return empty_figure()
+    except Exception as exc:
+        return empty_figure(error_text(exc))
+
+
+# --- wiring ---------------------------------------------------------------------------------------------------
+def _only_on(view: str, tab: str | None) -> None:
+    """Views compute only while their tab is shown (a 1,500-head ranking table is not sent to the atlas)."""
+    if tab != view:
+        raise PreventUpdate
+
+
+def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
+    """Attach every callback to `app`; each body is one call of the pure function above (views compute only while
+    their tab is shown)."""
+
+    @app.callback(Output(ids.SCAN_ERROR, "children"), Output(ids.VIEWS, "style"), Output(ids.SCAN_SUMMARY, "children"),
+                  Input(ids.SCAN, "value"))
+    def _scan(name):
+        return update_scan(catalog, name)
+
+    @app.callback(Output(ids.ATLAS_METRIC, "options"), Output(ids.ATLAS_METRIC, "value"),
+                  Output(ids.ATLAS_GRAPH, "figure"),
+                  Input(ids.SCAN, "value"), Input(ids.ATLAS_METRIC, "value"), Input(ids.TABS, "value"),
+                  State(ids.SELECTED, "data"))
+    def _atlas(name, metric, tab, selected):
+        _only_on("atlas", tab)
+        return update_atlas(catalog, name, metric, selected)
+
+    @app.callback(Output(ids.ATLAS_SHAPES, "data"), Input(ids.SELECTED, "data"))
+    def _atlas_marker(selected):
+        return atlas_marker(selected)
+
+    # the outline is merged into the figure already in the browser: the heatmap is not sent again
+    app.clientside_callback(MERGE_SHAPES_JS, Output(ids.ATLAS_GRAPH, "figure", allow_duplicate=True),
+                            Input(ids.ATLAS_SHAPES, "data"), State(ids.ATLAS_GRAPH, "figure"), prevent_initial_call=True)
+
+    @app.callback(Output(ids.ATLAS_PANEL, "children"), Output(ids.OPEN_HEAD, "disabled"),
+                  Input(ids.SCAN, "value"), Input(ids.SELECTED, "data"))
+    def _atlas_panel(name, selected):
+        return update_atlas_panel(catalog, name, selected)
+
+    @app.callback(Output(ids.SELECTED, "data"), Output(ids.HEAD_LAYER, "value"), Output(ids.HEAD_HEAD, "value"),
+                  Output(ids.HEAD_LAYER, "options"), Output(ids.HEAD_HEAD, "options"),
+                  Input(ids.SCAN, "value"), Input(ids.ATLAS_GRAPH, "clickData"), Input(ids.RANKING_TABLE, "active_cell"),
+                  Input(ids.HEAD_LAYER, "value"), Input(ids.HEAD_HEAD, "value"),
+                  State(ids.SELECTED, "data"), State(ids.ATLAS_METRIC, "value"))
+    def _select(name, click_data, active_cell, layer_value, head_value, current, metric):
+        return select_head(catalog, name, ctx.triggered_id, click_data, active_cell, layer_value, head_value,
+                           current, metric)
+
+    @app.callback(Output(ids.TABS, "value"), Input(ids.OPEN_HEAD, "n_clicks"), prevent_initial_call=True)
+    def _open_head(n_clicks):
+        return "head" if n_clicks else no_update
+
+    @app.callback(Output(ids.HEAD_TITLE, "children"), Output(ids.HEAD_METRICS, "children"),
+                  Output(ids.HEAD_CURVES, "children"), Input(ids.SCAN, "value"), Input(ids.SELECTED, "data"),
+                  Input(ids.TABS, "value"))
+    def _head(name, selected, tab):
+        _only_on("head", tab)
+        return update_head(catalog, name, selected)
+
+    @app.callback(Output(ids.RANKING_METRIC, "options"), Output(ids.RANKING_METRIC, "value"),
+                  Output(ids.RANKING_TABLE, "data"), Output(ids.RANKING_TABLE, "columns"),
+                  Output(ids.RANKING_TABLE, "sort_by"),
+                  Input(ids.SCAN, "value"), Input(ids.ATLAS_METRIC, "value"), Input(ids.RANKING_METRIC, "value"),
+                  Input(ids.TABS, "value"))
+    def _ranking(name, atlas_metric, metric, tab):
+        _only_on("head", tab)
+        return update_ranking(catalog, name, ctx.triggered_id, atlas_metric, metric)
+
+    @app.callback(Output(ids.RANKING_DOWNLOAD, "data"), Input(ids.RANKING_DOWNLOAD_BUTTON, "n_clicks"),
+                  State(ids.SCAN, "value"), State(ids.RANKING_METRIC, "value"),
+                  State(ids.RANKING_TABLE, "derived_virtual_row_ids"), prevent_initial_call=True)
+    def _download(n_clicks, name, metric, row_ids):
+        payload = download_ranking(catalog, name, metric, row_ids) if n_clicks else None
+        return payload if payload is not None else no_update
+
+    @app.callback(Output(ids.MODEL_METRIC, "options"), Output(ids.MODEL_METRIC, "value"),
+                  Output(ids.MODEL_METRIC_GRAPH, "figure"), Output(ids.MODEL_CURVES, "children"),
+                  Input(ids.SCAN, "value"), Input(ids.ATLAS_METRIC, "value"), Input(ids.MODEL_METRIC, "value"),
+                  Input(ids.TABS, "value"))
+    def _model(name, atlas_metric, metric, tab):
+        _only_on("model", tab)
+        return update_model(catalog, name, ctx.triggered_id, atlas_metric, metric)
+
+    @app.callback(Output(ids.MODEL_HEADCURVE, "options"), Output(ids.MODEL_HEADCURVE, "value"),
+                  Output(ids.MODEL_HEADCURVE_GRAPH, "figure"), Output(ids.MODEL_HEADCURVE_SECTION, "style"),
+                  Input(ids.SCAN, "value"), Input(ids.MODEL_HEADCURVE, "value"), Input(ids.TABS, "value"))
+    def _model_headcurve(name, curve, tab):
+        _only_on("model", tab)
+        return update_model_headcurve(catalog, name, curve)
+
+    @app.callback(Output(ids.MODEL_TABLE, "options"), Output(ids.MODEL_TABLE, "value"),
+                  Output(ids.MODEL_TABLE_VIEW, "data"), Output(ids.MODEL_TABLE_VIEW, "columns"),
+                  Output(ids.MODEL_TABLE_SECTION, "style"), Input(ids.SCAN, "value"), Input(ids.MODEL_TABLE, "value"),
+                  Input(ids.TABS, "value"))
+    def _model_table(name, table, tab):
+        _only_on("model", tab)
+        return update_model_table(catalog, name, table)
+
+    @app.callback(Output(ids.COMPARE_A, "value"), Output(ids.COMPARE_B, "value"), Output(ids.COMPARE_A, "options"),
+                  Output(ids.COMPARE_METRIC, "options"), Output(ids.COMPARE_METRIC, "value"),
+                  Output(ids.COMPARE_MESSAGE, "children"), Output(ids.COMPARE_GRAPH, "figure"),
+                  Output(ids.COMPARE_TABLE, "data"), Output(ids.COMPARE_TABLE, "columns"),
+                  Output(ids.COMPARE_CURVE, "options"), Output(ids.COMPARE_CURVE, "value"),
+                  Input(ids.SCAN, "value"), Input(ids.COMPARE_A, "value"), Input(ids.COMPARE_B, "value"),
+                  Input(ids.COMPARE_METRIC, "value"), Input(ids.TABS, "value"), State(ids.COMPARE_CURVE, "value"))
+    def _compare(name, a, b, metric, tab, curve):
+        _only_on("compare", tab)
+        return update_compare(catalog, name, ctx.triggered_id, a, b, metric, curve)
+
+    @app.callback(Output(ids.COMPARE_B, "options"), Input(ids.COMPARE_A, "options"))
+    def _compare_b_options(scan_options):
+        return scan_options
+
+    @app.callback(Output(ids.COMPARE_CURVE_GRAPH, "figure"), Input(ids.COMPARE_A, "value"),
+                  Input(ids.COMPARE_B, "value"), Input(ids.COMPARE_CURVE, "value"), Input(ids.SELECTED, "data"),
+                  Input(ids.TABS, "value"))
+    def _compare_curve(a, b, curve, selected, tab):
+        _only_on("compare", tab)
+        return update_compare_curve(catalog, a, b, curve, selected)

@@ -1,0 +1,46 @@
+"""Component ids of the explorer, in one place so layout, callbacks and browser tests agree.
+
+Owns names only. Implements no METRICS.md section.
+"""
+
+SCAN = "scan-select"
+SCAN_SUMMARY = "scan-summary"
+SCAN_ERROR = "scan-error"
+VIEWS = "views"
+TABS = "view-tabs"
+SELECTED = "selected-head"
+
+ATLAS_METRIC = "atlas-metric"
+ATLAS_GRAPH = "atlas-graph"
+ATLAS_PANEL = "atlas-head-panel"
+ATLAS_SHAPES = "atlas-shapes"
+OPEN_HEAD = "open-head-detail"
+
+HEAD_LAYER = "head-layer"
+HEAD_HEAD = "head-head"
+HEAD_TITLE = "head-title"
+HEAD_METRICS = "head-metrics"
+HEAD_CURVES = "head-curves"
+RANKING_METRIC = "ranking-metric"
+RANKING_TABLE = "ranking-table"
+RANKING_DOWNLOAD_BUTTON = "ranking-download-button"
+RANKING_DOWNLOAD = "ranking-download"
+
+MODEL_METRIC = "model-metric"
+MODEL_METRIC_GRAPH = "model-metric-graph"
+MODEL_CURVES = "model-curves"
+MODEL_HEADCURVE = "model-headcurve"
+MODEL_HEADCURVE_GRAPH = "model-headcurve-graph"
+MODEL_HEADCURVE_SECTION = "model-headcurve-section"
+MODEL_TABLE = "model-table"
+MODEL_TABLE_VIEW = "model-table-view"
+MODEL_TABLE_SECTION = "model-table-section"
+
+COMPARE_A = "compare-a"
+COMPARE_B = "compare-b"
+COMPARE_METRIC = "compare-metric"
+COMPARE_MESSAGE = "compare-message"
+COMPARE_GRAPH = "compare-graph"
+COMPARE_TABLE = "compare-table"
+COMPARE_CURVE = "compare-curve"
+COMPARE_CURVE_GRAPH = "compare-curve-graph"

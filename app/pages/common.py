@@ -1,0 +1,84 @@
+"""Small building blocks shared by the explorer's views: messages, the error page, empty figures, options.
+
+Owns presentation helpers only (Dash components and plain dicts); no callbacks, no scan loading. Implements no
+METRICS.md section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import html
+
+from posprobe.render.heads import numeric_metrics
+
+HIDDEN: dict[str, str] = {"display": "none"}
+SHOWN: dict[str, str] = {}
+
+
+def empty_figure(message: str = "") -> go.Figure:
+    """A blank figure with a centred message (what a graph shows when there is nothing to draw)."""
+    fig = go.Figure()
+    fig.update_layout(xaxis={"visible": False}, yaxis={"visible": False}, height=260,
+                      margin={"l": 10, "r": 10, "t": 10, "b": 10}, plot_bgcolor="white")
+    if message:
+        fig.add_annotation(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font={"size": 14, "color": "#666"})
+    return fig
+
+
+def message(text: str, kind: str = "info") -> html.Div:
+    """An inline note (kind: info | warning | error)."""
+    return html.Div(text, className=f"pp-message pp-{kind}")
+
+
+def error_page(text: str) -> html.Div:
+    """What replaces the views when the selected scan cannot be opened: the reason and what to do, no traceback."""
+    return html.Div(className="pp-error-page", children=[
+        html.H2("This scan cannot be opened"),
+        html.P(text, className="pp-error-text"),
+        html.P("Pick another scan above, or fix the directory and restart the explorer "
+               "(posprobe app SCAN_DIR ...). Scans are re-created with `posprobe scan --out DIR`."),
+    ])
+
+
+def options(values: list[str], labels: dict[str, str] | None = None) -> list[dict[str, str]]:
+    labels = labels or {}
+    return [{"label": labels.get(v, v), "value": v} for v in values]
+
+
+def pick(current: Any, values: list[str], default: str | None = None) -> str | None:
+    """Keep `current` if it is still a valid choice, else `default` (if valid), else the first value."""
+    if current in values:
+        return current
+    if default in values:
+        return default
+    return values[0] if values else None
+
+
+def metric_choices(scan: Any) -> list[str]:
+    return numeric_metrics(scan)
+
+
+def error_text(exc: BaseException) -> str:
+    """One line for an unexpected failure inside a view (never a traceback)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def scan_summary(scan: Any) -> list[Any]:
+    """One line about a scan: model, heads, budget, seed, date; then probes run and probes skipped (with reasons)."""
+    meta = scan.meta
+    info = meta.get("model_info", {})
+    budget = (meta.get("budget") or {}).get("name", "?")
+    probes = sorted((meta.get("probes") or {}).keys())
+    parts = [html.Span(f"{meta.get('model')}", className="pp-model"),
+             html.Span(f" · {info.get('n_layers', '?')} layers × {info.get('n_heads', '?')} heads "
+                       f"({len(scan.heads)} rows) · budget {budget} · seed {meta.get('seed')} · "
+                       f"{meta.get('created', '')}")]
+    children = [html.Div(parts), html.Div(f"probes: {', '.join(probes) or 'none'}", className="pp-probes")]
+    skipped = meta.get("skipped") or {}
+    if skipped:
+        children.append(html.Div("skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()),
+                                 className="pp-skipped"))
+    return children
