@@ -284,8 +284,18 @@ def load_model(model: Any = None, *, tokenizer: Any = None, backend: str | None 
 
 
 def wrap(model: Any, *, tokenizer: Any = None, backend: str | None = None, name: str | None = None) -> ModelAccess:
-    """Wrap a loaded model object in the adapter for its library."""
+    """Wrap a loaded model object in the adapter for its library.
+
+    A TransformerLens bridge or an nnsight model is probed through its own library; `backend` chooses the library
+    only for plain HF models (the wrapping library then works on a weight-sharing copy, never the user's object).
+    """
     module = type(model).__module__
+    for prefix, own_backend in (("transformer_lens", "transformer_lens"), ("nnsight", "nnsight")):
+        if module.startswith(prefix) and backend not in (None, own_backend):
+            raise UnsupportedModelError(
+                f"backend={backend!r} was given for a {type(model).__name__}, which is probed through "
+                f"backend={own_backend!r}. Drop the backend argument, or pass the underlying HF model instead."
+            )
     if module.startswith("transformer_lens"):
         from posprobe.adapters.transformer_lens import TransformerLensAccess
 

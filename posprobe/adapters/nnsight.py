@@ -51,7 +51,7 @@ from posprobe.access import (
     expand_kv,
 )
 from posprobe.adapters._wrapping import private_copy, state_dict_hash
-from posprobe.adapters.architectures import get_path, model_info, module_paths
+from posprobe.adapters.architectures import model_info, module_paths
 from posprobe.errors import InterventionError, MissingDependencyError, ModelLoadError, UnsupportedModelError
 
 _INSTALL = 'pip install "nnsight>=0.8"  (or: pip install "posprobe[nnsight]")'
@@ -91,6 +91,13 @@ def eager_attention(
             probs = edit.fn(probs, ctx)
     out = torch.matmul(probs.to(v.dtype), v)
     return out.transpose(1, 2).contiguous(), probs
+
+
+def _envoy(root: Any, dotted: str) -> Any:
+    """The nnsight envoy at a dotted module path (the HF module tree, seen through nnsight)."""
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
 
 
 def _first(value: Any) -> Any:
@@ -198,6 +205,7 @@ class NNsightAccess(ModelAccess):
         cap = LayerCapture(layer=layer, info=layer_info, model=info, position_ids=position_ids)
         cap.extras["attn_scale"] = info.attn_scale
         attn = getattr(block, self.paths.attention)
+        edits = [e for e in edits if e.layer == layer]
         projection = [e for e in edits if isinstance(e, ProjectionInputEdit)]
         rotary = any(isinstance(e, RotaryEdit) for e in edits)
         attention = [e for e in edits if isinstance(e, AttentionEdit)]
@@ -278,7 +286,7 @@ class NNsightAccess(ModelAccess):
     ) -> Tensor | None:
         nnsight = _nnsight()
         self._check_edits(edits)
-        blocks = get_path(self.lm, self.paths.layers)
+        blocks = _envoy(self.lm, self.paths.layers)
         layered = bool(taps) or on_layer is not None or bool(edits)
         streaming = self.streaming
         save = (lambda x: x) if streaming else nnsight.save
@@ -315,7 +323,7 @@ class NNsightAccess(ModelAccess):
                 if on_layer is not None:
                     on_layer(self._finish(cap))
             captures.clear()
-        gc.collect()  # nnsight keeps per-trace state alive through reference cycles (BACKENDS.md)
+        gc.collect(1)  # frees the trace's young reference cycles (BACKENDS.md: memory grows across traces otherwise)
         return logits
 
     def close(self) -> None:
