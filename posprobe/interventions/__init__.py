@@ -2,3 +2,5 @@
 
 Owns the public intervention names (METRICS.md section 7). Each intervention lives in its own module.
 """
+
+from posprobe.interventions.mask_heads import mask_heads, mask_heads_edits
