@@ -17,7 +17,9 @@ _BUILTIN: dict[str, str] = {
     "attention_entropy": "posprobe.probes.attention_entropy:PROBE",
     "head_basics": "posprobe.probes.head_basics:PROBE",
     "position_bias": "posprobe.probes.position_bias:PROBE",
+    "positional_heads": "posprobe.probes.positional_heads:PROBE",
     "retrieval": "posprobe.probes.retrieval:PROBE",
+    "rope_frequency": "posprobe.probes.rope_frequency:PROBE",
 }
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""Positional heads: which RoPE chunks carry long-distance attention (METRICS.md section 2 and "RoPE layout"; after
+Hong et al. 2024, "On the token distance modeling ability of higher RoPE attention dimension"; the exact formula is
+posprobe's).
+
+Owns the head columns `dim_distance_corr` (Spearman correlation across rotary chunks k between k and
+`long_contrib[l,h,k]`; positive: slow, high-index chunks carry long-distance attention), `long_mass` (mean attention
+mass at distance >= D over queries that have such keys), `positional_head_score = dim_distance_corr * long_mass` and
+`is_positional_head` (score >= config threshold), and the curve `long_contrib_by_chunk` (per head: x = chunk k,
+y = long_contrib; the non-rotated band of a partial-rotary head as series "nonrotary" at x = r/2).
+
+long_contrib[l,h,k] = sum_{i-j>=D} a_ij c_k(i,j) / sum_{i-j>=D} a_ij, summed over sampled queries of every text,
+with c_k(i,j) the unscaled chunk dot product of the shared kernel (`posprobe.probes.rope_chunks`). D is
+`long_distance` or, by default, a quarter of each text's length. Heads with no attention mass at distance >= D (e.g.
+sliding-window layers whose window is shorter than D) get NaN. `distance_corr` itself belongs to `head_basics`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.errors import ProbeError
+from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.rope_chunks import NONROTARY, band_labels, layer_long_range
+from posprobe.probes.rope_frequency import model_skip_reason
+
+
+@dataclass(frozen=True)
+class PositionalHeadsConfig:
+    long_distance: int | None = None  # D in tokens; None = long_distance_fraction of each text's length
+    long_distance_fraction: float = 0.25  # "a quarter of the context length" (METRICS.md section 2)
+    # Heads with positional_head_score >= threshold are positional heads. The score is a correlation in [-1, 1]
+    # times an attention mass in [0, 1]; 0.25 asks for a clearly positive correlation AND a substantial share of
+    # attention at long range (e.g. corr 0.5 with half the mass beyond D).
+    threshold: float = 0.25
+    pattern_chunk: int = 256  # queries per pattern chunk: same as head_basics, so the capture's pattern memo is shared
+
+
+def spearman_by_chunk(values: np.ndarray) -> float:
+    """Spearman correlation between chunk index and `values` (NaN if undefined: constant or missing values)."""
+    keep = np.isfinite(values)
+    if keep.sum() < 3 or np.ptp(values[keep]) == 0:
+        return float("nan")
+    return float(spearmanr(np.arange(len(values))[keep], values[keep]).statistic)
+
+
+class _Reducer:
+    taps = frozenset({Tap.Q, Tap.K, Tap.PATTERN})
+
+    def __init__(self, ctx: ScanContext, config: PositionalHeadsConfig) -> None:
+        if config.long_distance is not None and config.long_distance < 1:
+            raise ProbeError(f"positional_heads long_distance must be >= 1 token, got {config.long_distance}. "
+                             f"Use None for a quarter of each context length.")
+        if config.long_distance is None and not 0 < config.long_distance_fraction < 1:
+            raise ProbeError(f"positional_heads long_distance_fraction must lie in (0, 1), got "
+                             f"{config.long_distance_fraction}.")
+        self.ctx, self.config = ctx, config
+        self.long_signed: dict[int, torch.Tensor] = {}  # layer -> [H, bands]
+        self.long_weight: dict[int, torch.Tensor] = {}  # layer -> [H]
+        self.long_rows: dict[int, int] = {}
+        self.distances: dict[int, int] = {}  # context length -> D used
+        self.sample: TextSample | None = None
+
+    def begin(self, sample: TextSample) -> None:
+        self.sample = sample
+
+    def distance(self, n_tokens: int) -> int:
+        cfg = self.config
+        d = cfg.long_distance if cfg.long_distance is not None else max(1, int(round(cfg.long_distance_fraction
+                                                                                     * n_tokens)))
+        self.distances[n_tokens] = d
+        return d
+
+    def on_layer(self, cap: LayerCapture) -> None:
+        if not cap.info.has_rope:
+            return
+        layer = cap.layer
+        d = self.distance(cap.n_tokens)
+        long = layer_long_range(cap, self.ctx.query_sample(cap.n_tokens), d, pattern_chunk=self.config.pattern_chunk)
+        signed, weight = long.signed, long.mass
+        if layer not in self.long_signed:
+            self.long_signed[layer] = torch.zeros_like(signed)
+            self.long_weight[layer] = torch.zeros_like(weight)
+            self.long_rows[layer] = 0
+        self.long_signed[layer] += signed
+        self.long_weight[layer] += weight
+        self.long_rows[layer] += long.n_rows
+
+    def finish(self) -> ProbeResult:
+        info: ModelInfo = self.ctx.info
+        shape = (info.n_layers, info.n_heads)
+        corr, mass = np.full(shape, np.nan), np.full(shape, np.nan)
+        rows: list[dict] = []
+        for layer, signed in self.long_signed.items():
+            lay = info.layers[layer]
+            weight = self.long_weight[layer].numpy()
+            with np.errstate(invalid="ignore", divide="ignore"):
+                contrib = signed.numpy() / weight[:, None]
+            contrib[weight <= 0] = np.nan
+            if self.long_rows[layer]:
+                mass[layer] = weight / self.long_rows[layer]
+            for head in range(info.n_heads):
+                corr[layer, head] = spearman_by_chunk(contrib[head, : lay.n_chunks])
+            for band, label in enumerate(band_labels(lay, info.head_dim)):
+                for head in range(info.n_heads):
+                    if np.isfinite(contrib[head, band]):
+                        rows.append({"curve": "long_contrib_by_chunk", "series": NONROTARY if label == NONROTARY
+                                     else "", "layer": layer, "head": head, "x": band, "y": contrib[head, band]})
+        score = corr * mass
+        heads = head_frame(info, {"dim_distance_corr": corr, "long_mass": mass, "positional_head_score": score})
+        heads["is_positional_head"] = np.nan_to_num(score, nan=-np.inf).reshape(-1) >= self.config.threshold
+        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+        skipped = {lay.index: f"layer {lay.index} has no RoPE ({lay.positional.value})" for lay in info.layers
+                   if not lay.has_rope}
+        summary = {
+            "long_distance_by_length": {int(n): int(d) for n, d in sorted(self.distances.items())},
+            "threshold": self.config.threshold,
+            "n_positional_heads": int(heads["is_positional_head"].sum()),
+            "skipped_layers": skipped,
+        }
+        return ProbeResult(heads=heads, curves=curves, summary=summary)
+
+
+class PositionalHeads:
+    name = "positional_heads"
+    Config = PositionalHeadsConfig
+    description = ("positional heads (after Hong et al. 2024): per-chunk long-distance contribution, its Spearman "
+                   "correlation with chunk index, and a positional-head score")
+    streaming = True
+
+    def skip_reason(self, info: ModelInfo, config: PositionalHeadsConfig) -> str | None:
+        return model_skip_reason(info)
+
+    def reducer(self, ctx: ScanContext, config: PositionalHeadsConfig) -> _Reducer:
+        return _Reducer(ctx, config)
+
+
+PROBE = PositionalHeads()

@@ -1,0 +1,236 @@
+"""The RoPE chunk kernel shared by `rope_frequency` and `positional_heads` (METRICS.md "RoPE layout", 1 and 2).
+
+Owns the one definition of the per-chunk logit contribution `c_k(i, j) = q~_i^(k) . k~_j^(k)` on post-rotary
+vectors: `split_chunks` cuts a head vector into its `r/2` two-dimensional rotary chunks (half-split or interleaved,
+as `LayerInfo.chunk_layout` says) plus, when `rotary_dim < head_dim` (partial rotary: GPT-NeoX, Pythia), one band of
+the non-rotated dimensions (frequency 0, always the last band). On that split, `chunk_contributions` evaluates c_k for
+all (query, key) pairs, `chunk_dot` for matched pairs, and `weighted_chunk_contributions` gives sum_j w_ij c_k(i,j)
+exactly through linearity in the key. Summed over bands and multiplied by the attention scale, c_k is the model's
+pre-softmax logit before masking and softcapping. Also: `chunk_norms`, per-chunk frequencies with RoPE scaling
+(`effective_frequencies`), and the per-layer streaming reductions the two probes read (`layer_chunk_usage`: the
+attention-weighted |c_k| of section 1; `layer_long_range`: the long-distance signed c_k of section 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from posprobe.access import LayerCapture, LayerInfo, causal_key_mask, expand_kv, query_key_range
+from posprobe.errors import ProbeError
+
+NONROTARY = "nonrotary"  # band label of the non-rotated dimensions of a partial-rotary head
+ROTARY = "rotary"
+
+
+def n_bands(layer: LayerInfo, head_dim: int) -> int:
+    """Number of bands: r/2 rotary chunks, plus one for the non-rotated dims when rotary_dim < head_dim."""
+    return layer.n_chunks + (1 if has_nonrotary_band(layer, head_dim) else 0)
+
+
+def has_nonrotary_band(layer: LayerInfo, head_dim: int) -> bool:
+    return layer.has_rope and (layer.rotary_dim or 0) < head_dim
+
+
+def _check_layer(layer: LayerInfo, head_dim: int) -> None:
+    if not layer.has_rope:
+        raise ProbeError(f"Layer {layer.index} has no RoPE ({layer.positional.value}); it has no rotary chunks. "
+                         f"Skip it (the RoPE probes do so with a reason).")
+    if layer.rotary_dim is None or layer.rotary_dim > head_dim or layer.rotary_dim % 2:
+        raise ProbeError(f"Layer {layer.index} reports rotary_dim={layer.rotary_dim} for head_dim={head_dim}; "
+                         f"it must be even and at most the head dim. Fix the model's LayerInfo (adapters/architectures.py).")
+
+
+def split_chunks(
+    x: Float[Tensor, "*batch d"], layer: LayerInfo
+) -> tuple[Float[Tensor, "*batch c 2"], Float[Tensor, "*batch rest"] | None]:
+    """Split head vectors into rotary chunks [..., r/2, 2] (layout from `layer.chunk_layout`) and the non-rotated
+    dims [..., d - r] (None when the whole head rotates)."""
+    d = x.shape[-1]
+    _check_layer(layer, d)
+    a, b = layer.chunk_coordinates()
+    r = int(layer.rotary_dim)
+    if a.size and int(max(a.max(), b.max())) >= r:
+        raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed rotary_dim={r}.")
+    ia = torch.as_tensor(a, dtype=torch.long, device=x.device)
+    ib = torch.as_tensor(b, dtype=torch.long, device=x.device)
+    chunks = torch.stack((x.index_select(-1, ia), x.index_select(-1, ib)), dim=-1)
+    rest = x[..., r:] if r < d else None
+    return chunks, rest
+
+
+def chunk_norms(x: Float[Tensor, "*batch d"], layer: LayerInfo) -> Float[Tensor, "*batch band"]:
+    """||x^(k)||_2 per band (rotary chunks, then the non-rotated band when present)."""
+    chunks, rest = split_chunks(x, layer)
+    norms = torch.linalg.vector_norm(chunks, dim=-1)
+    if rest is not None:
+        norms = torch.cat((norms, torch.linalg.vector_norm(rest, dim=-1, keepdim=True)), dim=-1)
+    return norms
+
+
+def chunk_contributions(
+    q: Float[Tensor, "b h nq d"], k: Float[Tensor, "b h nk d"], layer: LayerInfo
+) -> Float[Tensor, "b h band nq nk"]:
+    """c_k(i, j) = q_i^(k) . k_j^(k) for every band k (post-rotary q and k, KV heads already expanded).
+
+    Summed over bands and multiplied by the attention scale this is the model's pre-softmax logit (before masking
+    and softcapping).
+    """
+    qc, qr = split_chunks(q, layer)
+    kc, kr = split_chunks(k, layer)
+    # [b, h, c, nq, 2] @ [b, h, c, 2, nk]: one small matmul per (batch, head, chunk)
+    c = torch.matmul(qc.movedim(-2, 2), kc.movedim(-2, 2).transpose(-1, -2))
+    if qr is not None:
+        c = torch.cat((c, torch.matmul(qr, kr.transpose(-1, -2)).unsqueeze(2)), dim=2)
+    return c
+
+
+def chunk_dot(x: Float[Tensor, "*batch d"], y: Float[Tensor, "*batch d"], layer: LayerInfo) -> Float[Tensor, "*batch band"]:
+    """Per-band dot product of paired vectors: the same c_k as `chunk_contributions`, for matched (i, j) pairs."""
+    xc, xr = split_chunks(x, layer)
+    yc, yr = split_chunks(y, layer)
+    out = (xc * yc).sum(-1)
+    if xr is not None:
+        out = torch.cat((out, (xr * yr).sum(-1, keepdim=True)), dim=-1)
+    return out
+
+
+def weighted_chunk_contributions(
+    q: Float[Tensor, "b h nq d"], k: Float[Tensor, "b h nk d"], weights: Float[Tensor, "b h nq nk"], layer: LayerInfo
+) -> Float[Tensor, "b h nq band"]:
+    """sum_j w_ij c_k(i, j) per query and band, exactly, via linearity in the key: chunk_dot(q_i, sum_j w_ij k_j)."""
+    return chunk_dot(q, torch.matmul(weights, k), layer)
+
+
+def band_labels(layer: LayerInfo, head_dim: int) -> list[str]:
+    return [ROTARY] * layer.n_chunks + ([NONROTARY] if has_nonrotary_band(layer, head_dim) else [])
+
+
+def effective_frequencies(layer: LayerInfo, max_positions: int | None = None) -> tuple[np.ndarray, str]:
+    """Per-chunk angular frequency after RoPE scaling, and the rope type it was computed for.
+
+    Static scalings have closed forms: "linear" (w / factor), "llama3" (Llama 3.1 band-wise interpolation) and
+    "yarn" (ramp between interpolation and extrapolation). Position-dependent scalings ("dynamic", "longrope") have
+    no single frequency per chunk: NaN is returned and the probes report the base frequencies beside it.
+    The probes never need these numbers for their sums: they read the rotated q/k the model itself produced.
+    """
+    base = layer.chunk_frequencies()
+    scaling = layer.rope_scaling or {}
+    rope_type = str(scaling.get("rope_type", scaling.get("type", "default")))
+    factor = float(scaling.get("factor") or 1.0)
+    if rope_type == "default":
+        return base, rope_type
+    if rope_type == "linear":
+        return base / factor, rope_type
+    if rope_type == "llama3":
+        old = float(scaling.get("original_max_position_embeddings", 8192))
+        low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        wavelen = 2 * math.pi / base
+        smooth = np.clip((old / wavelen - low) / max(high - low, 1e-12), 0.0, 1.0)
+        return (1 - smooth) * base / factor + smooth * base, rope_type
+    if rope_type == "yarn":
+        old = float(scaling.get("original_max_position_embeddings") or (max_positions or 0) / factor or 4096)
+        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+        r, theta = float(layer.rotary_dim), float(layer.rope_theta)
+
+        def correction_dim(rotations: float) -> float:
+            return r * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo, hi = correction_dim(fast), correction_dim(slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, r - 1)
+        if lo == hi:
+            hi += 0.001
+        ramp = np.clip((np.arange(layer.n_chunks) - lo) / (hi - lo), 0.0, 1.0)
+        extrapolate = 1.0 - ramp
+        return base / factor * (1 - extrapolate) + base * extrapolate, rope_type
+    return np.full_like(base, np.nan), rope_type
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer streaming reductions
+
+
+def visible_keys(cap: LayerCapture, query_index: Tensor) -> tuple[int, int, Tensor, Tensor]:
+    """(start, stop, post-rotary q [b,H,cq,d], post-rotary k [b,H,nk,d] over the keys these queries can see)."""
+    if cap.q is None or cap.k is None:
+        raise ProbeError(f"Layer {cap.layer}: the capture holds no post-rotary q/k. The RoPE probes need "
+                         f"Tap.Q and Tap.K; request them in the probe's taps.")
+    start, stop = query_key_range(query_index, cap.info.sliding_window)
+    return start, stop, cap.q[:, :, query_index], expand_kv(cap.k[:, :, start:stop], cap.model.n_heads)
+
+
+@dataclass
+class ChunkUsage:
+    """`usage[h, k] = sum_rows sum_j a_ij |c_k(i,j)|` over (batch, query) rows of one layer in one pass, and
+    `max_logit_error` = max |sum_k c_k(i,j) * scale - scale * q_i.k_j| over the checked visible pairs."""
+
+    usage: Tensor  # [H, bands] float64
+    n_rows: int
+    max_logit_error: float
+
+
+def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 16, check: bool = True) -> ChunkUsage:
+    """Attention-weighted absolute chunk contributions of one RoPE layer over `queries` (METRICS.md section 1).
+
+    Contributions are materialised `block_size` queries at a time over only the keys those queries can see (causal
+    + sliding window): memory is bounded by block_size x keys x bands x heads floats. With `check`, the first block
+    also verifies that the bands sum to the model's logit (`max_logit_error`).
+    """
+    layer, model = cap.info, cap.model
+    scale = float(cap.extras.get("attn_scale", model.attn_scale))
+    usage = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
+    max_error = 0.0
+    for s in range(0, len(queries), block_size):
+        qi = queries[s : s + block_size]
+        start, stop, q, k = visible_keys(cap, qi)
+        probs = cap.pattern(qi)[..., start:stop]  # [b, H, cq, nk], exactly 0 where masked
+        c = chunk_contributions(q, k, layer)  # [b, H, bands, cq, nk]
+        if check and s == 0:
+            visible = causal_key_mask(qi, stop, layer.sliding_window, key_start=start)
+            logits = torch.matmul(q, k.transpose(-1, -2)) * scale
+            max_error = float((c.sum(2) * scale - logits).abs()[..., visible].max())
+        usage += torch.einsum("bhcqk,bhqk->hc", c.abs_(), probs.to(c.dtype)).double()
+    return ChunkUsage(usage=usage, n_rows=int(cap.q.shape[0]) * len(queries), max_logit_error=max_error)
+
+
+@dataclass
+class LongRange:
+    """Sums over (batch, query) rows of one layer: `signed[h, k] = sum_{i-j>=D} a_ij c_k(i,j)`,
+    `mass[h] = sum_{i-j>=D} a_ij`, and `n_rows` = rows that have at least one key at distance >= D."""
+
+    signed: Tensor  # [H, bands] float64
+    mass: Tensor  # [H] float64
+    n_rows: int
+
+
+def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, pattern_chunk: int = 256) -> LongRange:
+    """Long-distance chunk contributions of one RoPE layer over `queries` (METRICS.md section 2).
+
+    Uses linearity of c_k in the key: sum_j w_ij c_k(i,j) = chunk_dot(q_i, sum_j w_ij k_j), with w_ij = a_ij on keys
+    at distance >= D, so nothing of size queries x keys x bands is materialised.
+    """
+    layer, model = cap.info, cap.model
+    signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
+    mass = torch.zeros(model.n_heads, dtype=torch.float64)
+    for qidx, probs in cap.pattern_chunks(pattern_chunk, queries):
+        start, stop, q, k = visible_keys(cap, qidx)
+        far = (qidx[:, None] - torch.arange(start, stop)[None, :]) >= distance  # [cq, nk]
+        if not bool(far.any()):
+            continue
+        w = probs[..., start:stop] * far.to(probs.dtype)
+        signed += weighted_chunk_contributions(q, k, w.to(q.dtype), layer).sum((0, 2)).double()
+        mass += w.sum((0, 2, 3)).double()
+    n_rows = int(cap.q.shape[0]) * int((queries >= distance).sum())
+    return LongRange(signed=signed, mass=mass, n_rows=n_rows)
+
+
+def fastest_slowest(n_chunks: int, fraction: float) -> int:
+    """How many chunks make the fastest (and the slowest) `fraction` of a head: round(fraction * r/2), at least 1."""
+    return max(1, int(round(fraction * n_chunks)))

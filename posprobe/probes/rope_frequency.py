@@ -1,0 +1,209 @@
+"""RoPE frequency usage per head (METRICS.md section 1 and "RoPE layout"; after Barbero et al. 2024, "Round and
+Round We Go! What makes Rotary Positional Encodings useful?").
+
+Owns the head columns `rope_high_freq_share` (share of the logit usage in the fastest 1/8 of rotary chunks),
+`rope_low_freq_share` (slowest 1/8), `rope_freq_centroid` (usage-weighted mean of k / (r/2) over rotary chunks) and
+`rope_nonrotary_share` (the band of non-rotated dims of a partial-rotary head; 0 when the whole head rotates), the
+curves `rope_usage_spectrum` (per head: x = chunk k, y = logit_share; the non-rotated band as series "nonrotary"
+at x = r/2), `rope_layer_spectrum` (per layer, mean over heads), `rope_q_norm` (per head: mean_i ||q_i^(k)||) and
+`rope_k_norm` (per layer, one series per KV head "kv<g>": mean_j ||k_j^(k)||), and the tables
+`rope_frequency.chunks` (per layer and band: base and scaled frequency, wavelength, theta, rope type) and
+`rope_frequency.layers` (which layers were measured, and why the others were skipped).
+
+logit_share[l,h,k] = E_ij[a_ij |c_k(i,j)|] / sum_k E_ij[a_ij |c_k(i,j)|] with c_k from the shared kernel
+(`posprobe.probes.rope_chunks`). Norms are computed on pre-rotary q/k over every position (rotation preserves chunk
+norms; post-rotary is used where an adapter gives no pre-rotary tensor). Layers without RoPE are skipped with a
+reason; a model without any RoPE layer is skipped by `scan()`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.probes.base import MODEL_LEVEL, ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.rope_chunks import (
+    NONROTARY,
+    band_labels,
+    chunk_norms,
+    effective_frequencies,
+    fastest_slowest,
+    has_nonrotary_band,
+    layer_chunk_usage,
+)
+
+
+@dataclass(frozen=True)
+class RopeFrequencyConfig:
+    band_fraction: float = 0.125  # "fastest / slowest 1/8 of chunks" (METRICS.md section 1)
+    # Queries per text for logit_share, evenly spread over the scan's query sample. The share averages over
+    # queries x keys and is stable long before 64 queries, while materialising c_k costs queries x keys x r/2 x heads
+    # (about 4 s per 2048-token text on Gemma 3 270M at 64). None = every sampled query.
+    max_queries: int | None = 64
+    block_size: int = 16  # queries per contribution block: memory ~ block x keys x (r/2) x heads floats
+    check_exactness: bool = True  # verify sum_k c_k * scale == logit on one block per layer (reported in summary)
+
+
+def layer_skip_reason(info: ModelInfo, layer: int) -> str | None:
+    """Why a layer has no rotary chunks to measure (None when it has)."""
+    lay = info.layers[layer]
+    if lay.has_rope:
+        return None
+    return f"layer {layer} has no RoPE ({lay.positional.value} positional encoding): no rotary chunks to measure"
+
+
+def model_skip_reason(info: ModelInfo) -> str | None:
+    if info.has_rope:
+        return None
+    kinds = sorted({layer.positional.value for layer in info.layers})
+    return (f"{info.name} has no RoPE layer (positional encoding: {', '.join(kinds)}); RoPE chunk statistics do not "
+            f"apply")
+
+
+def frequency_table(info: ModelInfo) -> pd.DataFrame:
+    """One row per (RoPE layer, band): chunk index, band, base and scaled angular frequency, wavelength, theta."""
+    rows = []
+    for lay in info.layers:
+        if not lay.has_rope:
+            continue
+        base = lay.chunk_frequencies()
+        scaled, rope_type = effective_frequencies(lay, info.max_positions)
+        for k in range(lay.n_chunks):
+            rows.append({"layer": lay.index, "chunk": k, "band": "rotary", "frequency": float(base[k]),
+                         "effective_frequency": float(scaled[k]), "wavelength": float(2 * np.pi / base[k]),
+                         "rope_theta": float(lay.rope_theta), "rotary_dim": int(lay.rotary_dim),
+                         "rope_type": rope_type, "chunk_layout": lay.chunk_layout.value})
+        if has_nonrotary_band(lay, info.head_dim):
+            rows.append({"layer": lay.index, "chunk": lay.n_chunks, "band": NONROTARY, "frequency": 0.0,
+                         "effective_frequency": 0.0, "wavelength": float("inf"), "rope_theta": float(lay.rope_theta),
+                         "rotary_dim": int(lay.rotary_dim), "rope_type": rope_type,
+                         "chunk_layout": lay.chunk_layout.value})
+    columns = ["layer", "chunk", "band", "frequency", "effective_frequency", "wavelength", "rope_theta", "rotary_dim",
+               "rope_type", "chunk_layout"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def usage_summaries(share: np.ndarray, n_chunks: int, fraction: float) -> dict[str, np.ndarray]:
+    """Per-head summaries of a [H, bands] share matrix whose first `n_chunks` columns are rotary chunks."""
+    m = fastest_slowest(n_chunks, fraction)
+    rotary = share[:, :n_chunks]
+    rotary_total = rotary.sum(-1)
+    k = np.arange(n_chunks) / n_chunks  # k / (r/2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        centroid = (rotary * k).sum(-1) / rotary_total
+    return {
+        "rope_high_freq_share": rotary[:, :m].sum(-1),
+        "rope_low_freq_share": rotary[:, n_chunks - m :].sum(-1),
+        "rope_freq_centroid": centroid,
+        "rope_nonrotary_share": share[:, n_chunks:].sum(-1),
+    }
+
+
+class _Reducer:
+    taps = frozenset({Tap.Q, Tap.K, Tap.Q_PRE, Tap.K_PRE, Tap.PATTERN})
+
+    def __init__(self, ctx: ScanContext, config: RopeFrequencyConfig) -> None:
+        self.ctx, self.config = ctx, config
+        self.usage: dict[int, torch.Tensor] = {}  # layer -> [H, bands] sum of a_ij |c_k|
+        self.q_norm: dict[int, torch.Tensor] = {}  # layer -> [H, bands] sum over positions
+        self.k_norm: dict[int, torch.Tensor] = {}  # layer -> [G, bands]
+        self.norm_rows: dict[int, int] = {}
+        self.max_error: dict[int, float] = {}
+        self.sample: TextSample | None = None
+
+    def begin(self, sample: TextSample) -> None:
+        self.sample = sample
+
+    def on_layer(self, cap: LayerCapture) -> None:
+        if not cap.info.has_rope:
+            return
+        layer = cap.layer
+        cfg = self.config
+        queries = self.ctx.query_sample(cap.n_tokens)
+        if cfg.max_queries is not None and len(queries) > cfg.max_queries:
+            queries = queries[torch.linspace(0, len(queries) - 1, cfg.max_queries).round().long().unique()]
+        sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness)
+        q = cap.q_pre if cap.q_pre is not None else cap.q
+        k = cap.k_pre if cap.k_pre is not None else cap.k
+        qn = chunk_norms(q.double(), cap.info).sum((0, 2))  # [H, bands]
+        kn = chunk_norms(k.double(), cap.info).sum((0, 2))  # [G, bands]
+        if layer not in self.usage:  # first pass over this layer
+            self.usage[layer] = torch.zeros_like(sums.usage)
+            self.q_norm[layer], self.k_norm[layer] = torch.zeros_like(qn), torch.zeros_like(kn)
+            self.norm_rows[layer], self.max_error[layer] = 0, 0.0
+        self.usage[layer] += sums.usage
+        self.q_norm[layer] += qn
+        self.k_norm[layer] += kn
+        self.norm_rows[layer] += int(q.shape[0] * q.shape[2])
+        self.max_error[layer] = max(self.max_error[layer], sums.max_logit_error)
+
+    def finish(self) -> ProbeResult:
+        info: ModelInfo = self.ctx.info
+        cfg = self.config
+        columns = {name: np.full((info.n_layers, info.n_heads), np.nan) for name in
+                   ("rope_high_freq_share", "rope_low_freq_share", "rope_freq_centroid", "rope_nonrotary_share")}
+        rows: list[dict] = []
+        layer_rows: list[dict] = []
+        for lay in info.layers:
+            layer = lay.index
+            reason = layer_skip_reason(info, layer)
+            if reason is None and layer not in self.usage:
+                reason = f"layer {layer} was never seen by a pass"
+            layer_rows.append({"layer": layer, "measured": reason is None, "reason": reason or "",
+                               "rope_theta": lay.rope_theta if lay.has_rope else float("nan"),
+                               "rotary_dim": lay.rotary_dim or 0, "max_logit_error": self.max_error.get(layer, np.nan)})
+            if reason is not None:
+                continue
+            usage = self.usage[layer].numpy()
+            total = usage.sum(-1, keepdims=True)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                share = usage / total
+            for name, values in usage_summaries(share, lay.n_chunks, cfg.band_fraction).items():
+                columns[name][layer] = values
+            q_norm = (self.q_norm[layer] / self.norm_rows[layer]).numpy()
+            k_norm = (self.k_norm[layer] / self.norm_rows[layer]).numpy()
+            labels = band_labels(lay, info.head_dim)
+            for band, label in enumerate(labels):
+                series = NONROTARY if label == NONROTARY else ""
+                for head in range(info.n_heads):
+                    rows.append({"curve": "rope_usage_spectrum", "series": series, "layer": layer, "head": head,
+                                 "x": band, "y": share[head, band]})
+                    rows.append({"curve": "rope_q_norm", "series": series, "layer": layer, "head": head, "x": band,
+                                 "y": q_norm[head, band]})
+                rows.append({"curve": "rope_layer_spectrum", "series": series, "layer": layer, "head": MODEL_LEVEL,
+                             "x": band, "y": float(np.nanmean(share[:, band]))})
+                for kv in range(k_norm.shape[0]):
+                    rows.append({"curve": "rope_k_norm", "series": f"kv{kv}" + (f" {NONROTARY}" if series else ""),
+                                 "layer": layer, "head": MODEL_LEVEL, "x": band, "y": k_norm[kv, band]})
+        heads = head_frame(info, columns)
+        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+        layers = pd.DataFrame(layer_rows)
+        measured = [e for e in self.max_error.values()]
+        summary = {
+            "band_fraction": cfg.band_fraction,
+            "skipped_layers": {int(r["layer"]): r["reason"] for r in layer_rows if not r["measured"]},
+            "max_logit_error": max(measured) if measured else None,
+        }
+        tables = {"chunks": frequency_table(info), "layers": layers}
+        return ProbeResult(heads=heads, curves=curves, tables=tables, summary=summary)
+
+
+class RopeFrequency:
+    name = "rope_frequency"
+    Config = RopeFrequencyConfig
+    description = ("RoPE frequency usage (Barbero et al. 2024): per-chunk q/k norms and attention-weighted logit "
+                   "share; high/low-frequency share and centroid per head")
+    streaming = True
+
+    def skip_reason(self, info: ModelInfo, config: RopeFrequencyConfig) -> str | None:
+        return model_skip_reason(info)
+
+    def reducer(self, ctx: ScanContext, config: RopeFrequencyConfig) -> _Reducer:
+        return _Reducer(ctx, config)
+
+
+PROBE = RopeFrequency()
