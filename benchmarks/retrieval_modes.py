@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             results[mode, span] = score_trials(access, trials, RetrievalConfig(mode=mode, span=span))
             if span == "answer":  # time once per mode (the span changes nothing but the counting)
-                timing[mode] = {"total": time.perf_counter() - start, **{f"{k}_s": v for k, v in timers.seconds.items()},
+                timing[mode] = {"total": time.perf_counter() - start,
+                                **{f"{k}_s": v for k, v in timers.seconds.items()},
                                 **{f"{k}_calls": v for k, v in timers.calls.items()}}
     tf, gen = timing["teacher_forced"], timing["generate"]
     n = len(trials)

@@ -51,7 +51,7 @@ class RetrievalConfig:
     context_lengths: tuple[int, ...] | None = None  # None: the budget's context lengths (clipped, see below)
     # lengths are clipped to [shortest prompt that fits, min(max_context_length, model maximum)]; None: no extra cap
     max_context_length: int | None = None
-    depths: tuple[float, ...] | None = None  # None: evenly spaced so that lengths x depths gives n_trials cells
+    depths: tuple[float | int, ...] | None = None  # None: evenly spaced so that lengths x depths gives n_trials cells
     span: Literal["answer", "needle"] = "answer"  # which needle tokens count (answer: a perfect copier scores 1)
     include_wrong: bool = False  # the paper scores only trials the model answered; wrong ones are reported anyway
     threshold: float = 0.1  # Wu et al.: a head whose retrieval_score exceeds 0.1 is a retrieval head
@@ -200,8 +200,9 @@ def summarize(
         activation = np.array((used["copies"] > 0).groupby([used["layer"], used["head"]]).mean(),
                               dtype=np.float64).reshape(shape)
         if n_correct < len(trials):
-            summary["note"] = (f"{len(trials) - n_correct} of {len(trials)} trials answered wrongly; "
-                               f"{'scored anyway (include_wrong=True)' if config.include_wrong else 'excluded from the scores (include_wrong=False)'}.")
+            what = "scored anyway (include_wrong=True)" if config.include_wrong else \
+                "excluded from the scores (include_wrong=False)"
+            summary["note"] = f"{len(trials) - n_correct} of {len(trials)} trials answered wrongly; {what}."
         flat = [(float(score[l, h]), l, h) for l in range(shape[0]) for h in range(shape[1])]
         flat.sort(key=lambda x: -x[0])
         n_ret = int((score > config.threshold).sum())

@@ -58,9 +58,9 @@ class NeedleTrial:
     input_ids: the prompt the model reads, ending right before the answer (BOS first when the model uses one).
     answer_ids: the answer tokens as the model should continue the prompt; equal to input_ids[answer_span].
     needle_span / answer_span: token ranges [start, stop) of the inserted needle statement and of the answer's
-    tokens inside it; haystack_span: the filler with the needle inside it. depth: requested relative depth; actual_depth: where the needle landed after snapping to a
-    sentence boundary (needle start / haystack length, 0 = first thing after the header, 1 = right before the
-    question). context_length: the requested length (the prompt is at most this long, see n_tokens).
+    tokens inside it; haystack_span: the filler with the needle inside it. depth: requested relative depth;
+    actual_depth: where the needle landed after snapping to a sentence boundary (needle start / haystack length,
+    0 = first thing after the header, 1 = right before the question). context_length: the requested length (the prompt is at most this long, see n_tokens).
     """
 
     input_ids: tuple[int, ...]
@@ -197,7 +197,7 @@ def minimum_context_length(access: Any, task: TaskName = "needle", n_digits: int
     return len(head_ids) + len(needle_ids) + len(question_ids) + 2 * longest_key + 128
 
 
-def _check_depth(depth: float) -> float:
+def _check_depth(depth: float | int) -> float:
     if not isinstance(depth, (int, float)) or math.isnan(depth) or not 0.0 <= depth <= 1.0:
         raise InputError(f"Needle depth must be a number in [0, 1] (0 = start of the haystack, 1 = end); got "
                          f"{depth!r}.")
@@ -207,7 +207,7 @@ def _check_depth(depth: float) -> float:
 def make_needle_trial(
     access: Any,
     context_length: int,
-    depth: float,
+    depth: float | int,
     seed: int,
     *,
     task: TaskName = "needle",
@@ -277,8 +277,8 @@ def make_needle_trial(
     return trial
 
 
-def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float], seed: int, n_per_cell: int, task: TaskName,
-          n_digits: int) -> list[NeedleTrial]:
+def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float | int], seed: int, n_per_cell: int,
+          task: TaskName, n_digits: int) -> list[NeedleTrial]:
     if not lengths or not depths:
         raise InputError("Needle trials need at least one context length and one depth.")
     if not isinstance(n_per_cell, int) or n_per_cell < 1:
@@ -296,7 +296,7 @@ def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float], seed: in
 def make_needle_trials(
     access: Any,
     lengths: Sequence[int],
-    depths: Sequence[float],
+    depths: Sequence[float | int],
     seed: int = 0,
     *,
     n_per_cell: int = 1,
@@ -313,7 +313,7 @@ def make_needle_trials(
 def make_passkey_trials(
     access: Any,
     lengths: Sequence[int],
-    depths: Sequence[float],
+    depths: Sequence[float | int],
     seed: int = 0,
     *,
     n_per_cell: int = 1,
