@@ -210,11 +210,12 @@ class LongRange:
     n_rows: int
 
 
-def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, pattern_chunk: int = 256) -> LongRange:
+def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, pattern_chunk: int = 256,
+                     exclude_sink: bool = False) -> LongRange:
     """Long-distance chunk contributions of one RoPE layer over `queries` (METRICS.md section 2).
 
     Uses linearity of c_k in the key: sum_j w_ij c_k(i,j) = chunk_dot(q_i, sum_j w_ij k_j), with w_ij = a_ij on keys
-    at distance >= D, so nothing of size queries x keys x bands is materialised.
+    at distance >= D (key 0 dropped when `exclude_sink`), so nothing of size queries x keys x bands is materialised.
     """
     layer, model = cap.info, cap.model
     signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
@@ -222,12 +223,14 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
     for qidx, probs in cap.pattern_chunks(pattern_chunk, queries):
         start, stop, q, k = visible_keys(cap, qidx)
         far = (qidx[:, None] - torch.arange(start, stop)[None, :]) >= distance  # [cq, nk]
+        if exclude_sink and start == 0:
+            far[:, 0] = False
         if not bool(far.any()):
             continue
         w = probs[..., start:stop] * far.to(probs.dtype)
         signed += weighted_chunk_contributions(q, k, w.to(q.dtype), layer).sum((0, 2)).double()
         mass += w.sum((0, 2, 3)).double()
-    n_rows = int(cap.q.shape[0]) * int((queries >= distance).sum())
+    n_rows = int(cap.q.shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
     return LongRange(signed=signed, mass=mass, n_rows=n_rows)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from posprobe.errors import UnknownNameError
 from posprobe.render.bias import document_bias, position_bias
 from posprobe.render.heads import atlas, curve, ranking
+from posprobe.render.rope import rope_spectrum
 
 FIGURES: dict[str, Callable[..., Any]] = {
     "atlas": atlas,
@@ -19,6 +20,7 @@ FIGURES: dict[str, Callable[..., Any]] = {
     "document_bias": document_bias,
     "position_bias": position_bias,
     "ranking": ranking,
+    "rope_spectrum": rope_spectrum,
 }
 
 
