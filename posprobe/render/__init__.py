@@ -12,12 +12,16 @@ from typing import Any
 from posprobe.errors import UnknownNameError
 from posprobe.render.bias import document_bias, position_bias
 from posprobe.render.heads import atlas, curve, ranking
+from posprobe.render.implicit import implicit_probe, implicit_similarity, implicit_variance
 from posprobe.render.rope import rope_spectrum
 
 FIGURES: dict[str, Callable[..., Any]] = {
     "atlas": atlas,
     "curve": curve,
     "document_bias": document_bias,
+    "implicit_probe": implicit_probe,
+    "implicit_similarity": implicit_similarity,
+    "implicit_variance": implicit_variance,
     "position_bias": position_bias,
     "ranking": ranking,
     "rope_spectrum": rope_spectrum,

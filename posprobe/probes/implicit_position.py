@@ -1,0 +1,472 @@
+"""Implicit position: how much absolute position the residual stream carries, and where (METRICS.md section 6;
+Haviv et al. 2022 "Transformer LMs without positional encodings still learn positional information"; Chi et al.
+2023 "Latent positional information is in the self-attention variance of transformer LMs without positional
+embeddings"; Zuo et al. 2024).
+
+A task probe (`streaming=False`): it runs `n_sequences` (default `budget.implicit_sequences`) passes of generated
+text (`posprobe.tasks.text`) or uniform random tokens, reading `Tap.RESID_POST` and `Tap.ATTN_OUT` of every layer
+and reducing each layer as the pass runs. Per sequence, `positions_per_sequence` positions (stratified over
+1..n-1; BOS / position 0 is never a probe sample) keep their residual vector and four scale features; nothing
+else of the pass is retained, so memory is bounded by layers x sequences x positions_per_sequence x d_model.
+
+Position probes, per layer, trained on whole sequences and tested on other, disjoint sequences (seeded split):
+- feature sets: `hidden` (the residual vector), `direction` (the residual divided by its norm: position carried by
+  a direction, not by scale), `scale` (log Var_d and log ||.|| of the residual and of the attention output per
+  token: Chi et al.'s variance signal);
+- targets: `position` and `log_position` (the better-posed target for scale features, which shrink like 1/i);
+- regressors: `ridge` (standardised features, alpha chosen by grouped k-fold CV over training sequences) and `mlp`
+  (scikit-learn MLPRegressor, one hidden layer, early stopping);
+- metrics on the test sequences: R^2 (in the target's own space), Spearman of prediction vs position, MAD (mean
+  absolute deviation in positions, Haviv et al.; log predictions are clipped to the training range and
+  exponentiated), next to `mad_baseline`, the MAD of always predicting the training median;
+- control: the same fits on training labels shuffled across training samples (`labels == "shuffled"`); on
+  disjoint test sequences they must score at chance: R^2 <= ~0 and MAD ~ mad_baseline (summary: `control_max_r2`,
+  `control_min_mad_ratio`). If they do not, the probe leaks. Spearman is NOT a chance measure here: a probe fitted
+  to noise is a small random projection of features that themselves vary with position, so its rank correlation
+  can be large in either sign while its predictions stay at the mean.
+
+Variance shrinkage: per layer, the mean over sequences of Var_d(attn_out_i) and Var_d(resid_post_i) at every
+position; `attn_var_slope` / `resid_var_slope` are least-squares slopes of log Var against log(i + 1) (i + 1 =
+tokens a causal query sees, so the uniform-attention law Var ~ 1/(i + 1) has slope exactly -1), fitted on
+log-spaced positions 1 <= i < min(n, sliding window). Curves use x = i + 1 for the same reason.
+Nearby similarity: per layer, the mean cosine similarity of residual vectors at positions i and i + delta
+(i >= 1), for log-spaced offsets delta.
+
+Outputs: curves `implicit_r2_by_layer`, `implicit_spearman_by_layer`, `implicit_mad_by_layer` (x = layer, series
+"regressor/features/target" and ".../shuffled"), `variance_slope_by_layer` (series attn_out / resid_post),
+`variance_by_position` and `similarity_by_offset` (one per layer); tables `implicit_position.probes` (one row per
+layer x regressor x features x target x labels) and `implicit_position.layers`; a summary in `meta["summaries"]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.stats import spearmanr
+
+from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.errors import ProbeError
+from posprobe.probes.base import MODEL_LEVEL, ProbeResult, ScanContext, curve_frame
+
+FEATURE_SETS = ("hidden", "direction", "scale")
+TARGETS = ("position", "log_position")
+REGRESSORS = ("ridge", "mlp")
+INPUTS = ("text", "random")
+SCALE_FEATURES = ("resid_log_var", "resid_log_norm", "attn_log_var", "attn_log_norm")
+_TINY = 1e-30
+
+
+@dataclass(frozen=True)
+class ImplicitPositionConfig:
+    context_length: int = 512  # tokens per sequence; 512 = Gemma 3's sliding window, so every layer sees the prefix
+    n_sequences: int | None = None  # None: budget.implicit_sequences (train + test together)
+    input: str = "text"  # "text": generated sentences (posprobe.tasks.text); "random": uniform random token ids
+    bos: bool = True  # put BOS at position 0 (as the model's tokenizer does). A fixed first token is a positional
+    # anchor even without any positional encoding (its share of uniform attention is 1/(i+1)); False removes it
+    positions_per_sequence: int = 64  # stratified sample per sequence: bounds feature memory, limits within-
+    # sequence redundancy (neighbouring positions are near-duplicates)
+    test_fraction: float = 0.25  # share of whole sequences held out for testing (disjoint from training)
+    feature_sets: tuple[str, ...] = FEATURE_SETS  # see the module docstring
+    targets: tuple[str, ...] = TARGETS
+    regressors: tuple[str, ...] = REGRESSORS
+    mlp_feature_sets: tuple[str, ...] = ("hidden", "scale")  # the MLP is the slow fit; "direction" is covered by ridge
+    shuffled_control: tuple[str, ...] = REGRESSORS  # regressors that also fit shuffled labels (the leak control)
+    ridge_alphas: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5)  # on standardised features
+    cv_folds: int = 3  # grouped (by sequence) folds for choosing the ridge alpha: no within-sequence leakage
+    mlp_hidden: int = 64  # a *small* MLP (Haviv et al. probe a single hidden layer); bigger ones memorise
+    mlp_max_iter: int = 200  # epochs at most; early stopping on a 10% validation split usually ends far sooner
+    mlp_l2: float = 1e-3  # MLPRegressor alpha
+    n_curve_points: int = 48  # log-spaced positions kept in the variance_by_position curves
+    n_offsets: int = 16  # log-spaced offsets delta of the similarity curve (1 .. n/2)
+    fit_threads: int = 1  # BLAS threads while fitting: more oversubscribes cores torch already uses (10x slower
+    # on a busy 2-core machine, measured)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs and sampling
+
+
+def _sequence_ids(ctx: ScanContext, config: ImplicitPositionConfig, index: int, n_tokens: int) -> list[int]:
+    seed = ctx.seed * 1_000_003 + 7_919 * index + 17  # distinct from the shared scan texts' seeds
+    access = ctx.access
+    bos = getattr(access.tokenizer, "bos_token_id", None)
+    with_bos = config.bos and access.info.adds_bos and bos is not None
+    if config.input == "text":
+        from posprobe.tasks.text import text_ids
+
+        ids = text_ids(access, n_tokens + 1, seed=seed)
+        if ids[0] == bos and not with_bos:
+            return ids[1 : n_tokens + 1]
+        return ids[:n_tokens]
+    vocab = access.info.vocab_size
+    special = {int(i) for i in (getattr(access.tokenizer, "all_special_ids", None) or []) if 0 <= int(i) < vocab}
+    allowed = np.setdiff1d(np.arange(vocab), np.fromiter(special, dtype=np.int64, count=len(special)))
+    ids = np.random.default_rng(seed).choice(allowed, size=n_tokens).tolist()
+    if with_bos:
+        ids[0] = int(bos)
+    return ids
+
+
+def stratified_positions(n_tokens: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k positions from 1..n-1, one uniformly random position in each of k equal strata (all of them if k >= n-1)."""
+    candidates = np.arange(1, n_tokens)
+    if k >= len(candidates):
+        return candidates
+    return np.array([rng.choice(stratum) for stratum in np.array_split(candidates, k)])
+
+
+def log_spaced(lo: int, hi: int, k: int) -> np.ndarray:
+    """Up to k distinct integers from lo to hi (inclusive), spaced evenly in log."""
+    if hi < lo:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.round(np.geomspace(lo, hi, k)).astype(np.int64))
+
+
+def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of log y against log x (NaN with fewer than 3 usable points)."""
+    keep = (x > 0) & (y > 0) & np.isfinite(y)
+    if keep.sum() < 3:
+        return float("nan")
+    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Collection: one pass per sequence, each layer reduced as it runs
+
+
+class _Collector:
+    """Per-layer state filled by `on_layer`; holds only sampled positions' features and per-position sums."""
+
+    def __init__(self, info: ModelInfo, n_sequences: int, n_tokens: int, k: int, offsets: np.ndarray) -> None:
+        n_layers, rows = info.n_layers, n_sequences * k
+        self.k, self.n_tokens, self.offsets = k, n_tokens, offsets
+        self.hidden = np.zeros((n_layers, rows, info.d_model), dtype=np.float32)
+        self.scale = np.zeros((n_layers, rows, len(SCALE_FEATURES)), dtype=np.float64)
+        self.positions = np.zeros(rows, dtype=np.float64)
+        self.groups = np.zeros(rows, dtype=np.int64)
+        self.attn_var = np.zeros((n_layers, n_tokens), dtype=np.float64)
+        self.resid_var = np.zeros((n_layers, n_tokens), dtype=np.float64)
+        self.similarity = np.zeros((n_layers, len(offsets)), dtype=np.float64)
+        self.seen = np.zeros(n_layers, dtype=np.int64)
+        self.index = 0
+        self.sample: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    def begin(self, index: int, sample: np.ndarray, position_ids: np.ndarray) -> None:
+        self.index, self.sample = index, sample
+        rows = slice(index * self.k, index * self.k + len(sample))
+        self.positions[rows] = position_ids[sample]
+        self.groups[rows] = index
+
+    def on_layer(self, cap: LayerCapture) -> None:
+        if cap.resid_post is None or cap.attn_out is None:
+            raise ProbeError(f"Layer {cap.layer} handed no resid_post / attn_out; implicit_position needs both taps.")
+        layer = cap.layer
+        resid = cap.resid_post[0].detach().double()  # [n, D]; batch of one sequence
+        attn = cap.attn_out[0].detach().double()
+        resid_var = resid.var(-1, unbiased=False)
+        attn_var = attn.var(-1, unbiased=False)
+        resid_norm = resid.norm(dim=-1)
+        attn_norm = attn.norm(dim=-1)
+        self.resid_var[layer] += resid_var.numpy()
+        self.attn_var[layer] += attn_var.numpy()
+        idx = torch.as_tensor(self.sample)
+        rows = slice(self.index * self.k, self.index * self.k + len(idx))
+        self.hidden[layer, rows] = resid[idx].float().numpy()
+        self.scale[layer, rows] = torch.stack([
+            resid_var[idx].clamp(min=_TINY).log(), resid_norm[idx].clamp(min=_TINY).log(),
+            attn_var[idx].clamp(min=_TINY).log(), attn_norm[idx].clamp(min=_TINY).log(),
+        ], dim=-1).numpy()
+        unit = resid[1:] / resid_norm[1:, None].clamp(min=_TINY)  # BOS excluded: its norm is extreme in real models
+        for j, delta in enumerate(self.offsets.tolist()):
+            self.similarity[layer, j] += float((unit[:-delta] * unit[delta:]).sum(-1).mean())
+        self.seen[layer] += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Regression (numpy / scikit-learn) on disjoint train / test sequences
+
+
+def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
+    mean = train.mean(0)
+    std = train.std(0)
+    std[std < 1e-12] = 1.0
+    return [(x - mean) / std for x in (train, *others)]
+
+
+def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> np.ndarray:
+    """Ridge coefficients [alpha, features, targets] of centred y on standardised x for every alpha (one eigh of
+    the features x features Gram matrix, shared by all alphas and targets)."""
+    eigval, eigvec = np.linalg.eigh(x.T @ x)
+    eigval = np.clip(eigval, 0.0, None)
+    projected = eigvec.T @ (x.T @ y)  # [p, t]
+    return np.einsum("qp,aq,qt->apt", eigvec.T, 1.0 / (eigval[None, :] + alphas[:, None]), projected)
+
+
+def ridge_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
+                      alphas: Sequence[float], folds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ridge per target column, alpha chosen per column by grouped k-fold CV. Returns (pred [m, t], alpha [t])."""
+    alpha_grid = np.asarray(alphas, dtype=np.float64)
+    unique = np.unique(groups)
+    n_folds = min(folds, len(unique))
+    sse = np.zeros((len(alpha_grid), y_train.shape[1]))
+    if n_folds >= 2:
+        fold_of = {g: i % n_folds for i, g in enumerate(unique)}
+        fold = np.array([fold_of[g] for g in groups])
+        for f in range(n_folds):
+            tr, va = fold != f, fold == f
+            xt, xv = _standardise(x_train[tr], x_train[va])
+            mean = y_train[tr].mean(0)
+            coef = _ridge_path(xt, y_train[tr] - mean, alpha_grid)
+            pred = np.einsum("np,apt->ant", xv, coef) + mean
+            sse += ((pred - y_train[va][None]) ** 2).sum(1)
+    best = sse.argmin(0)  # all-zero sse (no CV possible) picks the smallest alpha
+    xt, xs = _standardise(x_train, x_test)
+    mean = y_train.mean(0)
+    coef = _ridge_path(xt, y_train - mean, alpha_grid)  # [a, p, t]
+    chosen = coef[best, :, np.arange(y_train.shape[1])]  # [t, p]
+    return xs @ chosen.T + mean, alpha_grid[best]
+
+
+def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, config: ImplicitPositionConfig,
+                    seed: int) -> np.ndarray:
+    """A one-hidden-layer MLP on standardised features and a standardised (single) target."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPRegressor
+
+    import warnings
+
+    xt, xs = _standardise(x_train, x_test)
+    mean, std = y_train.mean(), max(float(y_train.std()), 1e-12)
+    model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=config.mlp_l2, max_iter=config.mlp_max_iter,
+                         early_stopping=True, n_iter_no_change=10, batch_size=min(256, len(xt)), random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(xt, (y_train - mean) / std)
+    return model.predict(xs) * std + mean
+
+
+def _target(positions: np.ndarray, target: str) -> np.ndarray:
+    return np.log(positions) if target == "log_position" else positions
+
+
+def probe_scores(pred: np.ndarray, truth: np.ndarray, target: str, train_positions: np.ndarray) -> dict[str, float]:
+    """R^2 (target space), Spearman vs position, MAD in positions, and the MAD of predicting the training median."""
+    y = _target(truth, target)
+    residual = float(((pred - y) ** 2).sum())
+    total = float(((y - y.mean()) ** 2).sum())
+    r2 = 1.0 - residual / total if total > 0 else float("nan")
+    if target == "log_position":
+        lo, hi = np.log(train_positions.min()), np.log(train_positions.max())
+        pred_pos = np.exp(np.clip(pred, lo, hi))
+    else:
+        pred_pos = pred
+    rho = spearmanr(pred, truth).statistic if np.ptp(pred) > 0 and np.ptp(truth) > 0 else 0.0
+    return {"r2": r2, "spearman": float(rho), "mad": float(np.abs(pred_pos - truth).mean()),
+            "mad_baseline": float(np.abs(np.median(train_positions) - truth).mean())}
+
+
+def _features(col: _Collector, layer: int, name: str) -> np.ndarray:
+    if name == "scale":
+        return col.scale[layer]
+    hidden = col.hidden[layer].astype(np.float64)
+    if name == "direction":
+        return hidden / np.maximum(np.linalg.norm(hidden, axis=1, keepdims=True), _TINY)
+    return hidden
+
+
+def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray, perm: np.ndarray,
+               config: ImplicitPositionConfig, seed: int) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    positions, groups = col.positions, col.groups
+    train_pos, test_pos = positions[train], positions[test]
+    for features in config.feature_sets:
+        x = _features(col, layer, features)
+        x_train, x_test = x[train], x[test]
+        for regressor in config.regressors:
+            if regressor == "mlp" and features not in config.mlp_feature_sets:
+                continue
+            variants = [("true", np.arange(len(train_pos)))]
+            if regressor in config.shuffled_control:
+                variants.append(("shuffled", perm))
+            if regressor == "ridge":  # every target and label variant shares the SVDs: one solve
+                columns = [(labels, target) for labels, _ in variants for target in config.targets]
+                y = np.stack([_target(train_pos[order], target) for (labels, order) in variants
+                              for target in config.targets], axis=1)
+                pred, alpha = ridge_fit_predict(x_train, y, groups[train], x_test, config.ridge_alphas,
+                                                config.cv_folds)
+                fits = [(labels, target, pred[:, j], float(alpha[j])) for j, (labels, target) in enumerate(columns)]
+            else:
+                fits = [(labels, target, mlp_fit_predict(x_train, _target(train_pos[order], target), x_test,
+                                                         config, seed), float("nan"))
+                        for labels, order in variants for target in config.targets]
+            for labels, target, prediction, alpha in fits:
+                rows.append({"layer": layer, "regressor": regressor, "features": features, "target": target,
+                             "labels": labels, **probe_scores(prediction, test_pos, target, train_pos),
+                             "alpha": alpha, "n_train": int(len(train_pos)), "n_test": int(len(test_pos))})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe
+
+
+def _check_config(config: ImplicitPositionConfig, n_sequences: int) -> None:
+    for field_name, given, valid in (("feature_sets", config.feature_sets, FEATURE_SETS),
+                                     ("targets", config.targets, TARGETS),
+                                     ("regressors", config.regressors, REGRESSORS),
+                                     ("mlp_feature_sets", config.mlp_feature_sets, FEATURE_SETS),
+                                     ("shuffled_control", config.shuffled_control, REGRESSORS)):
+        unknown = [v for v in given if v not in valid]
+        if unknown:
+            raise ProbeError(f"implicit_position config {field_name} has unknown entries {unknown}; valid: "
+                             f"{list(valid)}.")
+    if config.input not in INPUTS:
+        raise ProbeError(f"implicit_position config input={config.input!r}; valid: {list(INPUTS)}.")
+    if not 0 < config.test_fraction < 1:
+        raise ProbeError(f"test_fraction must lie in (0, 1); got {config.test_fraction}.")
+    if n_sequences < 4:
+        raise ProbeError(f"implicit_position needs at least 4 sequences (disjoint train and test), got {n_sequences}."
+                         f" Raise ImplicitPositionConfig(n_sequences=...) or use a larger budget.")
+    if config.context_length < 8 or config.positions_per_sequence < 1:
+        raise ProbeError(f"context_length must be >= 8 and positions_per_sequence >= 1; got "
+                         f"{config.context_length} and {config.positions_per_sequence}.")
+
+
+def split_sequences(n_sequences: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of sequence indices into disjoint (train, test): test >= 1 and train >= 3 sequences."""
+    order = np.random.default_rng(seed).permutation(n_sequences)
+    n_test = min(max(1, int(round(test_fraction * n_sequences))), n_sequences - 3)
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+class ImplicitPosition:
+    name = "implicit_position"
+    Config = ImplicitPositionConfig
+    description = ("per-layer probes (ridge / MLP on hidden state, direction, scale features) decoding absolute "
+                   "position on held-out sequences with a shuffled-label control; attention-output variance vs "
+                   "position; cosine similarity vs offset")
+    streaming = False
+
+    def skip_reason(self, info: ModelInfo, config: ImplicitPositionConfig) -> str | None:
+        return None
+
+    def run(self, ctx: ScanContext, config: ImplicitPositionConfig) -> ProbeResult:
+        started = time.time()
+        info = ctx.info
+        n_sequences = config.n_sequences if config.n_sequences is not None else ctx.budget.implicit_sequences
+        _check_config(config, n_sequences)
+        n_tokens = min(config.context_length, info.max_positions or config.context_length)
+        rng = np.random.default_rng(ctx.seed + 4_242)
+        k = min(config.positions_per_sequence, n_tokens - 1)
+        offsets = log_spaced(1, max(1, (n_tokens - 1) // 2), config.n_offsets)
+        col = _Collector(info, n_sequences, n_tokens, k, offsets)
+        for index in ctx.progress(range(n_sequences), "implicit_position passes"):
+            ids = torch.tensor([_sequence_ids(ctx, config, index, n_tokens)])
+            position_ids = torch.arange(n_tokens)[None]
+            col.begin(index, stratified_positions(n_tokens, k, rng), position_ids[0].numpy())
+            ctx.access.run(ids, taps=(Tap.RESID_POST, Tap.ATTN_OUT), on_layer=col.on_layer, position_ids=position_ids)
+        passes_s = time.time() - started
+
+        train_seq, test_seq = split_sequences(n_sequences, config.test_fraction, ctx.seed)
+        train = np.isin(col.groups, train_seq)
+        test = np.isin(col.groups, test_seq)
+        if np.intersect1d(col.groups[train], col.groups[test]).size:  # by construction; checked, not assumed
+            raise ProbeError("implicit_position: train and test sequences overlap; this is a bug in the split.")
+        perm = np.random.default_rng(ctx.seed + 99).permutation(int(train.sum()))
+        rows: list[dict[str, Any]] = []
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(limits=config.fit_threads, user_api="blas"):
+            for layer in ctx.progress(range(info.n_layers), "implicit_position probes"):
+                rows += _fit_layer(col, layer, np.flatnonzero(train), np.flatnonzero(test), perm, config, ctx.seed)
+        probes = pd.DataFrame(rows)
+        fits_s = time.time() - started - passes_s
+
+        layers, curves = self._variance_and_similarity(col, info, n_sequences, config)
+        curves = pd.concat([curve_frame(self._probe_curves(probes), self.name), curve_frame(curves, self.name)],
+                           ignore_index=True)
+        summary = self._summary(probes, layers, config, ctx, n_sequences, n_tokens, k, train_seq, test_seq,
+                                col, {"passes": passes_s, "fits": fits_s})
+        return ProbeResult(curves=curves, tables={"probes": probes, "layers": layers},
+                           summary=summary)
+
+    # --- tables and curves --------------------------------------------------------------------------------------
+    @staticmethod
+    def _variance_and_similarity(col: _Collector, info: ModelInfo, n_sequences: int,
+                                 config: ImplicitPositionConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+        n = col.n_tokens
+        rows, layer_rows = [], []
+        for layer in range(info.n_layers):
+            window = info.layers[layer].sliding_window
+            fit_stop = min(n, window) if window else n
+            fit_at = log_spaced(1, fit_stop - 1, config.n_curve_points)
+            shown = np.unique(np.concatenate([[0], log_spaced(1, n - 1, config.n_curve_points)]))
+            slopes = {}
+            for series, sums in (("attn_out", col.attn_var[layer]), ("resid_post", col.resid_var[layer])):
+                mean = sums / max(n_sequences, 1)
+                slopes[series] = loglog_slope(fit_at + 1.0, mean[fit_at])
+                rows += [{"curve": "variance_by_position", "series": series, "layer": layer, "x": float(i + 1),
+                          "y": float(mean[i])} for i in shown]
+                rows.append({"curve": "variance_slope_by_layer", "series": series, "layer": MODEL_LEVEL, "x": float(layer),
+                             "y": slopes[series]})
+            sim = col.similarity[layer] / max(int(col.seen[layer]), 1)
+            rows += [{"curve": "similarity_by_offset", "layer": layer, "x": float(d), "y": float(s)}
+                     for d, s in zip(col.offsets, sim)]
+            layer_rows.append({"layer": layer, "attn_var_slope": slopes["attn_out"],
+                               "resid_var_slope": slopes["resid_post"],
+                               "similarity_offset_1": float(sim[0]) if len(sim) else float("nan"),
+                               "similarity_offset_far": float(sim[-1]) if len(sim) else float("nan"),
+                               "far_offset": int(col.offsets[-1]) if len(col.offsets) else 0})
+        return pd.DataFrame(layer_rows), pd.DataFrame(rows)
+
+    @staticmethod
+    def _probe_curves(probes: pd.DataFrame) -> pd.DataFrame:
+        rows = []
+        for row in probes.itertuples(index=False):
+            series = f"{row.regressor}/{row.features}/{row.target}" + ("/shuffled" if row.labels == "shuffled" else "")
+            for metric in ("r2", "spearman", "mad"):
+                rows.append({"curve": f"implicit_{metric}_by_layer", "series": series, "x": float(row.layer),
+                             "y": float(getattr(row, metric))})
+        return pd.DataFrame(rows, columns=["curve", "series", "x", "y"])
+
+    @staticmethod
+    def _summary(probes: pd.DataFrame, layers: pd.DataFrame, config: ImplicitPositionConfig, ctx: ScanContext,
+                 n_sequences: int, n_tokens: int, k: int, train_seq: np.ndarray, test_seq: np.ndarray,
+                 col: _Collector, seconds: dict[str, float]) -> dict[str, Any]:
+        best: dict[str, Any] = {}
+        true = probes[probes["labels"] == "true"]
+        for (regressor, features, target), group in true.groupby(["regressor", "features", "target"], sort=True):
+            top = group.loc[group["r2"].idxmax()]
+            best[f"{regressor}/{features}/{target}"] = {
+                "layer": int(top["layer"]), "r2": float(top["r2"]), "spearman": float(top["spearman"]),
+                "mad": float(top["mad"]), "mad_baseline": float(top["mad_baseline"])}
+        control = probes[probes["labels"] == "shuffled"]
+        edits = [f"{type(e).__name__}(layer={e.layer})" for e in getattr(ctx.access, "_edits", [])]
+        return {
+            "input": config.input,
+            "bos": bool(config.bos),
+            "context_length": n_tokens,
+            "n_sequences": n_sequences,
+            "n_train_sequences": int(len(train_seq)),
+            "n_test_sequences": int(len(test_seq)),
+            "test_sequences": [int(s) for s in test_seq],
+            "train_test_disjoint": not bool(np.intersect1d(train_seq, test_seq).size),
+            "positions_per_sequence": k,
+            "best_layer": best,
+            "control_max_r2": float(control["r2"].max()) if len(control) else None,
+            "control_min_mad_ratio": float((control["mad"] / control["mad_baseline"]).min()) if len(control) else None,
+            "attn_var_slope": [float(v) for v in layers["attn_var_slope"]],
+            "resid_var_slope": [float(v) for v in layers["resid_var_slope"]],
+            "feature_memory_mb": float((col.hidden.nbytes + col.scale.nbytes) / 2**20),
+            "active_edits": edits,
+            "seconds": {name: round(value, 2) for name, value in seconds.items()},
+        }
+
+
+PROBE = ImplicitPosition()
