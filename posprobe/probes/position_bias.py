@@ -16,7 +16,8 @@ Owns two measurements, both on position-neutral content, and the `position_bias`
   Curve `document_attention` (gold document at slot k) per head, per layer and model mean; curve `slot_attention`
   (attention to whatever document sits at slot k, averaged over all documents and trials: the slot's positional
   bias); head column `doc_u_score` (the u_score formula over slots of the `document_attention` curve); table
-  `position_bias_documents` (trial x slot x layer: gold-document attention, mean over heads).
+  `position_bias_documents` (trial x slot x layer: gold-document attention, mean over heads); the summary adds a
+  percentile-bootstrap 95% interval of the model-mean doc_u_score over trials.
 
 The trials of the document level use the same task seeds as `posprobe.evaluate_positions` with the same `seed`, so
 the attention curve and the behavioural U-curve can be compared prompt for prompt.
@@ -50,6 +51,8 @@ class PositionBiasConfig:
     doc_items: int = 10  # documents (slots) per prompt; the gold document visits every slot
     doc_trials: int | None = None  # task seeds (each moved through all slots); None: the budget's bias_trials
     batch: bool = True  # run a trial's prompts (equal length by construction) as one batch
+    u_margin: float = 0.05  # the summary calls a model-mean curve U-shaped when its u_score exceeds 1 + u_margin
+    n_bootstrap: int = 1000  # resamples of the document trials for the 95% interval of the model doc_u_score
 
 
 # --- attention level ------------------------------------------------------------------------------------------------
@@ -100,6 +103,25 @@ def u_parts(curve: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray, np.ndar
 def u_score(curve: np.ndarray | Tensor) -> np.ndarray:
     """mean(first, last) / mean(middle third) over the last axis (> 1: U-shaped; NaN when the middle is 0)."""
     return u_parts(curve)[0]
+
+
+def bootstrap_u(curves: np.ndarray, n_resamples: int = 1000, seed: int = 0,
+                confidence: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of u_score(mean over trials) from per-trial curves [trials, x].
+
+    (nan, nan) with fewer than two trials.
+    """
+    curves = np.asarray(curves, dtype=np.float64)
+    if curves.shape[0] < 2 or n_resamples < 1:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, curves.shape[0], size=(n_resamples, curves.shape[0]))
+    scores = u_score(curves[picks].mean(1))
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        return math.nan, math.nan
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(scores, alpha)), float(np.quantile(scores, 1 - alpha))
 
 
 def attention_curves(access: ModelAccess, contexts: Iterable[Tensor], n_bins: int = 12,
@@ -268,11 +290,14 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
     model_doc = gold_mean.mean((0, 1))
     model_u = float(u_score(model_curve))
     model_doc_u = float(u_score(model_doc))
+    doc_low, doc_high = bootstrap_u(docs.gold.mean((2, 3)), config.n_bootstrap, ctx.seed)
     summary = {
         "u_score": model_u,
         "doc_u_score": model_doc_u,
-        "attention_u_shaped": bool(model_u > 1),
-        "document_u_shaped": bool(model_doc_u > 1),
+        "doc_u_score_ci_low": doc_low,
+        "doc_u_score_ci_high": doc_high,
+        "attention_u_shaped": bool(model_u > 1 + config.u_margin),
+        "document_u_shaped": bool(model_doc_u > 1 + config.u_margin),
         "sink": float(sink.mean()),
         "context_length": int(length),
         "n_contexts": int(n_contexts),

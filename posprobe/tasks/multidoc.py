@@ -1,7 +1,8 @@
 """Multi-document question answering over synthetic facts (Liu et al. 2023 format, no download).
 
 Owns `MultiDoc`: `n_items` short documents about invented entities, each stating one fact of the same relation
-(e.g. "The capital of Velmora is Tarsine.") padded with generated filler sentences; exactly one document (the gold
+(e.g. "The capital of Velmora is Tarsine.") padded with generated filler sentences (and optionally an introducing
+sentence); exactly one document (the gold
 one) is about the entity the question asks for, so the answer is only in it. The gold document is moved through the
 slots with the distractors' order fixed (METRICS.md section 8; the document-level curve of section 4, after Hsieh
 et al. 2024, reads attention to each document's token span). Entity and answer names are generated from syllables,
@@ -58,8 +59,9 @@ class MultiDoc(Task):
 
     header: str = ("Write a high-quality answer for the given question using only the provided search results "
                    "(some of which might be irrelevant).\n\n")
-    filler_sentences: int = 1  # generated filler sentences per document: ~35 tokens per document, so 10
+    filler_sentences: int = 1  # generated filler sentences per document: ~37 tokens per Gemma document, so 10
     # documents stay inside a 512-token sliding window (Gemma 3) and every layer can see every document
+    intro: bool = False  # add a sentence introducing the entity ("X is a small country ..."): ~10 tokens more
     # end the prompt with the fact's opening ("Answer: The capital of X is") so small base models answer by
     # completing it; False ends with "Answer:" as Liu et al.
     lead: bool = True
@@ -80,7 +82,7 @@ class MultiDoc(Task):
             answers = [f"{first} {last}" for first, last in zip(_distinct_names(rng, n_items, 2, taken), answers)]
         docs = []
         for entity, answer in zip(entities, answers):
-            body = [intro.format(e=entity), fact.format(e=entity, a=answer)]
+            body = [fact.format(e=entity, a=answer)] + ([intro.format(e=entity)] if self.intro else [])
             body += [sentence(rng) for _ in range(self.filler_sentences)]
             rng.shuffle(body)  # the fact is not always in the same place of its document
             docs.append((entity, " ".join(body)))

@@ -143,3 +143,15 @@ def test_gemma_position_bias_small(gemma):
     assert heads["u_score"].notna().mean() > 0.9
     model = scan.curve("attention_by_relative_position", layer=-1, head=-1)
     assert len(model) == config.n_bins and (model["y"] >= 0).all()
+
+
+def test_bootstrap_interval_of_u_score():
+    from posprobe.probes.position_bias import bootstrap_u
+
+    rng = np.random.default_rng(0)
+    u_trials = np.array([3.0, 1, 1, 1, 1, 1, 3.0]) + rng.normal(0, 0.1, size=(30, 7))
+    low, high = bootstrap_u(u_trials, 500, seed=1)
+    assert 2.5 < low <= high < 3.5  # around the planted u = 3, far above 1
+    assert low <= u_score(u_trials.mean(0))[()] <= high
+    assert all(math.isnan(v) for v in bootstrap_u(u_trials[:1]))
+    assert bootstrap_u(u_trials, 500, seed=1) == (low, high)
