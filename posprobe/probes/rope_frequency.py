@@ -11,7 +11,8 @@ at x = r/2), `rope_layer_spectrum` (per layer, mean over heads), `rope_q_norm` (
 `rope_frequency.layers` (which layers were measured, and why the others were skipped).
 
 logit_share[l,h,k] = E_ij[a_ij |c_k(i,j)|] / sum_k E_ij[a_ij |c_k(i,j)|] with c_k from the shared kernel
-(`posprobe.probes.rope_chunks`). Norms are computed on pre-rotary q/k over every position (rotation preserves chunk
+(`posprobe.probes.rope_chunks`), over every visible key of `max_queries` queries per text (an even subset of the
+scan's query sample); the summary reports the largest |sum_k c_k * scale - logit| seen (exactness check). Norms are computed on pre-rotary q/k over every position (rotation preserves chunk
 norms; post-rotary is used where an adapter gives no pre-rotary tensor). Layers without RoPE are skipped with a
 reason; a model without any RoPE layer is skipped by `scan()`.
 """
@@ -25,6 +26,7 @@ import pandas as pd
 import torch
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.errors import ProbeError
 from posprobe.probes.base import MODEL_LEVEL, ProbeResult, ScanContext, TextSample, curve_frame, head_frame
 from posprobe.probes.rope_chunks import (
     NONROTARY,
@@ -107,6 +109,12 @@ class _Reducer:
     taps = frozenset({Tap.Q, Tap.K, Tap.Q_PRE, Tap.K_PRE, Tap.PATTERN})
 
     def __init__(self, ctx: ScanContext, config: RopeFrequencyConfig) -> None:
+        if not 0 < config.band_fraction <= 0.5:
+            raise ProbeError(f"rope_frequency band_fraction must lie in (0, 0.5] (the fastest and slowest bands may "
+                             f"not overlap), got {config.band_fraction}. The default 0.125 is METRICS.md's 1/8.")
+        if (config.max_queries is not None and config.max_queries < 1) or config.block_size < 1:
+            raise ProbeError(f"rope_frequency max_queries and block_size must be >= 1 (max_queries may be None), got "
+                             f"{config.max_queries} and {config.block_size}.")
         self.ctx, self.config = ctx, config
         self.usage: dict[int, torch.Tensor] = {}  # layer -> [H, bands] sum of a_ij |c_k|
         self.q_norm: dict[int, torch.Tensor] = {}  # layer -> [H, bands] sum over positions

@@ -280,3 +280,22 @@ def test_gemma_frequency_usage(gemma):
     chunks = scan.tables["rope_frequency.chunks"]
     assert set(chunks[chunks["layer"] == 5]["rope_theta"]) == {1e6}
     assert set(chunks[chunks["layer"] == 4]["rope_theta"]) == {1e4}
+
+
+@pytest.mark.parametrize("bad", [{"band_fraction": 0.0}, {"band_fraction": 0.6}, {"max_queries": 0}, {"block_size": 0}])
+def test_invalid_config_is_an_error(tiny_rope, bad):
+    from posprobe.errors import ProbeError
+
+    with pytest.raises(ProbeError, match="rope_frequency"):
+        posprobe.scan(tiny_rope, probes=["rope_frequency"], budget=ONE_TEXT,
+                      configs={"rope_frequency": get_probe("rope_frequency").Config(**bad)}, progress=False)
+
+
+def test_query_subsample_is_close_to_all_queries(tiny_rope):
+    Config = get_probe("rope_frequency").Config
+    few = posprobe.scan(tiny_rope, probes=["rope_frequency"], budget=ONE_TEXT, progress=False,
+                        configs={"rope_frequency": Config(max_queries=12)})
+    every = posprobe.scan(tiny_rope, probes=["rope_frequency"], budget=ONE_TEXT, progress=False,
+                          configs={"rope_frequency": Config(max_queries=None)})
+    assert not np.allclose(few.heads["rope_freq_centroid"], every.heads["rope_freq_centroid"], atol=1e-9)
+    assert np.allclose(few.heads["rope_freq_centroid"], every.heads["rope_freq_centroid"], atol=0.05)
