@@ -15,7 +15,8 @@ Position probes, per layer, trained on whole sequences and tested on other, disj
   token: Chi et al.'s variance signal);
 - targets: `position` and `log_position` (the better-posed target for scale features, which shrink like 1/i);
 - regressors: `ridge` (standardised features, alpha chosen by grouped k-fold CV over training sequences) and `mlp`
-  (scikit-learn MLPRegressor, one hidden layer, early stopping);
+  (scikit-learn MLPRegressor, one hidden layer, early-stopped on held-out training sequences, falling back to the
+  training mean when no epoch beats it);
 - metrics on the test sequences: R^2 (in the target's own space), Spearman of prediction vs position, MAD (mean
   absolute deviation in positions, Haviv et al.; log predictions are clipped to the training range and
   exponentiated), next to `mad_baseline`, the MAD of always predicting the training median;
@@ -77,10 +78,12 @@ class ImplicitPositionConfig:
     regressors: tuple[str, ...] = REGRESSORS
     mlp_feature_sets: tuple[str, ...] = ("hidden", "scale")  # the MLP is the slow fit; "direction" is covered by ridge
     shuffled_control: tuple[str, ...] = REGRESSORS  # regressors that also fit shuffled labels (the leak control)
-    ridge_alphas: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5)  # on standardised features
+    ridge_alphas: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)  # on standardised features
     cv_folds: int = 3  # grouped (by sequence) folds for choosing the ridge alpha: no within-sequence leakage
     mlp_hidden: int = 64  # a *small* MLP (Haviv et al. probe a single hidden layer); bigger ones memorise
-    mlp_max_iter: int = 200  # epochs at most; early stopping on a 10% validation split usually ends far sooner
+    mlp_max_iter: int = 200  # epochs at most; early stopping usually ends far sooner
+    mlp_patience: int = 10  # epochs without improvement on the validation sequences before stopping
+    mlp_validation_fraction: float = 0.2  # share of *training sequences* used for early stopping
     mlp_l2: float = 1e-3  # MLPRegressor alpha
     n_curve_points: int = 48  # log-spaced positions kept in the variance_by_position curves
     n_offsets: int = 16  # log-spaced offsets delta of the similarity curve (1 .. n/2)
@@ -233,21 +236,41 @@ def ridge_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarr
     return xs @ chosen.T + mean, alpha_grid[best]
 
 
-def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, config: ImplicitPositionConfig,
-                    seed: int) -> np.ndarray:
-    """A one-hidden-layer MLP on standardised features and a standardised (single) target."""
-    from sklearn.exceptions import ConvergenceWarning
+def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
+                    config: ImplicitPositionConfig, seed: int) -> np.ndarray:
+    """A one-hidden-layer MLP on standardised features and a standardised (single) target, early-stopped on
+    held-out *training sequences* (grouped, so no within-sequence leakage). The constant (training-mean) predictor
+    is a candidate too: if no epoch beats it on the validation sequences, the probe predicts the mean, so a probe
+    with nothing to learn (shuffled labels) scores at chance instead of returning its random initialisation."""
     from sklearn.neural_network import MLPRegressor
 
-    import warnings
-
     xt, xs = _standardise(x_train, x_test)
-    mean, std = y_train.mean(), max(float(y_train.std()), 1e-12)
-    model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=config.mlp_l2, max_iter=config.mlp_max_iter,
-                         early_stopping=True, n_iter_no_change=10, batch_size=min(256, len(xt)), random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model.fit(xt, (y_train - mean) / std)
+    mean, std = float(y_train.mean()), max(float(y_train.std()), 1e-12)
+    ys = (y_train - mean) / std
+    unique = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    n_val = max(1, int(round(config.mlp_validation_fraction * len(unique))))
+    val = np.isin(groups, rng.choice(unique, size=min(n_val, len(unique) - 1), replace=False))
+    fit = ~val
+    model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=config.mlp_l2,
+                         batch_size=min(256, int(fit.sum())), random_state=seed)
+    best_mse = float(((ys[val] - ys[fit].mean()) ** 2).mean())  # the constant predictor
+    best: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+    constant = float(ys[fit].mean())
+    stale = 0
+    for _ in range(config.mlp_max_iter):
+        model.partial_fit(xt[fit], ys[fit])  # one epoch of minibatch Adam
+        mse = float(((model.predict(xt[val]) - ys[val]) ** 2).mean())
+        if mse < best_mse - 1e-4:
+            best_mse, stale = mse, 0
+            best = ([w.copy() for w in model.coefs_], [b.copy() for b in model.intercepts_])
+        else:
+            stale += 1
+            if stale >= config.mlp_patience:
+                break
+    if best is None:
+        return np.full(len(xs), constant * std + mean)
+    model.coefs_, model.intercepts_ = best
     return model.predict(xs) * std + mean
 
 
@@ -302,8 +325,8 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
                                                 config.cv_folds)
                 fits = [(labels, target, pred[:, j], float(alpha[j])) for j, (labels, target) in enumerate(columns)]
             else:
-                fits = [(labels, target, mlp_fit_predict(x_train, _target(train_pos[order], target), x_test,
-                                                         config, seed), float("nan"))
+                fits = [(labels, target, mlp_fit_predict(x_train, _target(train_pos[order], target), groups[train],
+                                                         x_test, config, seed), float("nan"))
                         for labels, order in variants for target in config.targets]
             for labels, target, prediction, alpha in fits:
                 rows.append({"layer": layer, "regressor": regressor, "features": features, "target": target,
@@ -328,8 +351,10 @@ def _check_config(config: ImplicitPositionConfig, n_sequences: int) -> None:
                              f"{list(valid)}.")
     if config.input not in INPUTS:
         raise ProbeError(f"implicit_position config input={config.input!r}; valid: {list(INPUTS)}.")
-    if not 0 < config.test_fraction < 1:
-        raise ProbeError(f"test_fraction must lie in (0, 1); got {config.test_fraction}.")
+    for field_name, value in (("test_fraction", config.test_fraction),
+                              ("mlp_validation_fraction", config.mlp_validation_fraction)):
+        if not 0 < value < 1:
+            raise ProbeError(f"implicit_position config {field_name} must lie in (0, 1); got {value}.")
     if n_sequences < 4:
         raise ProbeError(f"implicit_position needs at least 4 sequences (disjoint train and test), got {n_sequences}."
                          f" Raise ImplicitPositionConfig(n_sequences=...) or use a larger budget.")

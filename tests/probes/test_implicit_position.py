@@ -247,3 +247,20 @@ def test_figures(planted_scan):
     both = {"a": planted_scan, "b": planted_scan}
     assert len(implicit_comparison(both, metric="mad").data) == 4
     assert len(variance_slope_comparison(both).data) == 3
+
+
+def test_mlp_learns_a_signal_and_falls_back_to_the_mean_on_noise():
+    from posprobe.probes.implicit_position import mlp_fit_predict
+
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 30)
+    x = rng.normal(size=(600, 8))
+    x_test = rng.normal(size=(200, 8))
+    config = ImplicitPositionConfig(mlp_max_iter=100)
+    signal = np.sin(x[:, 0]) + x[:, 1] ** 2
+    pred = mlp_fit_predict(x, signal, groups, x_test, config, seed=0)
+    truth = np.sin(x_test[:, 0]) + x_test[:, 1] ** 2
+    assert 1 - ((pred - truth) ** 2).sum() / ((truth - truth.mean()) ** 2).sum() > 0.6  # a linear fit gets ~0.2
+    noise = rng.normal(size=600)
+    pred = mlp_fit_predict(x, noise, groups, x_test, config, seed=0)
+    assert pred.std() < 0.2 * noise.std()  # nothing to learn: (close to) the constant training-mean predictor
