@@ -163,4 +163,4 @@ class ScanCatalog:
         if entry is None or entry.scan is None:
             return name
         model = entry.scan.meta.get("model")
-        return name if not model or model == name else f"{name} ({model})"
+        return name if not model or str(model) in name else f"{name} ({model})"

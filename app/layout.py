@@ -97,8 +97,11 @@ def build_layout(catalog: ScanCatalog) -> html.Div:
                      placeholder="no scans"),
         html.Div(id=ids.SCAN_SUMMARY, className="pp-summary"),
     ])
-    tabs = dcc.Tabs(id=ids.TABS, value="atlas", children=[
-        dcc.Tab(label=label, value=value, children=module.layout()) for value, label, module in TABS])
+    tab_style = {"padding": "8px 12px", "fontSize": "14px"}
+    selected = {**tab_style, "borderTop": "3px solid #e4572e", "fontWeight": "600"}
+    tabs = dcc.Tabs(id=ids.TABS, value="atlas", style={"height": "42px", "marginTop": "8px"}, children=[
+        dcc.Tab(label=label, value=value, children=module.layout(), style=tab_style, selected_style=selected)
+        for value, label, module in TABS])
     body: list[Any] = [html.Div(id=ids.SCAN_ERROR), html.Div(id=ids.VIEWS, children=tabs)]
     if not names:
         body.insert(0, html.Div(className="pp-error-page", children=[

@@ -11,13 +11,23 @@ from typing import Any
 
 from posprobe.errors import UnknownNameError
 from posprobe.render.bias import document_bias, position_bias
+from posprobe.render.compare import compare_atlas, compare_curve
+from posprobe.render.head_detail import head_curve
 from posprobe.render.heads import atlas, curve, ranking
 from posprobe.render.implicit import implicit_probe, implicit_similarity, implicit_variance
+from posprobe.render.model_view import layer_mean_curve, metric_by_layer, model_curve, position_curve
 from posprobe.render.rope import rope_spectrum
 
 FIGURES: dict[str, Callable[..., Any]] = {
     "atlas": atlas,
+    "compare": compare_atlas,
+    "compare_curve": compare_curve,
     "curve": curve,
+    "head_curve": head_curve,
+    "layer_mean_curve": layer_mean_curve,
+    "metric_by_layer": metric_by_layer,
+    "model_curve": model_curve,
+    "position_curve": position_curve,
     "document_bias": document_bias,
     "implicit_probe": implicit_probe,
     "implicit_similarity": implicit_similarity,

@@ -75,7 +75,7 @@ def compare_atlas(scan: Any, other: Any, metric: str | None = None,
     both = np.concatenate([za[np.isfinite(za)], zb[np.isfinite(zb)]])
     low, high = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
     spread = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 1.0
-    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.05,
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.1,
                         subplot_titles=(labels[0], labels[1], f"{labels[1]} − {labels[0]}"))
     hover = "L%{y} H%{x}: %{z:.4g}<extra>%{fullData.name}</extra>"
     fig.add_trace(go.Heatmap(z=za, coloraxis="coloraxis", name=labels[0], hovertemplate=hover), row=1, col=1)
@@ -84,9 +84,9 @@ def compare_atlas(scan: Any, other: Any, metric: str | None = None,
     fig.update_layout(
         title=f"{metric}: {labels[0]} vs {labels[1]}",
         coloraxis={"colorscale": "Viridis", "cmin": low, "cmax": high,
-                   "colorbar": {"title": metric, "x": 0.62, "len": 0.9, "thickness": 12}},
+                   "colorbar": {"title": metric, "x": 0.645, "xanchor": "left", "len": 0.9, "thickness": 12}},
         coloraxis2={"colorscale": "RdBu_r", "cmid": 0, "cmin": -spread, "cmax": spread,
-                    "colorbar": {"title": "diff", "x": 1.0, "len": 0.9, "thickness": 12}},
+                    "colorbar": {"title": "B − A", "x": 1.01, "xanchor": "left", "len": 0.9, "thickness": 12}},
         margin={"l": 50, "r": 20, "t": 70, "b": 40}, height=max(320, 40 + 18 * shape[0]),
     )
     fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)

@@ -21,7 +21,7 @@ from posprobe.render.heads import numeric_metrics
 CONTEXT_COLOR = "rgba(120,120,120,0.8)"
 
 
-def _ordered_names(df: pd.DataFrame) -> list[str]:
+def ordered_curve_names(df: pd.DataFrame) -> list[str]:
     """Curve names grouped by probe, in the order they appear in the scan."""
     if df.empty:
         return []
@@ -34,13 +34,13 @@ def _ordered_names(df: pd.DataFrame) -> list[str]:
 def head_curve_names(scan: Any, layer: int, head: int) -> list[str]:
     """Names of the curves the scan holds for this head (rows with exactly this layer and head)."""
     curves = scan.curves
-    return _ordered_names(curves[(curves["layer"] == layer) & (curves["head"] == head)])
+    return ordered_curve_names(curves[(curves["layer"] == layer) & (curves["head"] == head)])
 
 
 def layer_curve_names(scan: Any, layer: int) -> list[str]:
     """Names of the layer-level curves (head == -1) the scan holds for this layer."""
     curves = scan.curves
-    return _ordered_names(curves[(curves["layer"] == layer) & (curves["head"] == -1)])
+    return ordered_curve_names(curves[(curves["layer"] == layer) & (curves["head"] == -1)])
 
 
 def log_x_axis(x: pd.Series) -> bool:
@@ -77,9 +77,10 @@ def head_curve(scan: Any, name: str, layer: int, head: int, context: bool = True
     probe = df["probe"].iloc[0]
     where = f"L{layer} H{head}" if head >= 0 else f"layer {layer}"
     x_all = pd.concat([own["x"], others["x"]]) if context else own["x"]
-    fig.update_layout(title=f"{name.replace('_', ' ')} — {where} <span style='font-size:11px'>({probe})</span>",
-                      xaxis_type="log" if log_x_axis(x_all) else "linear",
-                      margin={"l": 55, "r": 20, "t": 50, "b": 40}, legend={"font": {"size": 10}}, height=330)
+    fig.update_layout(title={"text": f"{name.replace('_', ' ')}<br><sup>{where} · {probe}</sup>", "font": {"size": 15}},
+                      xaxis_type="log" if log_x_axis(x_all) else "linear", height=360,
+                      margin={"l": 50, "r": 15, "t": 60, "b": 30},
+                      legend={"font": {"size": 10}, "orientation": "h", "y": -0.15, "x": 0})
     if own.empty:
         fig.add_annotation(text="no values for this head", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig

@@ -66,7 +66,8 @@ def atlas(scan: Any, metric: str | None = None, colorscale: str | None = None,
                                zmid=0 if diverging and colorscale is None else None, colorbar={"title": metric}))
     single_type = "" if mixed_types or layer_types.empty else f", {layer_types.iloc[0]}"
     fig.update_layout(title=f"{metric} by layer and head — {scan.meta.get('model')}{single_type}",
-                      xaxis_title="head", yaxis_title="layer", yaxis={"autorange": "reversed"},
+                      xaxis={"title": "head", "dtick": 1 if n_heads <= 32 else None},
+                      yaxis={"title": "layer", "autorange": "reversed", "dtick": 1 if n_layers <= 32 else None},
                       margin={"l": 50, "r": 20, "t": 50, "b": 40})
     if selected is not None:
         fig.add_shape(**head_marker(*selected))

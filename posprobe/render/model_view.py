@@ -19,28 +19,29 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
 from posprobe.errors import UnknownNameError
-from posprobe.render.head_detail import log_x_axis
+from posprobe.render.head_detail import log_x_axis, ordered_curve_names
 from posprobe.render.heads import numeric_metrics
 
 POSITION_COLUMNS = ("gold_position", "accuracy")  # a table with these columns is a behavioural position sweep
 POSITION_VALUE_COLUMNS = {"gold_position", "accuracy", "ci_low", "ci_high", "n"}
 MAX_GROUPS = 12  # a column with more distinct values than this is not a grouping of a position sweep
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
-MARGIN = {"l": 55, "r": 20, "t": 50, "b": 40}
+MARGIN = {"l": 55, "r": 20, "t": 60, "b": 40}
+LEGEND = {"font": {"size": 10}, "orientation": "h", "y": -0.18, "x": 0}
 
 
 def _names(df: pd.DataFrame) -> list[str]:
-    return list(dict.fromkeys(df.sort_values("probe", kind="stable")["curve"])) if len(df) else []
+    return ordered_curve_names(df)
 
 
 def model_curve_names(scan: Any) -> list[str]:
-    """Curves with model-level (layer = head = -1) or layer-level (head = -1) rows, grouped by probe."""
+    """Curves with model-level (layer = head = -1) or layer-level (head = -1) rows, grouped by probe (scan order)."""
     curves = scan.curves
     return _names(curves[curves["head"] == -1])
 
 
 def head_level_curve_names(scan: Any) -> list[str]:
-    """Curves with per-head rows (head >= 0), grouped by probe."""
+    """Curves with per-head rows (head >= 0), grouped by probe (scan order)."""
     curves = scan.curves
     return _names(curves[curves["head"] >= 0])
 
@@ -53,11 +54,31 @@ def curve_probe(scan: Any, name: str) -> str:
     return str(rows["probe"].iloc[0])
 
 
-def _layer_colors(layers: list[int]) -> dict[int, str]:
+def _add_layer_traces(fig: go.Figure, frame: pd.DataFrame) -> None:
+    """One line per (layer, series) coloured by layer on a Viridis colour bar, series told apart by dash style.
+
+    The legend lists only the series (a 48-layer legend is unreadable); hover names the layer.
+    """
+    layers = sorted(int(v) for v in frame["layer"].unique())
     if not layers:
-        return {}
-    top = max(max(layers), 1)
-    return dict(zip(layers, sample_colorscale("Viridis", [layer / top for layer in layers])))
+        return
+    low, high = layers[0], layers[-1]
+    colors = dict(zip(layers, sample_colorscale("Viridis", [(v - low) / max(high - low, 1) for v in layers])))
+    series_list = list(frame["series"].drop_duplicates())
+    dashes = {series: DASHES[i % len(DASHES)] for i, series in enumerate(series_list)}
+    for (layer, series), group in frame.groupby(["layer", "series"], sort=True):
+        group = group.sort_values("x")
+        label = f"L{layer}{f' {series}' if series else ''}"
+        fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines", name=label, showlegend=False,
+                                 line={"color": colors[int(layer)], "dash": dashes[series]},
+                                 hovertemplate=f"{label}<br>x=%{{x}}<br>y=%{{y:.4g}}<extra></extra>"))
+    if series_list != [""]:
+        for series in series_list:
+            fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=series or "(default)",
+                                     line={"color": "#555", "dash": dashes[series]}))
+    fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
+                             marker={"colorscale": "Viridis", "cmin": low, "cmax": high, "color": [low],
+                                     "showscale": True, "colorbar": {"title": "layer", "thickness": 12}}))
 
 
 def model_curve(scan: Any, name: str) -> go.Figure:
@@ -71,16 +92,12 @@ def model_curve(scan: Any, name: str) -> go.Figure:
     for series, group in model.groupby("series", sort=False):
         group = group.sort_values("x")
         fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines+markers", name=series or "model"))
-    per_layer = df[df["layer"] >= 0]
-    series_dash = {s: DASHES[i % len(DASHES)] for i, s in enumerate(per_layer["series"].drop_duplicates())}
-    colors = _layer_colors(sorted(per_layer["layer"].unique().tolist()))
-    for (layer, series), group in per_layer.groupby(["layer", "series"], sort=True):
-        group = group.sort_values("x")
-        fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines", name=f"L{layer}{f' {series}' if series else ''}",
-                                 line={"color": colors[layer], "dash": series_dash[series]}))
-    fig.update_layout(title=f"{name.replace('_', ' ')} <span style='font-size:11px'>({df['probe'].iloc[0]})</span>",
-                      xaxis_type="log" if log_x_axis(df["x"]) else "linear", margin=MARGIN, height=360,
-                      legend={"font": {"size": 10}})
+    _add_layer_traces(fig, df[df["layer"] >= 0])
+    level = "model" if (df["layer"] == -1).all() else ("by layer" if (df["layer"] >= 0).all() else "model and layers")
+    fig.update_layout(title={"text": f"{name.replace('_', ' ')}<br><sup>{level} · {df['probe'].iloc[0]}</sup>",
+                             "font": {"size": 15}},
+                      xaxis_type="log" if log_x_axis(df["x"]) else "linear", margin=MARGIN, height=380,
+                      legend=LEGEND)
     return fig
 
 
@@ -91,14 +108,11 @@ def layer_mean_curve(scan: Any, name: str) -> go.Figure:
     if df.empty:
         raise UnknownNameError("head-level curve", name, head_level_curve_names(scan))
     mean = df.groupby(["layer", "series", "x"], sort=True)["y"].mean().reset_index()
-    series_dash = {s: DASHES[i % len(DASHES)] for i, s in enumerate(mean["series"].drop_duplicates())}
-    colors = _layer_colors(sorted(mean["layer"].unique().tolist()))
     fig = go.Figure()
-    for (layer, series), group in mean.groupby(["layer", "series"], sort=True):
-        fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines", name=f"L{layer}{f' {series}' if series else ''}",
-                                 line={"color": colors[layer], "dash": series_dash[series]}))
-    fig.update_layout(title=f"{name.replace('_', ' ')}: mean over heads, by layer", margin=MARGIN, height=360,
-                      xaxis_type="log" if log_x_axis(mean["x"]) else "linear", legend={"font": {"size": 10}})
+    _add_layer_traces(fig, mean)
+    fig.update_layout(title={"text": f"{name.replace('_', ' ')}<br><sup>mean over the heads of each layer · "
+                                     f"{df['probe'].iloc[0]}</sup>", "font": {"size": 15}},
+                      margin=MARGIN, height=380, xaxis_type="log" if log_x_axis(mean["x"]) else "linear", legend=LEGEND)
     return fig
 
 
@@ -170,7 +184,7 @@ def position_curve(scan: Any, table: str) -> go.Figure:
         fig.add_trace(go.Scatter(x=group["gold_position"], y=group["accuracy"], mode="lines+markers", name=label,
                                  line={"color": color}, legendgroup=label,
                                  customdata=group["n"] if "n" in group else None, hovertemplate=hover + "<extra></extra>"))
-    fig.update_layout(title=f"accuracy by gold position — {table}", xaxis_title="gold position",
-                      yaxis_title="accuracy", yaxis={"range": [-0.02, 1.02]}, margin=MARGIN, height=360,
-                      legend={"font": {"size": 10}})
+    fig.update_layout(title={"text": f"accuracy by gold position<br><sup>{table}</sup>", "font": {"size": 15}},
+                      xaxis_title="gold position", yaxis_title="accuracy", yaxis={"range": [-0.02, 1.02]},
+                      margin=MARGIN, height=380, legend=LEGEND)
     return fig

@@ -26,7 +26,7 @@ def model_info(n_layers: int, n_heads: int, n_kv_heads: int | None = None, name:
 
 def synthetic_scan(n_layers: int = 3, n_heads: int = 4, n_metrics: int = 4, seed: int = 0, *, head_curves: bool = True,
                    model_curves: bool = True, tables: bool = True, name: str = "synthetic") -> Scan:
-    """A Scan of a made-up model. Metric columns: `planted` (layer*1000 + head), `signed` (in [-1, 1]), then
+    """A Scan of a made-up model. Metric columns: `planted` (layer*1000 + head), `signed` (cos, both signs), then
     `metric_2` ... random in [0, 1); curves and tables only when asked."""
     rng = np.random.default_rng(seed)
     info = model_info(n_layers, n_heads, name=name)
@@ -35,7 +35,7 @@ def synthetic_scan(n_layers: int = 3, n_heads: int = 4, n_metrics: int = 4, seed
             for head in range(n_heads)]
     heads = pd.DataFrame(rows, columns=["layer", "head", "kv_head", "layer_type"])
     heads["planted"] = (heads["layer"] * 1000 + heads["head"]).astype(float)
-    heads["signed"] = np.sin(heads["layer"] + 0.37 * heads["head"] + seed)
+    heads["signed"] = np.cos(heads["layer"] + 0.37 * heads["head"] + seed)
     for index in range(2, n_metrics):
         heads[f"metric_{index}"] = rng.random(len(heads))
     curves = []

@@ -1,0 +1,296 @@
+"""The explorer's callbacks as plain functions: right outputs, partial scans, broken scans, large scans."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from plotly.io.json import to_json_plotly
+
+from app import callbacks as cb
+from app import ids
+from app.catalog import ScanCatalog
+from app.pages.common import HIDDEN, SHOWN
+from posprobe.render.head_detail import head_curve_names, layer_curve_names
+from posprobe.render.model_view import model_curve_names
+from posprobe.scan import Scan
+from tests.app.synthetic import synthetic_scan
+
+
+def props(component: Any) -> list[dict[str, Any]]:
+    """Every component (as its JSON dict) in a Dash component tree."""
+    out = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, (list, tuple)):
+            for child in node:
+                walk(child)
+        elif hasattr(node, "to_plotly_json"):
+            data = node.to_plotly_json()
+            out.append(data)
+            walk(data["props"].get("children"))
+
+    walk(component)
+    return out
+
+
+def text_of(component: Any) -> str:
+    parts = []
+    for data in props(component):
+        children = data["props"].get("children")
+        for child in children if isinstance(children, list) else [children]:
+            if isinstance(child, (str, int, float)):
+                parts.append(str(child))
+    return " ".join(parts)
+
+
+def serializable(value: Any) -> bool:
+    json.loads(to_json_plotly(value))
+    return True
+
+
+@pytest.fixture
+def catalog() -> ScanCatalog:
+    return ScanCatalog.build({"small": synthetic_scan(3, 4, seed=0), "other": synthetic_scan(3, 4, seed=1)})
+
+
+def partial_scan() -> Scan:
+    """Only head-basics-like metrics and one per-head curve; no model-level curves, no tables, a text column."""
+    full = synthetic_scan(2, 3, n_metrics=2, model_curves=False, tables=False, name="partial")
+    full.curves = full.curves[full.curves["curve"] == "attention_vs_distance"].reset_index(drop=True)
+    full.heads["note"] = "text"
+    full.meta["probes"] = {"head_basics": {}}
+    return full
+
+
+# --- scan picker ----------------------------------------------------------------------------------------------
+def test_update_scan_good_and_broken(synthetic_dir, broken_dirs):
+    catalog = ScanCatalog.build({"good": synthetic_dir, "bad": broken_dirs["truncated"]})
+    error, style, summary = cb.update_scan(catalog, "good")
+    assert error is None and style == SHOWN and "synthetic" in text_of(summary)
+    assert "skipped: retrieval (synthetic scan)" in text_of(summary)
+    error, style, summary = cb.update_scan(catalog, "bad")
+    assert style == HIDDEN and summary == ""
+    page = text_of(error)
+    assert "This scan cannot be opened" in page and "corrupted or incomplete" in page and "Traceback" not in page
+    error, style, _ = cb.update_scan(catalog, "/etc/passwd")
+    assert style == HIDDEN and "There is no scan called '/etc/passwd'" in text_of(error)
+
+
+# --- atlas ----------------------------------------------------------------------------------------------------
+def test_update_atlas_offers_every_numeric_metric_and_keeps_the_choice(catalog):
+    options, metric, fig = cb.update_atlas(catalog, "small", None, None)
+    assert [o["value"] for o in options] == ["planted", "signed", "metric_2", "metric_3"] and metric == "planted"
+    assert fig.data[0].type == "heatmap"
+    options, metric, fig = cb.update_atlas(catalog, "other", "signed", {"layer": 1, "head": 2})
+    assert metric == "signed" and fig.layout.title.text.startswith("signed")
+    assert [(s.x0, s.y0) for s in fig.layout.shapes] == [(1.5, 0.5)]
+    _, metric, _ = cb.update_atlas(catalog, "small", "gone", None)
+    assert metric == "planted"
+    assert serializable(cb.update_atlas(catalog, "small", None, None))
+
+
+def test_atlas_marker_and_panel(catalog):
+    assert cb.atlas_marker(None) == []
+    (shape,) = cb.atlas_marker({"layer": 2, "head": 1})
+    assert (shape["x0"], shape["x1"], shape["y0"], shape["y1"]) == (0.5, 1.5, 1.5, 2.5)
+    assert cb.atlas_marker({"layer": "2; rm -rf", "head": 1}) == []
+    children, disabled = cb.update_atlas_panel(catalog, "small", {"layer": 2, "head": 1})
+    text = text_of(children)
+    assert not disabled and "L2 H1" in text and "2001" in text and "#3 of 12" in text  # planted = 2001: after 2003, 2002
+    _, disabled = cb.update_atlas_panel(catalog, "small", None)
+    assert disabled
+    _, disabled = cb.update_atlas_panel(catalog, "small", {"layer": 9, "head": 9})
+    assert disabled
+
+
+def test_select_head_from_every_source(catalog):
+    def select(trigger, click=None, cell=None, layer=None, head=None, current=None):
+        return cb.select_head(catalog, "small", trigger, click, cell, layer, head, current, "planted")
+
+    selected, layer, head, layer_options, head_options = select(None)
+    assert selected == {"layer": 2, "head": 3} and (layer, head) == (2, 3)  # top head by `planted`
+    assert [o["value"] for o in layer_options] == [0, 1, 2] and [o["value"] for o in head_options] == [0, 1, 2, 3]
+    assert select(ids.ATLAS_GRAPH, click={"points": [{"x": 1, "y": 0, "z": 1.0}]})[0] == {"layer": 0, "head": 1}
+    assert select(ids.RANKING_TABLE, cell={"row": 0, "column": 1, "row_id": "1:2"})[0] == {"layer": 1, "head": 2}
+    assert select(ids.HEAD_LAYER, layer=2, head=0)[0] == {"layer": 2, "head": 0}
+    current = {"layer": 1, "head": 1}
+    # out-of-range or malformed selections keep the current head
+    assert select(ids.ATLAS_GRAPH, click={"points": [{"x": 9, "y": 9}]}, current=current)[0] == current
+    assert select(ids.ATLAS_GRAPH, click={"points": [{"x": "a"}]}, current=current)[0] == current
+    assert select(ids.RANKING_TABLE, cell={"row_id": "../../etc"}, current=current)[0] == current
+    assert select(ids.SCAN, current=current)[0] == current
+    assert cb.select_head(catalog, "nope", None, None, None, None, None, None) == (None, None, None, [], [])
+
+
+# --- head detail ----------------------------------------------------------------------------------------------
+def test_update_head_shows_every_curve_of_the_head(catalog):
+    scan = catalog.get("small")
+    title, metrics, curves = cb.update_head(catalog, "small", {"layer": 1, "head": 2})
+    assert title.startswith("Layer 1, head 2") and "kv head" in title
+    shown = [p["props"]["data-curve"] for p in props(curves) if "data-curve" in p["props"]]
+    assert shown == head_curve_names(scan, 1, 2) + layer_curve_names(scan, 1)
+    assert shown == ["attention_vs_distance", "entropy_by_position", "variance_by_position"]
+    assert "planted" in text_of(metrics) and "1002" in text_of(metrics)
+    title, _, curves = cb.update_head(catalog, "small", None)
+    assert title == "" and "Select a head" in text_of(curves)
+    assert serializable(cb.update_head(catalog, "small", {"layer": 0, "head": 0}))
+
+
+def test_partial_scan_shows_only_what_exists():
+    catalog = ScanCatalog.build({"partial": partial_scan()})
+    options, metric, _ = cb.update_atlas(catalog, "partial", None, None)
+    assert [o["value"] for o in options] == ["planted", "signed"]  # the text column `note` is not colourable
+    _, metrics, curves = cb.update_head(catalog, "partial", {"layer": 0, "head": 1})
+    assert [p["props"]["data-curve"] for p in props(curves) if "data-curve" in p["props"]] == ["attention_vs_distance"]
+    assert "note" in text_of(metrics) and "text" in text_of(metrics)
+    _, _, figure, sections = cb.update_model(catalog, "partial", None, "planted", None)
+    assert "no model- or layer-level curves (probes run: head_basics)" in text_of(sections)
+    assert not [p for p in props(sections) if "data-curve" in p["props"]]
+    assert cb.update_model_headcurve(catalog, "partial", None)[3] == SHOWN
+    assert cb.update_model_table(catalog, "partial", None)[4] == HIDDEN
+    empty = synthetic_scan(2, 2, head_curves=False, model_curves=False, tables=False)
+    catalog = ScanCatalog.build({"bare": empty})
+    assert "holds no per-head curves" in text_of(cb.update_head(catalog, "bare", {"layer": 0, "head": 0})[2])
+    assert cb.update_model_headcurve(catalog, "bare", None)[3] == HIDDEN
+
+
+def test_scan_without_metrics():
+    scan = synthetic_scan(2, 2, model_curves=False, tables=False)
+    scan.heads = scan.heads[["layer", "head", "kv_head", "layer_type"]]
+    catalog = ScanCatalog.build({"s": scan})
+    assert cb.update_atlas(catalog, "s", None, None)[:2] == ([], None)
+    assert cb.update_ranking(catalog, "s", None, None, None)[:2] == ([], None)
+    assert cb.select_head(catalog, "s", None, None, None, None, None, None)[0] == {"layer": 0, "head": 0}
+
+
+# --- ranking --------------------------------------------------------------------------------------------------
+def test_update_ranking_follows_the_atlas_until_changed(catalog):
+    options, metric, data, columns, sort_by = cb.update_ranking(catalog, "small", None, "signed", None)
+    assert metric == "signed" and sort_by == []
+    assert [row["rank"] for row in data] == list(range(1, 13))
+    signed = [row["signed"] for row in data]
+    assert signed == sorted(signed, reverse=True)
+    assert data[0]["id"] == f"{data[0]['layer']}:{data[0]['head']}"
+    assert [c["id"] for c in columns][:6] == ["rank", "layer", "head", "kv_head", "layer_type", "signed"]
+    assert cb.update_ranking(catalog, "small", ids.RANKING_METRIC, "signed", "metric_2")[1] == "metric_2"
+    assert cb.update_ranking(catalog, "small", ids.ATLAS_METRIC, "planted", "metric_2")[1] == "planted"
+    assert serializable(cb.update_ranking(catalog, "small", None, "signed", None))
+
+
+def test_download_ranking_full_precision_in_table_order(catalog):
+    scan = catalog.get("small")
+    payload = cb.download_ranking(catalog, "small", "signed", None)
+    assert payload["filename"] == "small_ranking_signed.csv" and payload["type"] == "text/csv"
+    frame = pd.read_csv(io.StringIO(payload["content"]))
+    pd.testing.assert_frame_equal(frame, scan.rank("signed", top=None), check_dtype=False, rtol=0, atol=1e-15)
+    # the table's filtered / re-sorted view (row ids) decides rows and order; unknown ids are dropped
+    payload = cb.download_ranking(catalog, "small", "signed", ["2:3", "0:0", "7:7", "junk"])
+    frame = pd.read_csv(io.StringIO(payload["content"]))
+    assert list(zip(frame["layer"], frame["head"])) == [(2, 3), (0, 0)]
+    assert cb.download_ranking(catalog, "small", "not_a_metric", None) is None
+    assert cb.download_ranking(catalog, "missing", "signed", None) is None
+    odd = ScanCatalog.build({"a b/../c": scan})
+    assert cb.download_ranking(odd, "a b/../c", "signed", None)["filename"] == "a_b_.._c_ranking_signed.csv"
+
+
+# --- model view -----------------------------------------------------------------------------------------------
+def test_update_model_lists_model_and_layer_curves_and_position_sweeps(catalog):
+    scan = catalog.get("small")
+    options, metric, figure, sections = cb.update_model(catalog, "small", None, "signed", None)
+    assert metric == "signed" and figure.layout.title.text == "signed by layer"
+    curves = [p["props"]["data-curve"] for p in props(sections) if "data-curve" in p["props"]]
+    assert sorted(curves) == sorted(model_curve_names(scan))
+    assert set(curves) == {"u_curve_attention", "implicit_position_r2", "variance_by_position"}
+    tables = [p["props"]["data-table"] for p in props(sections) if "data-table" in p["props"]]
+    assert tables == ["position_bias.kv_words"]
+    probes = [p["props"]["children"] for p in props(sections) if p["type"] == "H4"]
+    assert probes == ["position_bias", "implicit_position"]  # in the order the scan holds them
+    assert serializable((figure, sections))
+
+
+def test_update_model_headcurve_and_table(catalog):
+    options, curve, figure, style = cb.update_model_headcurve(catalog, "small", None)
+    assert [o["value"] for o in options] == ["attention_vs_distance", "entropy_by_position"] and style == SHOWN
+    assert cb.update_model_headcurve(catalog, "small", "entropy_by_position")[1] == "entropy_by_position"
+    options, table, data, columns, style = cb.update_model_table(catalog, "small", None)
+    assert table == "position_bias.kv_words" and style == SHOWN and len(data) == 20
+    assert "position_bias.kv_words (20 rows)" in [o["label"] for o in options]
+    _, table, data, columns, _ = cb.update_model_table(catalog, "small", "retrieval.trials")
+    assert [c["id"] for c in columns] == ["trial", "depth", "context_length", "correct"]
+    assert data[1]["correct"] is False
+    assert serializable(data)
+
+
+def test_table_preview_handles_nan_and_objects():
+    from app.pages.model import PREVIEW_ROWS, table_preview
+
+    table = pd.DataFrame({"a": np.arange(500.0), "b": [np.nan, 1.0] * 250, "c": [[1, 2]] * 500, 3: "x"})
+    data, columns = table_preview(table)
+    assert len(data) == PREVIEW_ROWS and data[0]["b"] is None and data[0]["c"] == "[1, 2]" and data[0]["3"] == "x"
+    assert [c["id"] for c in columns] == ["a", "b", "c", "3"]
+    assert serializable(data)
+
+
+# --- compare --------------------------------------------------------------------------------------------------
+def test_update_compare_defaults_and_outputs(catalog):
+    out = cb.update_compare(catalog, "small", ids.SCAN, None, None, None, None)
+    a, b, scan_options, metric_options, metric, notes, figure, data, columns, curve_options, curve = out
+    assert (a, b, metric) == ("small", "other", "planted")
+    assert [t.type for t in figure.data] == ["heatmap"] * 3
+    assert data[0]["B − A"] == 0  # `planted` is the same in both synthetic scans
+    out = cb.update_compare(catalog, "small", ids.COMPARE_METRIC, "small", "other", "signed", None)
+    data = out[7]
+    diffs = [abs(row["B − A"]) for row in data]
+    assert diffs == sorted(diffs, reverse=True) and diffs[0] > 0
+    assert [o["value"] for o in out[9]] == ["attention_vs_distance", "entropy_by_position", "u_curve_attention",
+                                           "implicit_position_r2", "variance_by_position"]
+    assert serializable(out)
+
+
+def test_update_compare_messages(catalog, broken_dirs):
+    single = ScanCatalog.build({"only": synthetic_scan()})
+    out = cb.update_compare(single, "only", ids.SCAN, None, None, None, None)
+    assert out[0] == out[1] == "only"
+    assert "Compare needs two scans" in text_of(out[5]) and "same scan" in text_of(out[5])
+    mixed = ScanCatalog.build({"a": synthetic_scan(2, 4), "b": synthetic_scan(3, 2, name="other-model"),
+                               "bad": broken_dirs["version"]})
+    out = cb.update_compare(mixed, "a", ids.SCAN, None, "b", None, None)
+    assert "different shapes (2x4 vs 3x2" in text_of(out[5]) and "different models" in text_of(out[5])
+    assert len(out[7]) == 4  # the heads both scans have: layers 0-1, heads 0-1
+    out = cb.update_compare(mixed, "a", ids.COMPARE_B, "a", "bad", None, None)
+    assert "format version 99" in text_of(out[5]) and out[6].data == ()
+
+
+def test_update_compare_curve(catalog):
+    fig = cb.update_compare_curve(catalog, "small", "other", "attention_vs_distance", {"layer": 1, "head": 2})
+    assert [t.name for t in fig.data] == ["small L1 H2", "other L1 H2"]
+    fig = cb.update_compare_curve(catalog, "small", "other", "u_curve_attention", {"layer": 1, "head": 2})
+    assert [t.name for t in fig.data] == ["small baseline", "small found_in_the_middle", "other baseline",
+                                          "other found_in_the_middle"]
+    assert cb.update_compare_curve(catalog, "small", "other", None, None).data == ()
+    assert cb.update_compare_curve(catalog, "small", "nope", "u_curve_attention", None).data == ()
+
+
+# --- large scans ----------------------------------------------------------------------------------------------
+def test_large_scan_payloads(large_scan_dir, capsys):
+    """A 1,536-head scan: the atlas figure stays small (float32 customdata, one hover template)."""
+    catalog = ScanCatalog.build({"large": large_scan_dir})
+    atlas = cb.update_atlas(catalog, "large", "signed", {"layer": 40, "head": 17})
+    atlas_bytes = len(to_json_plotly(atlas))
+    ranking_bytes = len(to_json_plotly(cb.update_ranking(catalog, "large", None, "signed", None)))
+    head_bytes = len(to_json_plotly(cb.update_head(catalog, "large", {"layer": 40, "head": 17})))
+    marker_bytes = len(json.dumps(cb.atlas_marker({"layer": 40, "head": 17})))
+    with capsys.disabled():
+        print(f"\n1536-head scan payloads: atlas {atlas_bytes / 1e3:.0f} kB, selection {marker_bytes} B, "
+              f"ranking table {ranking_bytes / 1e3:.0f} kB, head detail {head_bytes / 1e3:.0f} kB")
+    assert atlas_bytes < 250_000
+    assert marker_bytes < 500
+    assert ranking_bytes < 800_000
+    fig = atlas[2]
+    z = np.asarray(fig.data[0].z, dtype=float)
+    assert z.shape == (48, 32) and z[40, 17] == pytest.approx(np.cos(40 + 0.37 * 17))

@@ -1,0 +1,88 @@
+"""Screenshots of every explorer view on real scans of Gemma 3 270M (real-model tier, needs the browser too).
+
+Scans: the shared quick scan (`gemma_quick_scan`: head_basics + attention_entropy) and the same probes with RoPE
+switched off in every layer (`disable_rope`), so the compare view shows what the ablation changes. PNGs go to
+`artifacts/screenshots/` (git-ignored; CI keeps them as artifacts).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("selenium", reason="browser tests need dash[testing] (selenium)")
+
+from app import create_app, ids  # noqa: E402
+from tests.app.browser import click_heatmap_cell, figure, open_tab, wait_until  # noqa: E402
+
+pytestmark = [pytest.mark.real_model, pytest.mark.browser]
+
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+
+
+def _save(dash_duo, name: str) -> Path:
+    """Full-page PNG: the window is stretched to the page height first."""
+    driver = dash_duo.driver
+    for _ in range(2):  # plots drawn after a resize can make the page taller
+        wait_until(lambda: driver.execute_script(
+            "return Array.from(document.querySelectorAll('.js-plotly-plot')).every(g => g._fullLayout)"),
+            what="plots drawn")
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        driver.set_window_size(1440, min(max(int(height) + 60, 900), 4000))
+    path = SCREENSHOTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    driver.set_window_size(1440, 1000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def gemma_no_rope_scan(gemma):
+    import posprobe
+    from posprobe.interventions.disable_rope import disable_rope
+
+    with disable_rope(gemma) as access:
+        return posprobe.scan(access, probes=["head_basics", "attention_entropy"], budget="quick", progress=False)
+
+
+def test_screenshots_of_every_view_on_gemma(dash_duo, gemma_quick_scan, gemma_no_rope_scan, tmp_path):
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    scan = gemma_quick_scan
+    a = scan.save(tmp_path / "gemma-3-270m")
+    b = gemma_no_rope_scan.save(tmp_path / "gemma-3-270m-no-rope")
+    app = create_app({"gemma-3-270m": a, "gemma-3-270m (RoPE disabled)": b})
+    dash_duo.start_server(app)
+    info = scan.info
+
+    metric = "previous_token_score"
+    wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH), what="the atlas")
+    dash_duo.select_dcc_dropdown(f"#{ids.ATLAS_METRIC}", value=metric)
+    wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH)["title"].startswith(metric), what=f"atlas of {metric}")
+    top = scan.rank(metric, top=1).iloc[0]
+    layer, head = int(top["layer"]), int(top["head"])
+    click_heatmap_cell(dash_duo, ids.ATLAS_GRAPH, layer, head, info.n_layers, info.n_heads)
+    dash_duo.wait_for_contains_text(f"#{ids.ATLAS_PANEL}", f"L{layer} H{head}")
+    wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH)["shapes"], what="the selected head outlined")
+    shots = [_save(dash_duo, "1_atlas")]
+
+    dash_duo.find_element(f"#{ids.OPEN_HEAD}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", f"Layer {layer}, head {head}")
+    wait_until(lambda: len(dash_duo.find_elements(f"#{ids.HEAD_CURVES} .js-plotly-plot")) >= 3, what="head curves")
+    dash_duo.wait_for_element(f"#{ids.RANKING_TABLE} td")
+    shots.append(_save(dash_duo, "2_head_detail"))
+
+    open_tab(dash_duo, "Model")
+    wait_until(lambda: (figure(dash_duo, ids.MODEL_METRIC_GRAPH) or {}).get("data"), what="metric by layer")
+    wait_until(lambda: (figure(dash_duo, ids.MODEL_HEADCURVE_GRAPH) or {}).get("data"), what="layer-mean curves")
+    shots.append(_save(dash_duo, "3_model"))
+
+    open_tab(dash_duo, "Compare")
+    wait_until(lambda: len((figure(dash_duo, ids.COMPARE_GRAPH) or {"data": []})["data"]) == 3, what="compare")
+    dash_duo.select_dcc_dropdown(f"#{ids.COMPARE_METRIC}", value="entropy_norm")
+    wait_until(lambda: "entropy_norm" in figure(dash_duo, ids.COMPARE_GRAPH)["title"], what="compare entropy_norm")
+    dash_duo.wait_for_element(f"#{ids.COMPARE_TABLE} td")
+    wait_until(lambda: (figure(dash_duo, ids.COMPARE_CURVE_GRAPH) or {}).get("data"), what="compare curve")
+    shots.append(_save(dash_duo, "4_compare"))
+
+    for path in shots:
+        assert path.stat().st_size > 20_000, f"{path} looks empty"
