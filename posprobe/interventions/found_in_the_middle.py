@@ -352,6 +352,22 @@ class FoundInTheMiddle:
     def layers(self, info: ModelInfo | None = None) -> list[int]:
         return calibrated_layers(info or self.access.info, self.config)
 
+    def replace(self, **changes: Any) -> FoundInTheMiddle:
+        """A copy with config fields changed (temperature=..., layers=...). It shares the slot-bias estimates when
+        the fields they depend on (dummy_text, calibration_trials, calibration_seed) are unchanged, so a sweep over
+        temperatures or layer ranges calibrates once."""
+        names = [f.name for f in dataclasses.fields(FoundInTheMiddleConfig)]
+        bad = next((k for k in changes if k not in names), None)
+        if bad is not None:
+            raise UnknownNameError("found_in_the_middle option", bad, names)
+        other = FoundInTheMiddle(self._access if self._access is not None else self._model,
+                                 config=dataclasses.replace(self.config, **changes), task=self.task, prompt=self.prompt,
+                                 calibration_prompts=self.calibration_prompts, tokenizer=self._tokenizer,
+                                 backend=self._backend)
+        if not {"dummy_text", "calibration_trials", "calibration_seed"} & set(changes):
+            other._bias = self._bias
+        return other
+
     # --- the slot bias -------------------------------------------------------------------------------------------
     def calibrate(self, prompts: Sequence[Prompt], access: ModelAccess | None = None) -> np.ndarray:
         """Estimate (and keep) the slot bias [L, H, K] from `prompts` (dummy at each slot); returns it."""

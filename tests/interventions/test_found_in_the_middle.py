@@ -257,3 +257,29 @@ def test_gemma_calibration_restores_and_moves_attention(gemma):
     with fitm.prompt_context(gemma, prompts):
         edited = gemma.run(ids, logits="last").logits
     assert (edited - before).abs().max() > 1e-3
+
+
+def test_replace_shares_the_slot_bias_only_when_calibration_is_unchanged(tiny_rope):
+    prompts = _kv_prompts(tiny_rope)
+    base = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=1)
+    bias = base.slot_bias(4)
+    hotter = base.replace(temperature=3.0, layers=(0, 2))
+    assert hotter.config.temperature == 3.0 and hotter.layers() == [0, 1]
+    assert hotter.slot_bias(4) is bias  # no new calibration passes
+    other = base.replace(dummy_text="zzz: 9999")
+    assert (id(tiny_rope), 4) not in other._bias
+    assert not np.allclose(other.slot_bias(4), bias)
+    with pytest.raises(UnknownNameError):
+        base.replace(temp=1.0)
+    with hotter.prompt_context(tiny_rope, prompts):
+        pass
+
+
+def test_accepted_by_name(tiny_rope):
+    import posprobe
+
+    assert {"found_in_the_middle", "positional_dimension"} <= set(posprobe.interventions.list_interventions())
+    fitm = posprobe.interventions.get_intervention("found_in_the_middle", tiny_rope, temperature=1.0)
+    assert isinstance(fitm, posprobe.interventions.FoundInTheMiddle) and fitm.config.temperature == 1.0
+    with pytest.raises(UnknownNameError, match="found_in_the_middle"):
+        posprobe.interventions.get_intervention("found_in_middle", tiny_rope)
