@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from dash import dcc, html
 
 from app import ids
-from app.pages.common import message
+from app.pages.common import format_value, message
 from posprobe.render.head_detail import head_metrics
 from posprobe.render.heads import atlas, head_marker
 
@@ -63,7 +63,7 @@ def head_panel(scan: Any, selected: tuple[int, int] | None) -> list[Any]:
     table = head_metrics(scan, layer, head)
     body = []
     for record in table.itertuples(index=False):
-        value = f"{record.value:.4g}" if isinstance(record.value, float) else str(record.value)
+        value = format_value(record.value)
         rank = f"#{record.rank} of {record.of}" if pd.notna(record.rank) else ""
         body.append(html.Tr([html.Td(record.metric), html.Td(value, className="pp-num"), html.Td(rank, className="pp-rank")]))
     return [

@@ -61,6 +61,13 @@ def metric_choices(scan: Any) -> list[str]:
     return numeric_metrics(scan)
 
 
+def format_value(value: Any) -> str:
+    """A metric value for a table cell: 4 significant digits, a dash for a missing value."""
+    if isinstance(value, float):
+        return "–" if value != value else f"{value:.4g}"
+    return "–" if value is None else str(value)
+
+
 def error_text(exc: BaseException) -> str:
     """One line for an unexpected failure inside a view (never a traceback)."""
     return f"{type(exc).__name__}: {exc}"

@@ -17,7 +17,7 @@ from dash import dash_table, dcc, html
 from dash.dash_table.Format import Format, Scheme
 
 from app import ids
-from app.pages.common import message
+from app.pages.common import format_value, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
 
@@ -119,7 +119,7 @@ def metrics_table(scan: Any, layer: int, head: int) -> list[Any]:
         return [message("This scan has no head metrics.")]
     rows = []
     for record in table.itertuples(index=False):
-        value = f"{record.value:.4g}" if isinstance(record.value, float) else str(record.value)
+        value = format_value(record.value)
         rank = f"#{record.rank} / {record.of}" if pd.notna(record.rank) else ""
         pct = f"{record.percentile:.0f}%" if pd.notna(record.percentile) else ""
         rows.append(html.Tr([html.Td(record.metric), html.Td(value, className="pp-num"),

@@ -17,7 +17,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from posprobe.errors import UnknownNameError
-from posprobe.render.head_detail import log_x_axis
+from posprobe.render.head_detail import curve_table, log_x_axis
 from posprobe.render.heads import numeric_metrics
 
 LABELS = ("A", "B")
@@ -106,7 +106,8 @@ def compare_curve(scan: Any, other: Any, name: str, layer: int | None = None, he
         raise UnknownNameError("curve present in both scans", name, shared)
     fig = go.Figure()
     for source, label, dash in ((scan, labels[0], "solid"), (other, labels[1], "dash")):
-        df = source.curves[source.curves["curve"] == name]
+        curves = curve_table(source)
+        df = curves[curves["curve"] == name]
         if layer is not None:
             df = df[df["layer"] == layer]
         if head is not None:

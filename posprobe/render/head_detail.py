@@ -21,6 +21,14 @@ from posprobe.render.heads import numeric_metrics
 CONTEXT_COLOR = "rgba(120,120,120,0.8)"
 
 
+def curve_table(scan: Any) -> pd.DataFrame:
+    """`scan.curves` with a missing series (None / NaN, e.g. after a Parquet round trip) read as "" (no series)."""
+    curves = scan.curves
+    if len(curves) and curves["series"].isna().any():
+        curves = curves.assign(series=curves["series"].fillna(""))
+    return curves
+
+
 def ordered_curve_names(df: pd.DataFrame) -> list[str]:
     """Curve names grouped by probe, in the order they appear in the scan."""
     if df.empty:
@@ -33,13 +41,13 @@ def ordered_curve_names(df: pd.DataFrame) -> list[str]:
 
 def head_curve_names(scan: Any, layer: int, head: int) -> list[str]:
     """Names of the curves the scan holds for this head (rows with exactly this layer and head)."""
-    curves = scan.curves
+    curves = curve_table(scan)
     return ordered_curve_names(curves[(curves["layer"] == layer) & (curves["head"] == head)])
 
 
 def layer_curve_names(scan: Any, layer: int) -> list[str]:
     """Names of the layer-level curves (head == -1) the scan holds for this layer."""
-    curves = scan.curves
+    curves = curve_table(scan)
     return ordered_curve_names(curves[(curves["layer"] == layer) & (curves["head"] == -1)])
 
 
@@ -54,7 +62,7 @@ def head_curve(scan: Any, name: str, layer: int, head: int, context: bool = True
 
     For a layer-level curve (head == -1) pass head=-1: the layer's own rows are drawn.
     """
-    curves = scan.curves
+    curves = curve_table(scan)
     df = curves[curves["curve"] == name]
     if df.empty:
         available = sorted(curves["curve"].unique()) if len(curves) else []

@@ -85,7 +85,8 @@ def curve(scan: Any, name: str, layer: int | None = None, head: int | None = Non
     if head is not None:
         df = df[df["head"] == head]
     fig = go.Figure()
-    for (series, lyr, hd), group in df.groupby(["series", "layer", "head"], sort=True):
+    for (series, lyr, hd), group in df.groupby(["series", "layer", "head"], sort=True, dropna=False):
+        series = "" if pd.isna(series) else series
         label = " ".join(x for x in (f"L{lyr}" if lyr >= 0 else "model", f"H{hd}" if hd >= 0 else "", series) if x)
         group = group.sort_values("x")
         fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines+markers", name=label))

@@ -19,12 +19,13 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 
 from posprobe.errors import UnknownNameError
-from posprobe.render.head_detail import log_x_axis, ordered_curve_names
+from posprobe.render.head_detail import curve_table, log_x_axis, ordered_curve_names
 from posprobe.render.heads import numeric_metrics
 
 POSITION_COLUMNS = ("gold_position", "accuracy")  # a table with these columns is a behavioural position sweep
 POSITION_VALUE_COLUMNS = {"gold_position", "accuracy", "ci_low", "ci_high", "n"}
 MAX_GROUPS = 12  # a column with more distinct values than this is not a grouping of a position sweep
+SIZE_SUFFIXES = ("length", "len", "n_docs", "n_items", "size")  # integer columns that split a sweep into curves
 DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 MARGIN = {"l": 55, "r": 20, "t": 60, "b": 40}
 LEGEND = {"font": {"size": 10}, "orientation": "h", "y": -0.18, "x": 0}
@@ -36,13 +37,13 @@ def _names(df: pd.DataFrame) -> list[str]:
 
 def model_curve_names(scan: Any) -> list[str]:
     """Curves with model-level (layer = head = -1) or layer-level (head = -1) rows, grouped by probe (scan order)."""
-    curves = scan.curves
+    curves = curve_table(scan)
     return _names(curves[curves["head"] == -1])
 
 
 def head_level_curve_names(scan: Any) -> list[str]:
     """Curves with per-head rows (head >= 0), grouped by probe (scan order)."""
-    curves = scan.curves
+    curves = curve_table(scan)
     return _names(curves[curves["head"] >= 0])
 
 
@@ -83,15 +84,17 @@ def _add_layer_traces(fig: go.Figure, frame: pd.DataFrame) -> None:
 
 def model_curve(scan: Any, name: str) -> go.Figure:
     """A model-level and/or layer-level curve: one trace per series (model level) or per layer x series."""
-    curves = scan.curves
+    curves = curve_table(scan)
     df = curves[(curves["curve"] == name) & (curves["head"] == -1)]
     if df.empty:
         raise UnknownNameError("model-level curve", name, model_curve_names(scan))
     fig = go.Figure()
     model = df[df["layer"] == -1]
+    with_layers = bool((df["layer"] >= 0).any())
     for series, group in model.groupby("series", sort=False):
         group = group.sort_values("x")
-        fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines+markers", name=series or "model"))
+        style = {"width": 3.5, "color": "black"} if with_layers and model["series"].nunique() == 1 else None
+        fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines+markers", name=series or "model", line=style))
     _add_layer_traces(fig, df[df["layer"] >= 0])
     level = "model" if (df["layer"] == -1).all() else ("by layer" if (df["layer"] >= 0).all() else "model and layers")
     fig.update_layout(title={"text": f"{name.replace('_', ' ')}<br><sup>{level} · {df['probe'].iloc[0]}</sup>",
@@ -103,7 +106,7 @@ def model_curve(scan: Any, name: str) -> go.Figure:
 
 def layer_mean_curve(scan: Any, name: str) -> go.Figure:
     """A head-level curve averaged over the heads of each layer: one trace per layer (x series)."""
-    curves = scan.curves
+    curves = curve_table(scan)
     df = curves[(curves["curve"] == name) & (curves["head"] >= 0)]
     if df.empty:
         raise UnknownNameError("head-level curve", name, head_level_curve_names(scan))
@@ -149,7 +152,7 @@ def _group_columns(table: pd.DataFrame) -> list[str]:
             continue
         values = table[column]
         categorical = not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)
-        length_like = pd.api.types.is_integer_dtype(values) and column.endswith(("length", "len", "n_docs"))
+        length_like = pd.api.types.is_integer_dtype(values) and column.endswith(SIZE_SUFFIXES)
         if (categorical or length_like) and values.nunique(dropna=False) <= MAX_GROUPS:
             keep.append(column)
     return keep

@@ -70,3 +70,13 @@ def pd_na():
     import pandas as pd
 
     return pd.NA
+
+
+def test_missing_series_is_drawn_as_no_series():
+    """A probe may leave `series` empty (None / NaN after Parquet): its rows must still be drawn, not dropped."""
+    scan = synthetic_scan(2, 2)
+    scan.curves["series"] = scan.curves["series"].astype(object)
+    scan.curves.loc[scan.curves["curve"].isin(["attention_vs_distance", "variance_by_position"]), "series"] = None
+    assert [t.name for t in head_curve(scan, "attention_vs_distance", 1, 1).data] == ["L1 H1",
+                                                                                     "layer mean of other heads"]
+    assert len(head_curve(scan, "variance_by_position", 1, -1).data[0].y) == 8

@@ -95,3 +95,10 @@ def test_registry_dispatch(scan):
     assert figure(scan, "atlas", metric="signed").data[0].zmid == 0
     with pytest.raises(UnknownNameError, match="Unknown figure"):
         figure(scan, "nope")
+
+
+def test_curve_with_missing_series():
+    scan = synthetic_scan(2, 2)
+    scan.curves["series"] = scan.curves["series"].astype(object)
+    scan.curves.loc[scan.curves["curve"] == "variance_by_position", "series"] = None
+    assert [t.name for t in curve(scan, "variance_by_position").data] == ["L0", "L1"]

@@ -91,3 +91,26 @@ def test_position_sweep_without_groups_or_ci():
     scan.tables = {"sweep": scan.tables["position_bias.kv_words"][["gold_position", "accuracy"]].head(10)}
     fig = position_curve(scan, "sweep")
     assert [t.name for t in fig.data] == ["sweep"]
+
+
+def test_missing_series_is_drawn_as_no_series():
+    scan = synthetic_scan(2, 2)
+    scan.curves["series"] = scan.curves["series"].astype(object)
+    scan.curves.loc[scan.curves["curve"] == "variance_by_position", "series"] = np.nan
+    lines = [t for t in model_curve(scan, "variance_by_position").data if t.x is not None and t.x[0] is not None]
+    assert [t.name for t in lines] == ["L0", "L1"]
+    scan.curves.loc[scan.curves["curve"] == "attention_vs_distance", "series"] = None
+    assert len([t for t in layer_mean_curve(scan, "attention_vs_distance").data if t.name == "L1"]) == 1
+
+
+def test_position_sweep_splits_list_sizes():
+    """evaluate_positions output: one curve per (task, n_items), not one zig-zag over both list sizes."""
+    import pandas as pd
+
+    rows = [{"task": "kv_words", "n_items": size, "gold_position": g, "relative_position": g / (size - 1), "n": 8,
+             "n_correct": 4, "accuracy": 0.5, "ci_low": 0.2, "ci_high": 0.8} for size in (10, 20) for g in range(size)]
+    scan = synthetic_scan(2, 2)
+    scan.tables = {"kv_words.positions": pd.DataFrame(rows)}
+    lines = [t for t in position_curve(scan, "kv_words.positions").data if t.mode == "lines+markers"]
+    assert [t.name for t in lines] == ["task=kv_words, n_items=10", "task=kv_words, n_items=20"]
+    assert [len(t.x) for t in lines] == [10, 20]
