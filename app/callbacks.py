@@ -21,8 +21,18 @@ from app.pages import atlas as atlas_page
 from app.pages import compare as compare_page
 from app.pages import head as head_page
 from app.pages import model as model_page
-from app.pages.common import HIDDEN, SHOWN, empty_figure, error_page, error_text, message, metric_choices, options, pick
-from app.pages.common import scan_summary
+from app.pages.common import (
+    HIDDEN,
+    SHOWN,
+    empty_figure,
+    error_page,
+    error_text,
+    message,
+    metric_choices,
+    options,
+    pick,
+    scan_summary,
+)
 from posprobe.render.compare import common_curves, common_metrics, compare_atlas, compare_curve
 from posprobe.render.model_view import head_level_curve_names, layer_mean_curve, metric_by_layer
 
@@ -340,7 +350,8 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
 
     # the outline is merged into the figure already in the browser: the heatmap is not sent again
     app.clientside_callback(MERGE_SHAPES_JS, Output(ids.ATLAS_GRAPH, "figure", allow_duplicate=True),
-                            Input(ids.ATLAS_SHAPES, "data"), State(ids.ATLAS_GRAPH, "figure"), prevent_initial_call=True)
+                            Input(ids.ATLAS_SHAPES, "data"), State(ids.ATLAS_GRAPH, "figure"),
+                            prevent_initial_call=True)
 
     @app.callback(Output(ids.ATLAS_PANEL, "children"), Output(ids.OPEN_HEAD, "disabled"),
                   Input(ids.SCAN, "value"), Input(ids.SELECTED, "data"))
@@ -349,8 +360,9 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
 
     @app.callback(Output(ids.SELECTED, "data"), Output(ids.HEAD_LAYER, "value"), Output(ids.HEAD_HEAD, "value"),
                   Output(ids.HEAD_LAYER, "options"), Output(ids.HEAD_HEAD, "options"),
-                  Input(ids.SCAN, "value"), Input(ids.ATLAS_GRAPH, "clickData"), Input(ids.RANKING_TABLE, "active_cell"),
-                  Input(ids.HEAD_LAYER, "value"), Input(ids.HEAD_HEAD, "value"),
+                  Input(ids.SCAN, "value"), Input(ids.ATLAS_GRAPH, "clickData"),
+                  Input(ids.RANKING_TABLE, "active_cell"), Input(ids.HEAD_LAYER, "value"),
+                  Input(ids.HEAD_HEAD, "value"),
                   State(ids.SELECTED, "data"), State(ids.ATLAS_METRIC, "value"))
     def _select(name, click_data, active_cell, layer_value, head_value, current, metric):
         return select_head(catalog, name, ctx.triggered_id, click_data, active_cell, layer_value, head_value,

@@ -65,7 +65,8 @@ def head_panel(scan: Any, selected: tuple[int, int] | None) -> list[Any]:
     for record in table.itertuples(index=False):
         value = format_value(record.value)
         rank = f"#{record.rank} of {record.of}" if pd.notna(record.rank) else ""
-        body.append(html.Tr([html.Td(record.metric), html.Td(value, className="pp-num"), html.Td(rank, className="pp-rank")]))
+        body.append(html.Tr([html.Td(record.metric), html.Td(value, className="pp-num"),
+                             html.Td(rank, className="pp-rank")]))
     return [
         html.H3(f"L{layer} H{head}", className="pp-head-name"),
         html.Div(f"kv head {first['kv_head']} · {first['layer_type']}", className="pp-sub"),

@@ -136,7 +136,8 @@ def curve_cards(scan: Any, layer: int, head: int) -> list[Any]:
                               children=[dcc.Graph(figure=fig, config={"displaylogo": False})]))
     if not cards:
         probes = ", ".join(sorted((scan.meta.get("probes") or {}).keys())) or "none"
-        cards.append(message(f"This scan holds no per-head curves for L{layer} H{head} (probes run: {probes}).", "info"))
+        cards.append(message(f"This scan holds no per-head curves for L{layer} H{head} (probes run: {probes}).",
+                             "info"))
     return cards
 
 

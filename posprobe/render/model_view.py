@@ -186,7 +186,8 @@ def position_curve(scan: Any, table: str) -> go.Figure:
         hover = "gold position %{x}: accuracy %{y:.3f}" + (" (n=%{customdata})" if "n" in group else "")
         fig.add_trace(go.Scatter(x=group["gold_position"], y=group["accuracy"], mode="lines+markers", name=label,
                                  line={"color": color}, legendgroup=label,
-                                 customdata=group["n"] if "n" in group else None, hovertemplate=hover + "<extra></extra>"))
+                                 customdata=group["n"] if "n" in group else None,
+                                 hovertemplate=hover + "<extra></extra>"))
     fig.update_layout(title={"text": f"accuracy by gold position<br><sup>{table}</sup>", "font": {"size": 15}},
                       xaxis_title="gold position", yaxis_title="accuracy", yaxis={"range": [-0.02, 1.02]},
                       margin=MARGIN, height=380, legend=LEGEND)

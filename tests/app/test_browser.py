@@ -29,7 +29,8 @@ def tiny_seed1_dir(tmp_path_factory):
 
 
 def _no_console_errors(dash_duo):
-    errors = [e for e in dash_duo.get_logs() or [] if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
+    errors = [e for e in dash_duo.get_logs() or []
+              if e.get("level") == "SEVERE" and "favicon" not in e.get("message", "")]
     assert not errors, [e["message"] for e in errors]
 
 
@@ -42,7 +43,8 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH), what="the atlas figure")
     metric = "sink_mass" if "sink_mass" in tiny_scan.metrics else tiny_scan.metrics[-1]
     dash_duo.select_dcc_dropdown(f"#{ids.ATLAS_METRIC}", value=metric)
-    wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH)["title"].startswith(metric), what=f"atlas coloured by {metric}")
+    wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH)["title"].startswith(metric),
+               what=f"atlas coloured by {metric}")
     assert figure(dash_duo, ids.ATLAS_GRAPH)["data"][0]["type"] == "heatmap"
 
     # click a head: the side panel shows it, the atlas outlines it, the button opens its detail

@@ -101,7 +101,8 @@ def test_atlas_marker_and_panel(catalog):
     assert cb.atlas_marker({"layer": "2; rm -rf", "head": 1}) == []
     children, disabled = cb.update_atlas_panel(catalog, "small", {"layer": 2, "head": 1})
     text = text_of(children)
-    assert not disabled and "L2 H1" in text and "2001" in text and "#3 of 12" in text  # planted = 2001: after 2003, 2002
+    # planted = 2001 ranks third, after 2003 and 2002
+    assert not disabled and "L2 H1" in text and "2001" in text and "#3 of 12" in text
     _, disabled = cb.update_atlas_panel(catalog, "small", None)
     assert disabled
     _, disabled = cb.update_atlas_panel(catalog, "small", {"layer": 9, "head": 9})
