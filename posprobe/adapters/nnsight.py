@@ -23,14 +23,16 @@ edited probabilities, the ones the model used).
 Streaming: locally, the trace body runs while the model runs, so `on_layer` is called inside the trace as each block
 finishes and nothing is kept. With `streaming=False` (and always with `remote=...`) the requested taps of every
 layer are saved inside the trace and `on_layer` is called layer by layer after it: this mode is NOT memory-streaming
-(all requested taps of all layers are alive at once). `remote=True` passes through to nnsight's NDIF execution; it is
-untested here (no network), while `remote="local"` (nnsight's serialising dry run) is what the tests can reach.
+(all requested taps of all layers are alive at once) and takes no edits; its trace body uses only envoys, builtins
+and `nnsight.save`, so it can be shipped to a server. `remote=True` passes through to nnsight's NDIF execution and is
+untested here (no network); `remote="local"` (nnsight's serialising dry run) is what the tests exercise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -181,10 +183,12 @@ class NNsightAccess(ModelAccess):
 
     # --- one pass ----------------------------------------------------------------------------------------------
     def _check_edits(self, edits: Sequence[Edit]) -> None:
-        if edits and self.remote:
+        if edits and not self.streaming:
+            where = "remote nnsight passes" if self.remote else "collected (streaming=False) nnsight passes"
             raise InterventionError(
-                "Edits are not supported on remote nnsight passes: their Python functions would have to run on the "
-                "server. Run the intervention locally (remote=False) or through backend='hf'."
+                f"Edits are not supported on {where}: their Python functions would have to run inside a trace body "
+                f"that is shipped as is (to the NDIF server when remote). Run the intervention on a local streaming "
+                f"access (NNsightAccess(model)) or through backend='hf'."
             )
         for edit in edits:
             if isinstance(edit, ProjectionInputEdit) and self.paths.q_proj is None:
@@ -196,8 +200,7 @@ class NNsightAccess(ModelAccess):
                 raise InterventionError(f"Layer {edit.layer} of {self.info.name} has no RoPE to disable.")
 
     def _layer_body(
-        self, layer: int, block: Any, taps: frozenset[Tap], edits: Sequence[Edit], position_ids: Tensor,
-        save: Any,
+        self, layer: int, block: Any, taps: frozenset[Tap], edits: Sequence[Edit], position_ids: Tensor
     ) -> LayerCapture:
         """Everything read or written for one block, in the order the model executes it."""
         info = self.info
@@ -215,18 +218,18 @@ class NNsightAccess(ModelAccess):
         source = attn.source if (read_rotary or read_attention) else None
 
         if Tap.RESID_PRE in taps:
-            cap.resid_pre = save(block.input)
+            cap.resid_pre = block.input
         if Tap.ATTN_IN in taps:
-            cap.attn_in = save(attn.input)
+            cap.attn_in = attn.input
         if projection:
             self._scale_projection_inputs(attn, projection)
         if read_rotary:
             op = getattr(source, _ROTARY_OP)
             q_pre, k_pre = op.inputs[0][:2]
             if Tap.Q_PRE in taps:
-                cap.q_pre = save(q_pre)
+                cap.q_pre = q_pre
             if Tap.K_PRE in taps:
-                cap.k_pre = save(k_pre)
+                cap.k_pre = k_pre
             if rotary:
                 op.output = (q_pre, k_pre)  # the identity rotation (a NoPE ablation of this layer)
         if read_attention:
@@ -234,9 +237,9 @@ class NNsightAccess(ModelAccess):
             args, _ = op.inputs
             query, key, value = args[1], args[2], args[3]
             if taps & _QK_TAPS:
-                cap.q, cap.k = save(query), save(key)
+                cap.q, cap.k = query, key
             if taps & _PRE_TAPS and not layer_info.has_rope:  # no rotation in this layer: pre == post
-                cap.q_pre, cap.k_pre = save(query), save(key)
+                cap.q_pre, cap.k_pre = query, key
             if attention:
                 op.output = eager_attention(
                     query, key, value, layer=layer, scale=info.attn_scale, softcap=info.attn_softcap,
@@ -245,10 +248,10 @@ class NNsightAccess(ModelAccess):
         if Tap.PATTERN in taps or Tap.ATTN_OUT in taps:
             output = attn.output
             if Tap.ATTN_OUT in taps:
-                cap.attn_out = save(output[0])
+                cap.attn_out = output[0]
             if Tap.PATTERN in taps:
-                cap.extras["pattern"] = save(output[1])
-        cap.resid_post = save(_first(block.output)) if Tap.RESID_POST in taps else None
+                cap.extras["pattern"] = output[1]
+        cap.resid_post = _first(block.output) if Tap.RESID_POST in taps else None
         return cap
 
     @staticmethod
@@ -275,6 +278,20 @@ class NNsightAccess(ModelAccess):
             cap.pattern_source = lambda query_index: pattern[:, :, query_index]
         return cap
 
+    @contextlib.contextmanager
+    def _attention_for(self, taps: frozenset[Tap]) -> Iterator[None]:
+        """Eager attention while a pass reads patterns (sdpa returns none); the previous implementation after it."""
+        original = self.hf_model.config._attn_implementation
+        switch = Tap.PATTERN in taps and original != "eager"
+        try:
+            if switch:
+                self.hf_model.set_attn_implementation("eager")
+            yield
+        finally:
+            if switch:
+                self.hf_model.set_attn_implementation(original)
+            gc.collect(1)  # frees the trace's young reference cycles (BACKENDS.md: memory grows across traces)
+
     def _forward(
         self,
         input_ids: Tensor,
@@ -284,47 +301,110 @@ class NNsightAccess(ModelAccess):
         logit_positions: Tensor | None,
         edits: Sequence[Edit],
     ) -> Tensor | None:
-        nnsight = _nnsight()
         self._check_edits(edits)
-        blocks = _envoy(self.lm, self.paths.layers)
-        layered = bool(taps) or on_layer is not None or bool(edits)
-        streaming = self.streaming
-        save = (lambda x: x) if streaming else nnsight.save
-        captures: list[LayerCapture] = []
-        original_impl = self.hf_model.config._attn_implementation
-        eager = Tap.PATTERN in taps and original_impl != "eager"
         kwargs: dict[str, Any] = {"position_ids": position_ids, "use_cache": False}
         kwargs["logits_to_keep"] = 1 if logit_positions is None else logit_positions
-        if self.remote:
-            kwargs["remote"] = self.remote
+        with self._attention_for(taps):
+            if self.streaming:
+                return self._streaming_trace(input_ids, kwargs, taps, on_layer, logit_positions, edits)
+            return self._collected_trace(input_ids, kwargs, taps, on_layer, logit_positions)
+
+    def _streaming_trace(
+        self, input_ids: Tensor, kwargs: dict[str, Any], taps: frozenset[Tap], on_layer: LayerCallback | None,
+        logit_positions: Tensor | None, edits: Sequence[Edit],
+    ) -> Tensor | None:
+        """One local trace; `on_layer` runs inside it as each block finishes (memory-streaming)."""
+        nnsight = _nnsight()
+        blocks = _envoy(self.lm, self.paths.layers)
+        position_ids = kwargs["position_ids"]
+        layered = bool(taps) or on_layer is not None or bool(edits)
         logits = None
-        try:
-            if eager:
-                self.hf_model.set_attn_implementation("eager")
-            with self.lm.trace(input_ids, **kwargs) as tracer:
-                if layered:
-                    for layer in range(self.info.n_layers):
-                        cap = self._layer_body(layer, blocks[layer], taps, edits, position_ids, save)
-                        if streaming:
-                            if on_layer is not None:
-                                on_layer(self._finish(cap))
-                            del cap
-                        else:
-                            captures.append(cap)
-                if logit_positions is not None:
-                    logits = nnsight.save(self.lm.output.logits)
-                elif streaming:
-                    tracer.stop()  # the final norm and LM head are not needed
-        finally:
-            if eager:
-                self.hf_model.set_attn_implementation(original_impl)
-        if not streaming:
-            for cap in captures:
-                if on_layer is not None:
-                    on_layer(self._finish(cap))
-            captures.clear()
-        gc.collect(1)  # frees the trace's young reference cycles (BACKENDS.md: memory grows across traces otherwise)
+        with self.lm.trace(input_ids, **kwargs) as tracer:
+            if layered:
+                for layer in range(self.info.n_layers):
+                    cap = self._layer_body(layer, blocks[layer], taps, edits, position_ids)
+                    if on_layer is not None:
+                        on_layer(self._finish(cap))
+                    del cap
+            if logit_positions is not None:
+                logits = nnsight.save(self.lm.output.logits)
+            else:
+                tracer.stop()  # the final norm and LM head are not needed
         return logits
+
+    def _collected_trace(
+        self, input_ids: Tensor, kwargs: dict[str, Any], taps: frozenset[Tap], on_layer: LayerCallback | None,
+        logit_positions: Tensor | None,
+    ) -> Tensor | None:
+        """One trace that saves the requested taps of every layer; `on_layer` runs after it (NOT memory-streaming).
+
+        The body uses only envoys, builtins and `nnsight.save`, so it can be shipped to an NDIF server as is.
+        """
+        nnsight = _nnsight()
+        if self.remote:
+            kwargs = {**kwargs, "remote": self.remote}
+        lm, attention_name = self.lm, self.paths.attention
+        blocks = _envoy(lm, self.paths.layers)
+        rotary_op, attention_op = _ROTARY_OP, _ATTENTION_OP
+        # per layer: (read the rotary inputs, read the attention function's q/k): plain data for the shipped body
+        plan = [
+            (layer_info.has_rope and bool(taps & _PRE_TAPS),
+             bool(taps & _QK_TAPS) or (bool(taps & _PRE_TAPS) and not layer_info.has_rope))
+            for layer_info in self.info.layers
+        ] if (taps or on_layer is not None) else []
+        names = {tap.value for tap in taps}
+        logits = None
+        with lm.trace(input_ids, **kwargs):
+            saved = nnsight.save([])
+            for layer, (read_rotary, read_qk) in enumerate(plan):
+                block = blocks[layer]
+                attn = getattr(block, attention_name)
+                source = attn.source if (read_rotary or read_qk) else None
+                values = {}
+                if "resid_pre" in names:
+                    values["resid_pre"] = block.input
+                if "attn_in" in names:
+                    values["attn_in"] = attn.input
+                if read_rotary:
+                    rotary_inputs = getattr(source, rotary_op).inputs[0]
+                    values["q_pre"], values["k_pre"] = rotary_inputs[0], rotary_inputs[1]
+                if read_qk:
+                    attention_args = getattr(source, attention_op).inputs[0]
+                    values["q"], values["k"] = attention_args[1], attention_args[2]
+                if "pattern" in names or "attn_out" in names:
+                    attn_output = attn.output
+                    if "attn_out" in names:
+                        values["attn_out"] = attn_output[0]
+                    if "pattern" in names:
+                        values["pattern"] = attn_output[1]
+                if "resid_post" in names:
+                    block_output = block.output
+                    values["resid_post"] = block_output[0] if isinstance(block_output, tuple) else block_output
+                saved.append(values)
+            if logit_positions is not None:
+                logits = nnsight.save(lm.output.logits)
+        for layer, values in enumerate(saved):
+            if on_layer is not None:
+                on_layer(self._capture_from(layer, values, taps, kwargs["position_ids"]))
+            saved[layer] = None  # each layer's tensors go as soon as its probes are done
+        return logits
+
+    def _capture_from(
+        self, layer: int, values: dict[str, Tensor], taps: frozenset[Tap], position_ids: Tensor
+    ) -> LayerCapture:
+        layer_info = self.info.layers[layer]
+        cap = LayerCapture(layer=layer, info=layer_info, model=self.info, position_ids=position_ids)
+        cap.extras["attn_scale"] = self.info.attn_scale
+        for name in ("resid_pre", "attn_in", "attn_out", "resid_post"):
+            setattr(cap, name, values.get(name))
+        if taps & _QK_TAPS:
+            cap.q, cap.k = values["q"], values["k"]
+        if taps & _PRE_TAPS:
+            cap.q_pre, cap.k_pre = (values["q_pre"], values["k_pre"]) if layer_info.has_rope else (values["q"],
+                                                                                                    values["k"])
+        if "pattern" in values:
+            cap.extras["pattern"] = values["pattern"]
+        return self._finish(cap)
 
     def close(self) -> None:
         """Nothing persists between passes: the attention implementation is restored after every trace."""

@@ -1,7 +1,8 @@
 """Parity and invariants across the three adapters (hf, transformer_lens, nnsight) on identical weights.
 
-The same seeded tiny models are wrapped by all three: patterns, pre/post-rotary q/k and residuals agree to < 1e-4 and
-logits to < 1e-3 of the plain HF model; every adapter's patterns satisfy the invariants (rows sum to 1, causal zeros,
+The same seeded tiny models are wrapped by all three: patterns, pre/post-rotary q/k and residuals agree to < 1e-4
+(plus 1e-6 of the tensor's magnitude, which only matters for Gemma 3's ~1e5-sized residuals) and logits to < 1e-3 of
+the plain HF model; every adapter's patterns satisfy the invariants (rows sum to 1, causal zeros,
 no mass beyond a sliding window, rotation preserves chunk norms); every edit changes the logits on every adapter
 and leaving it restores them bit for bit; wrapping never changes the user's HF model. The real-model tier repeats
 the parity check on Gemma 3 270M at ~300 tokens.
@@ -18,6 +19,7 @@ from posprobe.access import AttentionEdit, ProjectionInputEdit, RotaryEdit, Tap
 from posprobe.adapters.hf import HFAccess
 
 BACKENDS = ("hf", "transformer_lens", "nnsight")
+ATOL, RTOL = 1e-4, 1e-6
 COMPARED = ("pattern", "q", "k", "q_pre", "k_pre", "resid_pre", "attn_in", "attn_out", "resid_post")
 TEXT = "The old farmer carried a wooden chair near the harbour while the children sang. " * 2
 
@@ -62,13 +64,25 @@ def collect(access, ids, taps=tuple(Tap), logits="all"):
 
 
 def max_diffs(reference, other):
-    """{field: max |a - b| over layers} for every field both captured."""
+    """{field: max over layers of |a - b| / tolerance}: parity holds where every value is <= 1.
+
+    tolerance = ATOL + RTOL * max|a| of that layer's tensor. ATOL (1e-4) is what the tiny models are held to; the
+    relative term only matters for Gemma 3's residual stream, whose massive activations reach |x| ~ 1e5, where one
+    fp32 ulp is ~0.008: eager attention (TransformerLens, nnsight when reading patterns) and SDPA (the HF adapter)
+    then differ by a few ulps (measured 2e-2 at layer 17, 2e-7 relative), while TL equals HF eager bit for bit.
+    """
     out = {}
     for field in COMPARED:
         pairs = [(reference[l][field], other[l][field]) for l in reference if reference[l][field] is not None]
         if pairs:
-            out[field] = max(float((a - b).abs().max()) for a, b in pairs)
+            out[field] = max(float((a - b).abs().max()) / (ATOL + RTOL * float(a.abs().max())) for a, b in pairs)
     return out
+
+
+def raw_max_diffs(reference, other):
+    """{field: max over layers of |a - b|} (what the report quotes)."""
+    return {field: max(float((reference[l][field] - other[l][field]).abs().max()) for l in reference)
+            for field in COMPARED if reference[0][field] is not None}
 
 
 def plain_logits(model, ids):
@@ -99,9 +113,11 @@ def test_tiny_parity_patterns_qk_residuals_and_logits(tiny_trio):
         caps, logits = collect(access, ids)
         assert sorted(caps) == list(range(access.info.n_layers))
         diffs = max_diffs(reference, caps)
+        logit_diff = float((logits - expected).abs().max())
+        print(f"parity {access.info.architecture} {backend}: {raw_max_diffs(reference, caps)} logits {logit_diff:.2e}")
         assert set(diffs) == set(COMPARED), backend
-        assert max(diffs.values()) < 1e-4, (backend, diffs)
-        assert float((logits - expected).abs().max()) < 1e-3, backend
+        assert max(diffs.values()) <= 1.0, (backend, diffs)
+        assert logit_diff < 1e-3, backend
 
 
 def test_logit_positions_are_the_requested_rows(tiny_trio):
@@ -256,7 +272,10 @@ def test_gemma_parity_across_adapters(gemma):
         assert access.info == dataclasses.replace(gemma.info, name="parity")
         caps, logits = collect(access, ids, taps=taps, logits=rows)
         diffs = max_diffs(reference, caps)
+        logit_diff = float((logits - expected).abs().max())
+        print(f"parity gemma-3-270m {backend} ({len(ids)} tokens): {raw_max_diffs(reference, caps)} "
+              f"logits {logit_diff:.2e}")  # shown with -s
         assert set(diffs) == {"pattern", "q", "k", "q_pre", "k_pre", "resid_post"}
-        assert max(diffs.values()) < 1e-4, (backend, diffs)
-        assert float((logits - expected).abs().max()) < 1e-3, backend
+        assert max(diffs.values()) <= 1.0, (backend, diffs)
+        assert logit_diff < 1e-3, backend
         del access, caps, logits
