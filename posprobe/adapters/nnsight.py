@@ -31,6 +31,7 @@ untested here (no network); `remote="local"` (nnsight's serialising dry run) is 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -125,7 +126,8 @@ class NNsightAccess(ModelAccess):
         from nnsight.modeling.huggingface import HuggingFaceModel
 
         hf_model = getattr(model, "_module", None) if isinstance(model, HuggingFaceModel) else None
-        if hf_model is None or not hasattr(hf_model, "config"):
+        get_head = getattr(hf_model, "get_output_embeddings", None)
+        if hf_model is None or not hasattr(hf_model, "config") or get_head is None or get_head() is None:
             raise UnsupportedModelError(
                 f"NNsightAccess expects an nnsight TransformersModel wrapping a transformers causal LM, got "
                 f"{type(model).__module__}.{type(model).__name__}. Build one with "
@@ -169,8 +171,6 @@ class NNsightAccess(ModelAccess):
                 "NNsightAccess.from_hf needs the model's tokenizer. Pass tokenizer=AutoTokenizer.from_pretrained(path)."
             )
         module_paths(hf_model.config)  # unsupported architectures fail here, before the copy
-        import copy
-
         model = TransformersModel(private_copy(hf_model).eval(), tokenizer=copy.deepcopy(tokenizer))
         label = name or getattr(hf_model, "name_or_path", "") or type(hf_model).__name__
         return cls(model, tokenizer=tokenizer, name=label, streaming=streaming)
