@@ -31,7 +31,7 @@ position; `attn_var_slope` / `resid_var_slope` are least-squares slopes of log V
 tokens a causal query sees, so the uniform-attention law Var ~ 1/(i + 1) has slope exactly -1), fitted on
 log-spaced positions 1 <= i < min(n, sliding window). Curves use x = i + 1 for the same reason.
 Nearby similarity: per layer, the mean cosine similarity of residual vectors at positions i and i + delta
-(i >= 1), for log-spaced offsets delta.
+(i >= 1; at most `similarity_anchors` evenly spaced i), for log-spaced offsets delta.
 
 Outputs: curves `implicit_r2_by_layer`, `implicit_spearman_by_layer`, `implicit_mad_by_layer` (x = layer, series
 "regressor/features/target" and ".../shuffled"), `variance_slope_by_layer` (series attn_out / resid_post),
@@ -87,6 +87,8 @@ class ImplicitPositionConfig:
     mlp_l2: float = 1e-3  # MLPRegressor alpha
     n_curve_points: int = 48  # log-spaced positions kept in the variance_by_position curves
     n_offsets: int = 16  # log-spaced offsets delta of the similarity curve (1 .. n/2)
+    similarity_anchors: int = 512  # evenly spaced positions i whose cos(h_i, h_i+delta) is averaged: bounds the
+    # per-layer Gram matrix at anchors x n
     fit_threads: int = 1  # BLAS threads while fitting: more oversubscribes cores torch already uses (10x slower
     # on a busy 2-core machine, measured)
 
@@ -146,7 +148,8 @@ def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
 class _Collector:
     """Per-layer state filled by `on_layer`; holds only sampled positions' features and per-position sums."""
 
-    def __init__(self, info: ModelInfo, n_sequences: int, n_tokens: int, k: int, offsets: np.ndarray) -> None:
+    def __init__(self, info: ModelInfo, n_sequences: int, n_tokens: int, k: int, offsets: np.ndarray,
+                 max_anchors: int = 512) -> None:
         n_layers, rows = info.n_layers, n_sequences * k
         self.k, self.n_tokens, self.offsets = k, n_tokens, offsets
         self.hidden = np.zeros((n_layers, rows, info.d_model), dtype=np.float32)
@@ -157,6 +160,8 @@ class _Collector:
         self.resid_var = np.zeros((n_layers, n_tokens), dtype=np.float64)
         self.similarity = np.zeros((n_layers, len(offsets)), dtype=np.float64)
         self.seen = np.zeros(n_layers, dtype=np.int64)
+        self.anchors = torch.linspace(1, n_tokens - 1, min(n_tokens - 1, max_anchors)).round().long().unique()
+        self.offset_index = torch.as_tensor(offsets, dtype=torch.long)
         self.index = 0
         self.sample: np.ndarray = np.zeros(0, dtype=np.int64)
 
@@ -170,24 +175,28 @@ class _Collector:
         if cap.resid_post is None or cap.attn_out is None:
             raise ProbeError(f"Layer {cap.layer} handed no resid_post / attn_out; implicit_position needs both taps.")
         layer = cap.layer
-        resid = cap.resid_post[0].detach().double()  # [n, D]; batch of one sequence
-        attn = cap.attn_out[0].detach().double()
+        resid = cap.resid_post[0].detach().float()  # [n, D]; batch of one sequence
+        attn = cap.attn_out[0].detach().float()
         resid_var = resid.var(-1, unbiased=False)
         attn_var = attn.var(-1, unbiased=False)
         resid_norm = resid.norm(dim=-1)
         attn_norm = attn.norm(dim=-1)
-        self.resid_var[layer] += resid_var.numpy()
-        self.attn_var[layer] += attn_var.numpy()
+        self.resid_var[layer] += resid_var.double().numpy()
+        self.attn_var[layer] += attn_var.double().numpy()
         idx = torch.as_tensor(self.sample)
         rows = slice(self.index * self.k, self.index * self.k + len(idx))
-        self.hidden[layer, rows] = resid[idx].float().numpy()
+        self.hidden[layer, rows] = resid[idx].numpy()
         self.scale[layer, rows] = torch.stack([
             resid_var[idx].clamp(min=_TINY).log(), resid_norm[idx].clamp(min=_TINY).log(),
             attn_var[idx].clamp(min=_TINY).log(), attn_norm[idx].clamp(min=_TINY).log(),
-        ], dim=-1).numpy()
-        unit = resid[1:] / resid_norm[1:, None].clamp(min=_TINY)  # BOS excluded: its norm is extreme in real models
-        for j, delta in enumerate(self.offsets.tolist()):
-            self.similarity[layer, j] += float((unit[:-delta] * unit[delta:]).sum(-1).mean())
+        ], dim=-1).double().numpy()
+        # cos(h_i, h_{i+delta}) for anchors i >= 1 (BOS excluded: its norm is extreme in real models): one matmul
+        unit = resid / resid_norm[:, None].clamp(min=_TINY)
+        gram = unit[self.anchors] @ unit.T  # [anchors, n]
+        partner = self.anchors[:, None] + self.offset_index[None, :]  # [anchors, offsets]
+        valid = partner < self.n_tokens
+        values = gram.gather(1, partner.clamp(max=self.n_tokens - 1)) * valid
+        self.similarity[layer] += (values.sum(0) / valid.sum(0).clamp(min=1)).double().numpy()
         self.seen[layer] += 1
 
 
@@ -390,7 +399,7 @@ class ImplicitPosition:
         rng = np.random.default_rng(ctx.seed + 4_242)
         k = min(config.positions_per_sequence, n_tokens - 1)
         offsets = log_spaced(1, max(1, (n_tokens - 1) // 2), config.n_offsets)
-        col = _Collector(info, n_sequences, n_tokens, k, offsets)
+        col = _Collector(info, n_sequences, n_tokens, k, offsets, config.similarity_anchors)
         for index in ctx.progress(range(n_sequences), "implicit_position passes"):
             ids = torch.tensor([_sequence_ids(ctx, config, index, n_tokens)])
             position_ids = torch.arange(n_tokens)[None]
@@ -475,7 +484,7 @@ class ImplicitPosition:
         edits = [f"{type(e).__name__}(layer={e.layer})" for e in getattr(ctx.access, "_edits", [])]
         return {
             "input": config.input,
-            "bos": bool(config.bos),
+            "bos": bool(config.bos and ctx.info.adds_bos),  # whether position 0 actually held BOS
             "context_length": n_tokens,
             "n_sequences": n_sequences,
             "n_train_sequences": int(len(train_seq)),
