@@ -34,7 +34,7 @@ from scipy.stats import spearmanr
 
 import posprobe
 from posprobe.access import Tap
-from posprobe.probes import Budget, get_budget
+from posprobe.probes import Budget, get_budget, get_probe
 from posprobe.tasks.text import text_ids
 
 
@@ -223,6 +223,17 @@ def analyse(model: str, args: argparse.Namespace, budget: Budget, out: Path, png
     positional = heads[heads["is_positional_head"]].sort_values("positional_head_score", ascending=False)
     pos_cols = ["layer", "head", "layer_type", "dim_distance_corr", "long_mass", "positional_head_score", "sink_mass"]
 
+    # 4. is the default query subsample of logit_share enough? one text, subsample vs every sampled query
+    check_budget = Budget("subsample-check", context_lengths=(1024,), n_texts=1, max_queries=256, retrieval_trials=1,
+                          bias_trials=1, implicit_sequences=1)
+    rope_config = get_probe("rope_frequency").Config
+    subsample_diff: dict[str, float] = {}
+    few = posprobe.scan(access, probes=["rope_frequency"], budget=check_budget, seed=args.seed + 1, progress=False)
+    every = posprobe.scan(access, probes=["rope_frequency"], budget=check_budget, seed=args.seed + 1, progress=False,
+                          configs={"rope_frequency": rope_config(max_queries=None)})
+    for col in ("rope_high_freq_share", "rope_low_freq_share", "rope_freq_centroid"):
+        subsample_diff[col] = float((few.heads[col] - every.heads[col]).abs().max())
+
     mean = layers[["q_norm_low", "q_norm_high", "k_norm_low", "k_norm_high", "usage_low", "usage_high"]].mean()
     n_rope = len(layers)
     numbers: dict[str, Any] = {
@@ -252,6 +263,8 @@ def analyse(model: str, args: argparse.Namespace, budget: Budget, out: Path, png
             "spearman_long_mass_vs_sink_mass": corr("long_mass", "sink_mass"),
             "heads": positional[pos_cols].to_dict(orient="records"),
         },
+        "subsample_check": {"queries": int(few.meta["probes"]["rope_frequency"]["max_queries"]),
+                            "versus_queries": int(torch.linspace(1, 1023, 256).round().long().unique().numel()), "context_length": 1024, "max_abs_diff": subsample_diff},
         "figures": figures,
         "seconds": round(time.time() - started, 1),
     }
@@ -310,6 +323,10 @@ def model_report(n: dict[str, Any], layers: pd.DataFrame, top: pd.DataFrame, pos
         f"{n['positional_heads']['spearman_long_mass_vs_sink_mass']:.3f}.",
         "",
         fmt_table(positional.reset_index(drop=True)) if len(positional) else "(none)",
+        "",
+        f"Query subsample check (one 1024-token text): logit_share from {n['subsample_check']['queries']} queries vs "
+        f"all {n['subsample_check']['versus_queries']} sampled queries differs by at most "
+        + ", ".join(f"{v:.3f} ({k})" for k, v in n["subsample_check"]["max_abs_diff"].items()) + ".",
         "",
         "Figures: " + ", ".join(f"`{x}`" for x in n["figures"]),
         "",
