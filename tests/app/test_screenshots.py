@@ -7,6 +7,7 @@ switched off in every layer (`disable_rope`), so the compare view shows what the
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,19 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 def _save(dash_duo, name: str) -> Path:
     """Full-page PNG: the window is stretched to the page height first."""
     driver = dash_duo.driver
+    heights: list[int] = []
+
+    def settled() -> bool:  # every plot drawn and the page height unchanged over two polls
+        drawn = driver.execute_script(
+            "return Array.from(document.querySelectorAll('.js-plotly-plot')).every(g => g._fullLayout)")
+        heights.append(int(driver.execute_script("return document.documentElement.scrollHeight")))
+        time.sleep(0.3)
+        return bool(drawn) and len(heights) >= 3 and heights[-1] == heights[-2] == heights[-3]
+
     for _ in range(2):  # plots drawn after a resize can make the page taller
-        wait_until(lambda: driver.execute_script(
-            "return Array.from(document.querySelectorAll('.js-plotly-plot')).every(g => g._fullLayout)"),
-            what="plots drawn")
-        height = driver.execute_script("return document.documentElement.scrollHeight")
-        driver.set_window_size(1440, min(max(int(height) + 60, 900), 4000))
+        heights.clear()
+        wait_until(settled, what="plots drawn and the page height settled")
+        driver.set_window_size(1440, min(max(heights[-1] + 60, 900), 5000))
     path = SCREENSHOTS / f"{name}.png"
     driver.save_screenshot(str(path))
     driver.set_window_size(1440, 1000)
