@@ -44,7 +44,7 @@ class RopeFrequencyConfig:
     band_fraction: float = 0.125  # "fastest / slowest 1/8 of chunks" (METRICS.md section 1)
     # Queries per text for logit_share, evenly spread over the scan's query sample. Materialising c_k costs
     # queries x keys x r/2 x heads; on Gemma 3 270M (one 1024-token text) 64 instead of 256 queries moves the head
-    # summaries by at most 0.025 (analyses/rope_frequency_usage.py). None = every sampled query.
+    # summaries by at most 0.025 (SmolLM2-135M: 0.06; analyses/rope_frequency_usage.py). None = every sampled query.
     max_queries: int | None = 64
     block_size: int = 16  # queries per contribution block: memory ~ block x keys x (r/2) x heads floats
     check_exactness: bool = True  # verify sum_k c_k * scale == logit on one block per layer (reported in summary)
