@@ -264,7 +264,8 @@ def analyse(model: str, args: argparse.Namespace, budget: Budget, out: Path, png
             "heads": positional[pos_cols].to_dict(orient="records"),
         },
         "subsample_check": {"queries": int(few.meta["probes"]["rope_frequency"]["max_queries"]),
-                            "versus_queries": int(torch.linspace(1, 1023, 256).round().long().unique().numel()), "context_length": 1024, "max_abs_diff": subsample_diff},
+                            "versus_queries": int(torch.linspace(1, 1023, 256).round().long().unique().numel()),
+                            "context_length": 1024, "max_abs_diff": subsample_diff},
         "figures": figures,
         "seconds": round(time.time() - started, 1),
     }

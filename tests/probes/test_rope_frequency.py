@@ -224,7 +224,8 @@ def test_nope_layers_inside_a_rope_model_are_skipped_with_a_reason():
     torch.manual_seed(0)
     config = SmolLM3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                           bos_token_id=1, eos_token_id=2, pad_token_id=0, no_rope_layers=[1, 0], rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0, no_rope_layers=[1, 0],
+                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = SmolLM3ForCausalLM(config).eval()
     model.config._attn_implementation = "sdpa"
     access = HFAccess(model, tok, name="tiny-smollm3-mixed")
