@@ -140,3 +140,19 @@ def test_bad_heads_are_intervention_errors(tiny_rope, heads, match):
 def test_edits_group_heads_per_layer(tiny_rope):
     edits = mask_heads_edits(tiny_rope.info, [(1, 3), (0, 2), (1, 0), (1, 3)])
     assert [(e.layer, e.fn.heads, e.stage) for e in edits] == [(0, (2,), "probs"), (1, (0, 3), "probs")]
+
+
+@pytest.mark.real_model
+def test_gemma_masked_heads_match_reference_and_restore(gemma):
+    ids = gemma.encode(TEXT * 2)
+    before = gemma.run(ids, logits="all").logits
+    heads = [(5, 1), (11, 2), (3, 0)]  # a global layer (5, 11) and a sliding-window layer (3)
+    with mask_heads(gemma, heads):
+        inside = gemma.run(ids, logits="all").logits
+    reference = gemma.run(ids, logits="all", edits=_zero_logits_edits({3: (0,), 5: (1,), 11: (2,)})).logits
+    after = gemma.run(ids, logits="all").logits
+    identity = gemma.run(ids, logits="all", edits=[AttentionEdit(5, lambda p, ctx: p)]).logits
+    assert torch.allclose(identity, before, atol=1e-3)  # the eager path of edited layers is faithful on Gemma
+    assert torch.allclose(inside, reference, atol=1e-4)
+    assert not torch.allclose(inside, before, atol=1e-3)
+    assert torch.equal(before, after)
