@@ -76,10 +76,8 @@ def run_case(case: str, n_tokens: int, model_name: str) -> dict:
                 torch.diagonal(pattern, offset=-1, dim1=-2, dim2=-1).mean()
         model.set_attn_implementation("sdpa")
     elif case == "tl_cache":
-        from transformer_lens.model_bridge import TransformerBridge
-
-        bridge = TransformerBridge.boot_transformers(model_name, hf_model=access.model, tokenizer=access.tokenizer,
-                                                     device="cpu")
+        bridge = posprobe.load_model(model_name, backend="transformer_lens").bridge
+        del access
         loaded = _rss_mb()
         _reset_peak()
         start = time.perf_counter()
