@@ -237,6 +237,18 @@ def main() -> None:
         write_page(out / f"implicit_position_{kind}.html", f"Implicit position ({kind} input)", figures)
 
         report += [f"## Input: {'generated text' if kind == 'text' else 'uniform random tokens'}", ""]
+        labels = list(scans)
+        normal, ablated = (layer_table(scans[labels[0]]), layer_table(scans[labels[1]]))
+        n_layers = len(normal)
+        early = list(range(min(3, n_layers)))
+        middle = list(range(n_layers // 3, min(n_layers, 2 * n_layers // 3 + 1)))
+        for name, rows in ((f"early layers 0-{early[-1]}", early), (f"middle layers {middle[0]}-{middle[-1]}", middle)):
+            a = float(normal.loc[rows, "R2 ridge hidden pos"].mean())
+            b = float(ablated.loc[rows, "R2 ridge hidden pos"].mean())
+            report.append(f"- {name}: ridge hidden-state R^2 for absolute position {a:.2f} with RoPE, {b:.2f} "
+                          f"with RoPE disabled ({labels[0]}).")
+            numbers.setdefault("survival", {})[f"{kind}/{name}"] = {"rope": a, "rope_disabled": b}
+        report.append("")
         for label, scan in scans.items():
             report += [f"### {label}", "", fmt_table(layer_table(scan)), ""]
     comparison = pd.DataFrame(comparison_rows)

@@ -15,11 +15,12 @@ Position probes, per layer, trained on whole sequences and tested on other, disj
   token: Chi et al.'s variance signal);
 - targets: `position` and `log_position` (the better-posed target for scale features, which shrink like 1/i);
 - regressors: `ridge` (standardised features, alpha chosen by grouped k-fold CV over training sequences) and `mlp`
-  (scikit-learn MLPRegressor, one hidden layer, early-stopped on held-out training sequences, falling back to the
-  training mean when no epoch beats it);
+  (scikit-learn MLPRegressor, one hidden layer; L2 strength and early stopping chosen on held-out training
+  sequences, falling back to the training mean when nothing beats it);
 - metrics on the test sequences: R^2 (in the target's own space), Spearman of prediction vs position, MAD (mean
-  absolute deviation in positions, Haviv et al.; log predictions are clipped to the training range and
-  exponentiated), next to `mad_baseline`, the MAD of always predicting the training median;
+  absolute deviation in positions, Haviv et al.; log predictions are exponentiated), next to `mad_baseline`, the
+  MAD of always predicting the training median. Predictions are clipped to the training targets' range first
+  (positions outside it are impossible; without the clip one wild extrapolation can dominate R^2);
 - control: the same fits on training labels shuffled across training samples (`labels == "shuffled"`); on
   disjoint test sequences they must score at chance: R^2 <= ~0 and MAD ~ mad_baseline (summary: `control_max_r2`,
   `control_min_mad_ratio`). If they do not, the probe leaks. Spearman is NOT a chance measure here: a probe fitted
@@ -84,7 +85,8 @@ class ImplicitPositionConfig:
     mlp_max_iter: int = 200  # epochs at most; early stopping usually ends far sooner
     mlp_patience: int = 10  # epochs without improvement on the validation sequences before stopping
     mlp_validation_fraction: float = 0.2  # share of *training sequences* used for early stopping
-    mlp_l2: float = 1e-3  # MLPRegressor alpha
+    mlp_l2: tuple[float, ...] = (1.0, 10.0, 100.0)  # MLPRegressor alphas tried, chosen on validation sequences:
+    # residual features are many and mostly position-free, so weak L2 (sklearn's 1e-4) fails to learn in time
     n_curve_points: int = 48  # log-spaced positions kept in the variance_by_position curves
     n_offsets: int = 16  # log-spaced offsets delta of the similarity curve (1 .. n/2)
     similarity_anchors: int = 512  # evenly spaced positions i whose cos(h_i, h_i+delta) is averaged: bounds the
@@ -247,10 +249,12 @@ def ridge_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarr
 
 def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
                     config: ImplicitPositionConfig, seed: int) -> np.ndarray:
-    """A one-hidden-layer MLP on standardised features and a standardised (single) target, early-stopped on
-    held-out *training sequences* (grouped, so no within-sequence leakage). The constant (training-mean) predictor
-    is a candidate too: if no epoch beats it on the validation sequences, the probe predicts the mean, so a probe
-    with nothing to learn (shuffled labels) scores at chance instead of returning its random initialisation."""
+    """A one-hidden-layer MLP on standardised features and a standardised (single) target.
+
+    Model selection uses held-out *training sequences* (grouped, so no within-sequence leakage): early stopping per
+    L2 strength in `config.mlp_l2`, then the best of those and of the constant (training-mean) predictor. A probe
+    with nothing to learn (shuffled labels) therefore predicts the mean instead of its random initialisation.
+    """
     from sklearn.neural_network import MLPRegressor
 
     xt, xs = _standardise(x_train, x_test)
@@ -261,26 +265,30 @@ def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray
     n_val = max(1, int(round(config.mlp_validation_fraction * len(unique))))
     val = np.isin(groups, rng.choice(unique, size=min(n_val, len(unique) - 1), replace=False))
     fit = ~val
-    model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=config.mlp_l2,
-                         batch_size=min(256, int(fit.sum())), random_state=seed)
-    best_mse = float(((ys[val] - ys[fit].mean()) ** 2).mean())  # the constant predictor
-    best: tuple[list[np.ndarray], list[np.ndarray]] | None = None
     constant = float(ys[fit].mean())
-    stale = 0
-    for _ in range(config.mlp_max_iter):
-        model.partial_fit(xt[fit], ys[fit])  # one epoch of minibatch Adam
-        mse = float(((model.predict(xt[val]) - ys[val]) ** 2).mean())
-        if mse < best_mse - 1e-4:
-            best_mse, stale = mse, 0
-            best = ([w.copy() for w in model.coefs_], [b.copy() for b in model.intercepts_])
-        else:
-            stale += 1
-            if stale >= config.mlp_patience:
-                break
+    best_mse = float(((ys[val] - constant) ** 2).mean())
+    best: MLPRegressor | None = None
+    for l2 in config.mlp_l2:
+        model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=l2,
+                             batch_size=min(256, int(fit.sum())), random_state=seed)
+        weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None
+        stale = 0
+        for _ in range(config.mlp_max_iter):
+            model.partial_fit(xt[fit], ys[fit])  # one epoch of minibatch Adam
+            mse = float(((model.predict(xt[val]) - ys[val]) ** 2).mean())
+            if mse < best_mse - 1e-4:
+                best_mse, stale = mse, 0
+                weights = ([w.copy() for w in model.coefs_], [b.copy() for b in model.intercepts_])
+            else:
+                stale += 1
+                if stale >= config.mlp_patience:
+                    break
+        if weights is not None:
+            model.coefs_, model.intercepts_ = weights
+            best = model
     if best is None:
         return np.full(len(xs), constant * std + mean)
-    model.coefs_, model.intercepts_ = best
-    return model.predict(xs) * std + mean
+    return best.predict(xs) * std + mean
 
 
 def _target(positions: np.ndarray, target: str) -> np.ndarray:
@@ -293,11 +301,7 @@ def probe_scores(pred: np.ndarray, truth: np.ndarray, target: str, train_positio
     residual = float(((pred - y) ** 2).sum())
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - residual / total if total > 0 else float("nan")
-    if target == "log_position":
-        lo, hi = np.log(train_positions.min()), np.log(train_positions.max())
-        pred_pos = np.exp(np.clip(pred, lo, hi))
-    else:
-        pred_pos = pred
+    pred_pos = np.exp(pred) if target == "log_position" else pred
     rho = spearmanr(pred, truth).statistic if np.ptp(pred) > 0 and np.ptp(truth) > 0 else 0.0
     return {"r2": r2, "spearman": float(rho), "mad": float(np.abs(pred_pos - truth).mean()),
             "mad_baseline": float(np.abs(np.median(train_positions) - truth).mean())}
@@ -338,6 +342,8 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
                                                          x_test, config, seed), float("nan"))
                         for labels, order in variants for target in config.targets]
             for labels, target, prediction, alpha in fits:
+                bounds = _target(train_pos, target)  # a position outside the training range is impossible
+                prediction = np.clip(prediction, bounds.min(), bounds.max())
                 rows.append({"layer": layer, "regressor": regressor, "features": features, "target": target,
                              "labels": labels, **probe_scores(prediction, test_pos, target, train_pos),
                              "alpha": alpha, "n_train": int(len(train_pos)), "n_test": int(len(test_pos))})
