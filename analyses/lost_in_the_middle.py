@@ -29,7 +29,7 @@ from scipy.stats import pearsonr, pointbiserialr, spearmanr
 
 import posprobe
 from posprobe.probes import Budget
-from posprobe.probes.position_bias import PositionBiasConfig, bootstrap_u, document_attention, u_score
+from posprobe.probes.position_bias import PositionBiasConfig, bootstrap_u, document_attention, u_parts, u_score
 from posprobe.render.bias import accuracy_curve, document_bias, lost_in_the_middle, position_bias
 from posprobe.tasks import get_task
 
@@ -128,6 +128,14 @@ def main() -> None:
                    for layer, g in scan.curves[(scan.curves["curve"] == "document_attention")
                                                & (scan.curves["layer"] >= 0) & (scan.curves["head"] == -1)]
                    .groupby("layer")}
+    _, first, middle, last = u_parts(attn_curve.sort_values("x")["y"].to_numpy())
+    heads = scan.heads
+    numbers["attention_ends"] = {
+        "first_over_middle": float(first / middle), "last_over_middle": float(last / middle),
+        "heads_first_above_middle": int((heads["u_first"] > heads["u_middle"]).sum()),
+        "heads_both_ends_above_middle": int(((heads["u_first"] > heads["u_middle"])
+                                             & (heads["u_last"] > heads["u_middle"])).sum()),
+        "n_heads": int(len(heads))}
     top_heads = scan.rank("u_score", top=8)[["layer", "head", "layer_type", "u_score", "u_first", "u_middle",
                                              "u_last", "u_sink"]]
 
@@ -198,6 +206,7 @@ def write_report(out: Path, args: argparse.Namespace, n: dict[str, Any], behavio
                  layer_doc_u: dict[int, float], md: pd.DataFrame | None, focus: pd.DataFrame,
                  per_position: np.ndarray) -> None:
     pb = n["position_bias"]
+    ends = n["attention_ends"]
     acc = behaviour[["n_items", "gold_position", "n", "n_correct", "n_errors", "accuracy", "ci_low", "ci_high"]]
     speed = pd.DataFrame([{"pairs": k, **v} for k, v in n["speed"].items()])
     corr = n["correlation_position_level"]
@@ -230,6 +239,12 @@ def write_report(out: Path, args: argparse.Namespace, n: dict[str, Any], behavio
         f"{pb['sink']:.3f}; context {pb['context_length']} tokens x {pb['n_contexts']} contexts.",
         "",
         fmt_table(attn.rename(columns={"x": "j/i (bin centre)", "y": "attention / uniform"})),
+        "",
+        f"The two ends separately (model mean): first bin / middle third = {ends['first_over_middle']:.2f}, last bin "
+        f"/ middle third = {ends['last_over_middle']:.2f}. Heads whose first bin exceeds their middle: "
+        f"{ends['heads_first_above_middle']} of {ends['n_heads']}; both ends above the middle: "
+        f"{ends['heads_both_ends_above_middle']}. With the sink column excluded, u_score > 1 can come from recency "
+        "alone; read the first-bin ratio and `u_sink` for primacy.",
         "",
         "Most U-shaped heads:",
         "",
