@@ -36,6 +36,8 @@ class Budget:
     retrieval_trials: int  # needle trials (lengths x depths) for the retrieval probe
     bias_trials: int  # prompts per slot / gold position for position-bias probes
     implicit_sequences: int  # sequences for the implicit-position probes (train + test)
+    implicit_mlp: bool = True  # fit the MLP position probe too (the slow fit; with the few sequences of "quick" it
+    # trails ridge: R^2 0.80 vs 0.97 on Gemma 3 270M, while taking ~2/3 of the probe's time)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -45,7 +47,7 @@ BUDGETS: dict[str, Budget] = {
     b.name: b
     for b in (
         Budget("quick", context_lengths=(256, 512), n_texts=2, max_queries=128, retrieval_trials=6,
-               bias_trials=4, implicit_sequences=16),
+               bias_trials=4, implicit_sequences=16, implicit_mlp=False),
         Budget("standard", context_lengths=(512, 1024, 2048), n_texts=4, max_queries=256, retrieval_trials=20,
                bias_trials=12, implicit_sequences=48),
         Budget("full", context_lengths=(512, 1024, 2048, 4096), n_texts=8, max_queries=512, retrieval_trials=60,
@@ -77,8 +79,7 @@ def curve_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame, probe: str) -> pd
     df = pd.DataFrame(rows) if not isinstance(rows, pd.DataFrame) else rows.copy()
     df["probe"] = probe
     for col, default in (("series", ""), ("layer", MODEL_LEVEL), ("head", MODEL_LEVEL)):
-        if col not in df:
-            df[col] = default
+        df[col] = df[col].fillna(default) if col in df else default  # rows that omit a key get the default too
     df = df[CURVE_COLUMNS]
     return df.astype({"probe": str, "curve": str, "series": str, "layer": "int64", "head": "int64",
                       "x": "float64", "y": "float64"})

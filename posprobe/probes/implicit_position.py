@@ -42,6 +42,7 @@ layer x regressor x features x target x labels) and `implicit_position.layers`; 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ class ImplicitPositionConfig:
     test_fraction: float = 0.25  # share of whole sequences held out for testing (disjoint from training)
     feature_sets: tuple[str, ...] = FEATURE_SETS  # see the module docstring
     targets: tuple[str, ...] = TARGETS
-    regressors: tuple[str, ...] = REGRESSORS
+    regressors: tuple[str, ...] | None = None  # None: ridge and mlp, or ridge only under a budget with
+    # implicit_mlp=False ("quick")
     mlp_feature_sets: tuple[str, ...] = ("hidden", "scale")  # the MLP is the slow fit; "direction" is covered by ridge
     shuffled_control: tuple[str, ...] = REGRESSORS  # regressors that also fit shuffled labels (the leak control)
     ridge_alphas: tuple[float, ...] = (1e-2, 1e-1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)  # on standardised features
@@ -400,6 +402,8 @@ class ImplicitPosition:
         started = time.time()
         info = ctx.info
         n_sequences = config.n_sequences if config.n_sequences is not None else ctx.budget.implicit_sequences
+        if config.regressors is None:
+            config = dataclasses.replace(config, regressors=REGRESSORS if ctx.budget.implicit_mlp else ("ridge",))
         _check_config(config, n_sequences)
         n_tokens = min(config.context_length, info.max_positions or config.context_length)
         rng = np.random.default_rng(ctx.seed + 4_242)
@@ -490,6 +494,7 @@ class ImplicitPosition:
         edits = [f"{type(e).__name__}(layer={e.layer})" for e in getattr(ctx.access, "_edits", [])]
         return {
             "input": config.input,
+            "regressors": list(config.regressors or ()),
             "bos": bool(config.bos and ctx.info.adds_bos),  # whether position 0 actually held BOS
             "context_length": n_tokens,
             "n_sequences": n_sequences,

@@ -264,3 +264,28 @@ def test_mlp_learns_a_signal_and_falls_back_to_the_mean_on_noise():
     noise = rng.normal(size=600)
     pred = mlp_fit_predict(x, noise, groups, x_test, config, seed=0)
     assert pred.std() < 0.2 * noise.std()  # nothing to learn: (close to) the constant training-mean predictor
+
+
+def test_quick_budget_fits_ridge_only_and_every_curve_row_has_a_series(tmp_path):
+    """A budget with implicit_mlp=False drops the slow MLP fit (an explicit config still wins); curves whose rows
+    omit `series` (similarity_by_offset) come back from Parquet as "" (a NaN key would vanish from groupbys)."""
+    import dataclasses
+
+    quick = dataclasses.replace(BUDGET, implicit_mlp=False)
+    info = planted_info(n_layers=2, n_heads=2, head_dim=D_MODEL // 2)
+    cfg = ImplicitPositionConfig(context_length=N_TOKENS, input="random", positions_per_sequence=32)
+    scan = posprobe.scan(PlantedAccess(info, tensors=_planted_tensors), probes=["implicit_position"], budget=quick,
+                         configs={"implicit_position": cfg}, progress=False)
+    probes = scan.tables["implicit_position.probes"]
+    assert set(probes["regressor"]) == {"ridge"}
+    assert scan.meta["summaries"]["implicit_position"]["regressors"] == ["ridge"]
+    explicit = posprobe.scan(PlantedAccess(info, tensors=_planted_tensors), probes=["implicit_position"],
+                             budget=quick, progress=False,
+                             configs={"implicit_position": dataclasses.replace(cfg, regressors=("ridge", "mlp"),
+                                                                              mlp_max_iter=20)})
+    assert set(explicit.tables["implicit_position.probes"]["regressor"]) == {"ridge", "mlp"}
+    loaded = posprobe.load(scan.save(tmp_path / "scan"))
+    curves = loaded.curves[loaded.curves["probe"] == "implicit_position"]
+    assert curves["series"].notna().all()
+    similarity = curves[curves["curve"] == "similarity_by_offset"]
+    assert len(similarity) > 0 and (similarity["series"] == "").all()
