@@ -22,7 +22,9 @@ HEAD_TITLE = "head-title"
 HEAD_METRICS = "head-metrics"
 HEAD_CURVES = "head-curves"
 RANKING_METRIC = "ranking-metric"
-RANKING_TABLE = "ranking-table"
+RANKING_TABLE = "ranking-table"  # a dash-ag-grid AgGrid
+RANKING_ROWS = "ranking-rows"  # the compact ranking payload; the browser expands it into the grid's rowData
+RANKING_EXPORT = "ranking-export"  # the grid's filtered, sorted row ids, set on "Download CSV"
 RANKING_DOWNLOAD_BUTTON = "ranking-download-button"
 RANKING_DOWNLOAD = "ranking-download"
 

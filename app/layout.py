@@ -63,6 +63,11 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
 .pp-error-page { margin: 30px auto; max-width: 820px; background: white; border: 1px solid #f3c2bc;
                  border-left: 5px solid var(--pp-accent); border-radius: 6px; padding: 14px 22px; }
 .pp-error-page h2 { margin-top: 4px; }
+.pp-grid-table { --ag-font-family: inherit; --ag-font-size: 13px; --ag-accent-color: var(--pp-accent);
+                 --ag-selected-row-background-color: #fde8e1; margin-bottom: 8px; }
+.pp-grid-table .ag-header-cell.pp-ranked { background: #fde8e1; }
+.pp-grid-table .ag-cell.pp-ranked { font-weight: 600; }
+.pp-grid-table .ag-row { cursor: pointer; }
 .pp-error-text { font-family: ui-monospace, Menlo, monospace; font-size: 13px; white-space: pre-wrap; }
 """
 

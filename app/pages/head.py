@@ -1,9 +1,10 @@
 """The head detail view: every curve the scan holds for one head, its metrics, and the sortable head ranking.
 
 Owns the head tab's layout and pure helpers: `curve_cards` (one graph per per-head / layer-level curve, found by
-name in `scan.curves` so new probes appear without edits), `metrics_table`, `ranking` (DataTable rows and columns)
-and `ranking_csv` (full-precision CSV in the table's current filter and sort order). Figures come from
-`posprobe.render.head_detail`. Implements no METRICS.md section (it shows all of them).
+name in `scan.curves` so new probes appear without edits), `metrics_table`, `ranking` (the AG Grid ranking as a
+compact column-list payload plus its column definitions), `row_ids_of` and `ranking_csv` (full-precision CSV in the
+grid's current filter and sort order). Figures come from `posprobe.render.head_detail`. Implements no METRICS.md
+section (it shows all of them).
 """
 
 from __future__ import annotations
@@ -12,16 +13,42 @@ import math
 import re
 from typing import Any
 
+import dash_ag_grid as dag
 import pandas as pd
-from dash import dash_table, dcc, html
-from dash.dash_table.Format import Format, Scheme
+from dash import dcc, html
 
 from app import ids
 from app.pages.common import format_value, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
 
-SIGNIFICANT = 5  # digits shown in the ranking table (the CSV download keeps full precision)
+SIGNIFICANT = 5  # digits sent to the ranking grid: one more than shown, so sorting rarely ties (the CSV keeps all)
+PAGE_SIZE = 15  # ranking rows per page: the head curves above stay in view
+INTEGER_COLUMNS = ("rank", "layer", "head", "kv_head")
+# a metric cell: 4 significant digits, trailing zeros trimmed, a dash when the head has no value
+NUMBER_FORMAT = {"function": "params.value == null ? '\u2013' : d3.format('.4~g')(params.value)"}
+# rows are identified by "layer:head" (never sent: computed in the browser from the row itself)
+ROW_ID = "params.data.layer + ':' + params.data.head"
+# the grid's rows, rebuilt in the browser from the compact {columns, rows} payload of `ranking`
+EXPAND_ROWS_JS = """
+function(table) {
+    if (!table || !table.columns || !table.rows) { return []; }
+    const columns = table.columns;
+    return table.rows.map(function(values) {
+        const row = {};
+        columns.forEach(function(column, i) { row[column] = values[i]; });
+        return row;
+    });
+}
+"""
+# on "Download CSV": the heads in the grid's current filter and order (the server writes the full-precision CSV)
+EXPORT_ROWS_JS = """
+function(n_clicks, rows) {
+    if (!n_clicks) { return window.dash_clientside.no_update; }
+    const ids = rows ? rows.map(function(r) { return r.layer + ':' + r.head; }) : null;
+    return {clicks: n_clicks, row_ids: ids};
+}
+"""
 
 
 def layout() -> html.Div:
@@ -42,17 +69,24 @@ def layout() -> html.Div:
             html.Label("rank by", htmlFor=ids.RANKING_METRIC),
             dcc.Dropdown(id=ids.RANKING_METRIC, clearable=False, className="pp-dropdown"),
             html.Button("Download CSV", id=ids.RANKING_DOWNLOAD_BUTTON, className="pp-button"),
-            html.Span("sort by clicking a column header, filter in the row under it (e.g. > 0.5); "
-                      "click a row to open that head; the CSV keeps the current filter and order", className="pp-hint"),
+            html.Span("sort by clicking a column header; filter in the row under it (a metric keeps heads >= the "
+                      "number typed, other operators in the column's filter menu); click a row to open that head; "
+                      "the CSV keeps the current filter and order, at full precision", className="pp-hint"),
         ]),
-        dash_table.DataTable(
-            id=ids.RANKING_TABLE, sort_action="native", sort_mode="single", filter_action="native",
-            page_action="native", page_size=15, style_table={"overflowX": "auto"},
-            style_cell={"fontFamily": "inherit", "fontSize": "13px", "padding": "3px 8px"},
-            style_header={"fontWeight": "600", "backgroundColor": "#f3f4f8"},
-            style_data_conditional=[{"if": {"state": "active"}, "backgroundColor": "#fde8e1",
-                                     "border": "1px solid #e4572e"}],
+        dag.AgGrid(
+            id=ids.RANKING_TABLE, className="pp-grid-table", getRowId=ROW_ID, rowData=[], columnDefs=[],
+            defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True,
+                           "minWidth": 80, "flex": 1},
+            dashGridOptions={"pagination": True, "paginationPageSize": PAGE_SIZE,
+                             "paginationPageSizeSelector": [PAGE_SIZE, 50, 200], "domLayout": "autoHeight",
+                             "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
+                             "rowHeight": 30, "headerHeight": 34, "floatingFiltersHeight": 36,
+                             "animateRows": False, "tooltipShowDelay": 300,
+                             "localeText": {"noRowsToShow": "No heads to show (check the filters)"}},
+            style={"width": "100%"},
         ),
+        dcc.Store(id=ids.RANKING_ROWS),
+        dcc.Store(id=ids.RANKING_EXPORT),
         dcc.Download(id=ids.RANKING_DOWNLOAD),
     ])
 
@@ -80,28 +114,44 @@ def ranking_frame(scan: Any, metric: str) -> pd.DataFrame:
     return scan.rank(metric, top=None)
 
 
-def ranking(scan: Any, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """DataTable (data, columns) for the ranking by `metric`: numbers rounded for display, row id "layer:head"."""
+def ranking(scan: Any, metric: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ranking by `metric` for the grid: ({"columns": names, "rows": [[value, ...], ...]}, column definitions).
+
+    Values are rounded to SIGNIFICANT digits and NaN / inf become null; rows go as lists (the browser rebuilds the
+    records with EXPAND_ROWS_JS), so a 1,536-head scan does not repeat every column name 1,536 times. Every column
+    sorts and filters; metrics show 4 significant digits; the sort is reset to the ranking order.
+    """
     ranked = ranking_frame(scan, metric)
     numeric = set(numeric_metrics(scan))
-    records = []
-    for row in ranked.to_dict("records"):
-        record = {k: _round(v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        record["id"] = row_id(int(row["layer"]), int(row["head"]))
-        records.append(record)
+    rows = [[_round(v.item() if hasattr(v, "item") else v) for v in values]
+            for values in ranked.itertuples(index=False, name=None)]
     columns = []
     for column in ranked.columns:
-        spec: dict[str, Any] = {"name": column, "id": column}
-        if column in numeric or column in ("rank", "layer", "head", "kv_head"):
-            spec["type"] = "numeric"
-        if column in numeric:
-            spec["format"] = Format(precision=4, scheme=Scheme.decimal_or_exponent)
+        spec: dict[str, Any] = {"field": column, "headerName": column, "headerTooltip": column, "sort": None}
+        if column in INTEGER_COLUMNS:
+            spec.update(filter="agNumberColumnFilter", type="numericColumn", minWidth=70, maxWidth=110)
+        elif column in numeric:
+            spec.update(filter="agNumberColumnFilter", type="numericColumn", valueFormatter=NUMBER_FORMAT,
+                        filterParams={"defaultOption": "greaterThanOrEqual"}, minWidth=110)
+        else:
+            spec.update(filter="agTextColumnFilter", minWidth=140)
+        if column == metric:  # the ranked-by column stands out (keeping the numeric column's right alignment)
+            spec["cellClass"] = ["ag-right-aligned-cell", "pp-ranked"]
+            spec["headerClass"] = ["ag-right-aligned-header", "pp-ranked"]
         columns.append(spec)
-    return records, columns
+    return {"columns": [str(c) for c in ranked.columns], "rows": rows}, columns
+
+
+def row_ids_of(export: Any) -> list[Any] | None:
+    """The row ids `"layer:head"` of an export request from EXPORT_ROWS_JS; None (all heads) when it has none."""
+    if isinstance(export, dict) and isinstance(export.get("row_ids"), list):
+        return export["row_ids"]
+    return None
 
 
 def ranking_csv(scan: Any, metric: str, row_ids: list[Any] | None, scan_name: str) -> tuple[str, str]:
-    """(filename, CSV text) of the ranking, in the order and filter of `row_ids` (the table's derived view)."""
+    """(filename, CSV text) of the ranking, in the order and filter of `row_ids` (the grid's filtered, sorted rows;
+    None for every head in ranking order)."""
     ranked = ranking_frame(scan, metric)
     if row_ids is not None:
         keys = [key for key in (parse_row_id(r) for r in row_ids) if key is not None]
@@ -149,4 +199,4 @@ def head_options(scan: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
 
 
 __all__ = ["curve_cards", "head_options", "layout", "metrics_table", "parse_row_id", "ranking",
-           "ranking_csv", "row_id"]
+           "ranking_csv", "row_id", "row_ids_of"]

@@ -1,7 +1,8 @@
 """Helpers for driving the explorer in a real browser (used by the browser tests and the screenshot test).
 
 Owns small selenium helpers: wait for a condition, read a Plotly figure out of the page, click a heatmap cell at a
-given (layer, head), open a tab, wait for a downloaded file.
+given (layer, head), read and drive an AG Grid (rows shown, header click, floating filter, row click), open a tab,
+wait for a downloaded file, and save a full-page screenshot once the page has settled.
 """
 
 from __future__ import annotations
@@ -53,6 +54,44 @@ def click_heatmap_cell(dash_duo: Any, graph_id: str, layer: int, head: int, n_la
     x = rect["x"] + (head + 0.5) / n_heads * rect["w"]
     y = rect["y"] + (layer + 0.5) / n_layers * rect["h"]
     ActionChains(driver).move_to_location(int(x), int(y)).click().perform()
+
+
+def grid_rows(dash_duo: Any, grid_id: str) -> list[dict[str, str]]:
+    """The rows an AG Grid shows (its current page, top to bottom) as {col-id: cell text, "_id": row id}."""
+    return dash_duo.driver.execute_script(
+        """
+        const rows = Array.from(document.querySelectorAll(`#${arguments[0]} .ag-center-cols-container .ag-row`));
+        rows.sort((a, b) => Number(a.getAttribute('row-index')) - Number(b.getAttribute('row-index')));
+        return rows.map(r => {
+            const row = {_id: r.getAttribute('row-id')};
+            r.querySelectorAll('.ag-cell').forEach(c => { row[c.getAttribute('col-id')] = c.textContent; });
+            return row;
+        });
+        """, grid_id)
+
+
+def grid_paging(dash_duo: Any, grid_id: str) -> str:
+    """The grid's paging summary text, e.g. "1 to 15 of 1,536"."""
+    return dash_duo.find_element(f"#{grid_id} .ag-paging-row-summary-panel").text
+
+
+def click_grid_header(dash_duo: Any, grid_id: str, column: str) -> None:
+    """Click a column header's label (sorts by it: ascending, then descending, then unsorted)."""
+    dash_duo.find_element(f'#{grid_id} .ag-header-cell[col-id="{column}"] .ag-header-cell-label').click()
+
+
+def filter_grid(dash_duo: Any, grid_id: str, column: str, text: str) -> None:
+    """Type into a column's floating filter (the row under the headers)."""
+    box = dash_duo.find_element(f'#{grid_id} .ag-floating-filter[col-id="{column}"] input')
+    box.clear()
+    box.send_keys(text)
+
+
+def click_grid_row(dash_duo: Any, grid_id: str, row_id: str, column: str = "head") -> None:
+    """Click a cell of the row whose id is `row_id` ("layer:head" in the ranking)."""
+    cell = dash_duo.find_element(f'#{grid_id} .ag-row[row-id="{row_id}"] .ag-cell[col-id="{column}"]')
+    dash_duo.driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", cell)
+    cell.click()
 
 
 def open_tab(dash_duo: Any, label: str) -> None:

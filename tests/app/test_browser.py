@@ -13,7 +13,18 @@ pytest.importorskip("selenium", reason="browser tests need dash[testing] (seleni
 
 from app import create_app, ids  # noqa: E402
 from posprobe.render.head_detail import head_curve_names, layer_curve_names  # noqa: E402
-from tests.app.browser import click_heatmap_cell, figure, open_tab, wait_for_download, wait_until  # noqa: E402
+from tests.app.browser import (  # noqa: E402
+    click_grid_header,
+    click_grid_row,
+    click_heatmap_cell,
+    figure,
+    filter_grid,
+    grid_paging,
+    grid_rows,
+    open_tab,
+    wait_for_download,
+    wait_until,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -26,6 +37,17 @@ def tiny_seed1_dir(tmp_path_factory):
     scan = posprobe.scan("tiny-rope", probes=["head_basics", "attention_entropy"], budget="quick", seed=1,
                          progress=False)
     return scan.save(tmp_path_factory.mktemp("scans") / "tiny-rope-seed1")
+
+
+def _d3_4g(value: float) -> str:
+    """What the grid's d3.format('.4~g') shows for a value (d3 writes a minus sign, U+2212)."""
+    text = f"{value:.4g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa.rstrip('0').rstrip('.') if '.' in mantissa else mantissa}e{int(exponent):+d}"
+    elif "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text.replace("-", "\u2212")
 
 
 def _no_console_errors(dash_duo):
@@ -68,8 +90,16 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     assert wait_until(lambda: shown_curves() == expected and shown_curves(), what=f"curves {expected}") == expected
     dash_duo.wait_for_contains_text(f"#{ids.HEAD_METRICS}", metric)
 
-    # ranking table: sorted by the atlas metric; download the CSV of all heads, then of a filtered view
-    dash_duo.wait_for_element(f"#{ids.RANKING_TABLE} td")
+    # ranking grid: in ranking order of the atlas metric, formatted to 4 significant digits
+    ranked = tiny_scan.rank(metric, top=None)
+    wait_until(lambda: len(grid_rows(dash_duo, ids.RANKING_TABLE)) == min(15, n_layers * n_heads),
+               what="the ranking grid's first page")
+    shown = grid_rows(dash_duo, ids.RANKING_TABLE)
+    assert [r["_id"] for r in shown] == [f"{a}:{b}" for a, b in zip(ranked["layer"], ranked["head"])][:len(shown)]
+    assert shown[0][metric] == _d3_4g(ranked[metric].iloc[0]) and shown[0]["rank"] == "1"
+    assert grid_paging(dash_duo, ids.RANKING_TABLE).endswith(f"of {n_layers * n_heads}")
+
+    # download the CSV of all heads (full precision, ranking order)
     dash_duo.find_element(f"#{ids.RANKING_DOWNLOAD_BUTTON}").click()
     csv_path = wait_for_download(dash_duo.download_path)
     ranking = pd.read_csv(csv_path)
@@ -77,24 +107,36 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     assert list(ranking["rank"]) == list(range(1, len(ranking) + 1))
     values = ranking[metric].dropna().to_numpy()
     assert (values[:-1] >= values[1:]).all(), "the CSV is sorted by the metric, highest first"
-    pd.testing.assert_frame_equal(ranking, tiny_scan.rank(metric, top=None), check_dtype=False, atol=1e-9)
+    pd.testing.assert_frame_equal(ranking, ranked, check_dtype=False, atol=1e-9)
     csv_path.unlink()
 
-    filter_cell = dash_duo.find_element(f'#{ids.RANKING_TABLE} th.dash-filter[data-dash-column="layer"] input')
-    filter_cell.send_keys("0\n")
-    wait_until(lambda: len(dash_duo.find_elements(f"#{ids.RANKING_TABLE} tbody tr td.dash-cell")) > 0
-               and all(c.text == "0" for c in dash_duo.find_elements(
-                   f'#{ids.RANKING_TABLE} tbody td.dash-cell[data-dash-column="layer"]')),
-               what="the ranking filtered to layer 0")
+    # sort: clicking the "head" header sorts ascending, again descending; the CSV follows the grid's order
+    click_grid_header(dash_duo, ids.RANKING_TABLE, "head")
+    wait_until(lambda: [r["head"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:n_layers] == ["0"] * n_layers,
+               what="the ranking sorted by head, ascending")
+    click_grid_header(dash_duo, ids.RANKING_TABLE, "head")
+    top = str(n_heads - 1)
+    wait_until(lambda: [r["head"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:n_layers] == [top] * n_layers,
+               what="the ranking sorted by head, descending")
+
+    # filter: layer = 0 in the floating filter; the CSV keeps exactly the filtered rows in the grid's order
+    filter_grid(dash_duo, ids.RANKING_TABLE, "layer", "0")
+    wait_until(lambda: {r["layer"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)} == {"0"}
+               and len(grid_rows(dash_duo, ids.RANKING_TABLE)) == n_heads, what="the ranking filtered to layer 0")
     dash_duo.find_element(f"#{ids.RANKING_DOWNLOAD_BUTTON}").click()
     filtered = pd.read_csv(wait_for_download(dash_duo.download_path))
     assert len(filtered) == n_heads and set(filtered["layer"]) == {0}
+    assert list(filtered["head"]) == list(range(n_heads - 1, -1, -1)), "the CSV keeps the grid's sort (head, desc)"
 
-    # clicking a ranking row selects that head
-    first = dash_duo.find_element(f'#{ids.RANKING_TABLE} tbody td.dash-cell[data-dash-column="head"]')
-    row_head = int(first.text)
-    first.click()
-    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", f"Layer 0, head {row_head}")
+    # clicking a ranking row selects that head: the head detail view follows
+    target = grid_rows(dash_duo, ids.RANKING_TABLE)[-1]
+    assert target["_id"] == "0:0"
+    click_grid_row(dash_duo, ids.RANKING_TABLE, "0:0")
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", "Layer 0, head 0")
+    wait_until(lambda: dash_duo.find_element(f"#{ids.HEAD_LAYER}").text == "L0"
+               and dash_duo.find_element(f"#{ids.HEAD_HEAD}").text == "H0", what="the layer / head pickers at L0 H0")
+    click_grid_row(dash_duo, ids.RANKING_TABLE, f"0:{n_heads - 1}", column=metric)
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", f"Layer 0, head {n_heads - 1}")
 
     # compare: A is the current scan, B the other one; three heatmaps (A, B, B - A) and a difference table
     open_tab(dash_duo, "Compare")
@@ -126,7 +168,7 @@ def test_broken_scan_shows_error_page(dash_duo, broken_dirs, synthetic_dir):
     assert dash_duo.find_element(f"#{ids.SCAN_ERROR}").text == ""
 
 
-def test_large_scan_atlas_click_and_model_view(dash_duo, large_scan_dir):
+def test_large_scan_atlas_ranking_grid_and_model_view(dash_duo, large_scan_dir):
     app = create_app([large_scan_dir])
     dash_duo.start_server(app)
     wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH), what="the 1,536-head atlas")
@@ -134,6 +176,22 @@ def test_large_scan_atlas_click_and_model_view(dash_duo, large_scan_dir):
     dash_duo.wait_for_contains_text(f"#{ids.ATLAS_PANEL}", "L40 H17")
     # `planted` = layer * 1000 + head: the panel shows the clicked head's own value
     dash_duo.wait_for_contains_text(f"#{ids.ATLAS_PANEL}", "4.002e+04")
+
+    # head detail: the ranking grid pages through 1,536 heads; sort by a column, click a row
+    dash_duo.find_element(f"#{ids.OPEN_HEAD}").click()
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", "Layer 40, head 17")
+    wait_until(lambda: [r["_id"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:2] == ["47:31", "47:30"],
+               what="the 1,536-head ranking by `planted`")
+    assert len(grid_rows(dash_duo, ids.RANKING_TABLE)) == 15
+    assert grid_paging(dash_duo, ids.RANKING_TABLE).replace(",", "").endswith("of 1536")
+    assert grid_rows(dash_duo, ids.RANKING_TABLE)[0]["planted"] == "4.703e+4"
+    click_grid_header(dash_duo, ids.RANKING_TABLE, "planted")  # ascending: the lowest `planted` first
+    wait_until(lambda: [r["_id"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:3] == ["0:0", "0:1", "0:2"],
+               what="the ranking sorted by planted, ascending")
+    click_grid_row(dash_duo, ids.RANKING_TABLE, "0:2")
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", "Layer 0, head 2")
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_METRICS}", "planted")
+
     open_tab(dash_duo, "Model")
     wait_until(lambda: len(dash_duo.find_elements(".model-curve .js-plotly-plot")) == 3, what="three model curves")
     wait_until(lambda: len(dash_duo.find_elements(".position-curve .js-plotly-plot")) == 1, what="the position sweep")

@@ -117,13 +117,15 @@ def test_select_head_from_every_source(catalog):
     assert selected == {"layer": 2, "head": 3} and (layer, head) == (2, 3)  # top head by `planted`
     assert [o["value"] for o in layer_options] == [0, 1, 2] and [o["value"] for o in head_options] == [0, 1, 2, 3]
     assert select(ids.ATLAS_GRAPH, click={"points": [{"x": 1, "y": 0, "z": 1.0}]})[0] == {"layer": 0, "head": 1}
-    assert select(ids.RANKING_TABLE, cell={"row": 0, "column": 1, "row_id": "1:2"})[0] == {"layer": 1, "head": 2}
+    clicked = {"value": 0.5, "colId": "signed", "rowIndex": 0, "rowId": "1:2", "timestamp": 1}  # AgGrid cellClicked
+    assert select(ids.RANKING_TABLE, cell=clicked)[0] == {"layer": 1, "head": 2}
     assert select(ids.HEAD_LAYER, layer=2, head=0)[0] == {"layer": 2, "head": 0}
     current = {"layer": 1, "head": 1}
     # out-of-range or malformed selections keep the current head
     assert select(ids.ATLAS_GRAPH, click={"points": [{"x": 9, "y": 9}]}, current=current)[0] == current
     assert select(ids.ATLAS_GRAPH, click={"points": [{"x": "a"}]}, current=current)[0] == current
-    assert select(ids.RANKING_TABLE, cell={"row_id": "../../etc"}, current=current)[0] == current
+    assert select(ids.RANKING_TABLE, cell={"rowId": "../../etc"}, current=current)[0] == current
+    assert select(ids.RANKING_TABLE, cell={"rowId": "7:7"}, current=current)[0] == current
     assert select(ids.SCAN, current=current)[0] == current
     assert cb.select_head(catalog, "nope", None, None, None, None, None, None) == (None, None, None, [], [])
 
@@ -170,17 +172,66 @@ def test_scan_without_metrics():
 
 
 # --- ranking --------------------------------------------------------------------------------------------------
+def records(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """What EXPAND_ROWS_JS builds in the browser from the compact ranking payload."""
+    return [dict(zip(payload["columns"], values)) for values in payload["rows"]]
+
+
 def test_update_ranking_follows_the_atlas_until_changed(catalog):
-    options, metric, data, columns, sort_by = cb.update_ranking(catalog, "small", None, "signed", None)
-    assert metric == "signed" and sort_by == []
+    options, metric, payload, columns = cb.update_ranking(catalog, "small", None, "signed", None)
+    assert metric == "signed"
+    data = records(payload)
     assert [row["rank"] for row in data] == list(range(1, 13))
     signed = [row["signed"] for row in data]
     assert signed == sorted(signed, reverse=True)
-    assert data[0]["id"] == f"{data[0]['layer']}:{data[0]['head']}"
-    assert [c["id"] for c in columns][:6] == ["rank", "layer", "head", "kv_head", "layer_type", "signed"]
+    assert [c["field"] for c in columns][:6] == ["rank", "layer", "head", "kv_head", "layer_type", "signed"]
+    assert payload["columns"] == [c["field"] for c in columns]
     assert cb.update_ranking(catalog, "small", ids.RANKING_METRIC, "signed", "metric_2")[1] == "metric_2"
     assert cb.update_ranking(catalog, "small", ids.ATLAS_METRIC, "planted", "metric_2")[1] == "planted"
     assert serializable(cb.update_ranking(catalog, "small", None, "signed", None))
+
+
+def test_ranking_grid_columns_sort_filter_and_format(catalog):
+    _, _, payload, columns = cb.update_ranking(catalog, "small", None, "signed", None)
+    by_field = {c["field"]: c for c in columns}
+    # every column sorts (defaultColDef) and the ranking order is restored whenever the ranking is sent
+    assert all("sort" in c and c["sort"] is None for c in columns)
+    assert {f for f, c in by_field.items() if c["filter"] == "agNumberColumnFilter"} == {
+        "rank", "layer", "head", "kv_head", "signed", "planted", "metric_2", "metric_3"}
+    assert by_field["layer_type"]["filter"] == "agTextColumnFilter"
+    # metrics: 4 significant digits in the cell, a dash for a missing value; integers are shown as they are
+    for field in ("signed", "planted", "metric_2", "metric_3"):
+        assert "d3.format('.4~g')" in by_field[field]["valueFormatter"]["function"]
+        assert by_field[field]["filterParams"] == {"defaultOption": "greaterThanOrEqual"}
+    assert all("valueFormatter" not in by_field[f] for f in ("rank", "layer", "head", "kv_head", "layer_type"))
+    assert "pp-ranked" in by_field["signed"]["cellClass"] and "cellClass" not in by_field["planted"]
+    # values go rounded to 5 significant digits; row ids are computed in the browser, not sent
+    scan = catalog.get("small")
+    ranked = scan.rank("signed", top=None)
+    data = records(payload)
+    assert "id" not in payload["columns"]
+    assert [(r["layer"], r["head"]) for r in data] == list(zip(ranked["layer"], ranked["head"]))
+    assert [r["signed"] for r in data] == pytest.approx(list(ranked["signed"]), rel=1e-4)
+    assert all(r["signed"] == float(f"{r['signed']:.5g}") for r in data)
+
+
+def test_ranking_sends_missing_values_as_null():
+    scan = synthetic_scan(2, 2, model_curves=False, tables=False)
+    scan.heads.loc[1, "metric_2"] = np.nan
+    scan.heads.loc[2, "metric_2"] = np.inf
+    catalog = ScanCatalog.build({"s": scan})
+    data = records(cb.update_ranking(catalog, "s", ids.RANKING_METRIC, None, "metric_2")[2])
+    assert [r["metric_2"] for r in data][-1] is None  # NaN ranks last
+    assert sum(r["metric_2"] is None for r in data) == 2
+    assert json.loads(json.dumps(data, allow_nan=False))  # strict JSON: no NaN / Infinity tokens
+
+
+def test_ranking_export_request():
+    from app.pages.head import row_ids_of
+
+    assert row_ids_of({"clicks": 2, "row_ids": ["1:2", "0:0"]}) == ["1:2", "0:0"]
+    assert row_ids_of({"clicks": 1, "row_ids": None}) is None  # grid rows not known yet: every head
+    assert row_ids_of(None) is None and row_ids_of({"row_ids": "1:2"}) is None
 
 
 def test_download_ranking_full_precision_in_table_order(catalog):
@@ -189,7 +240,7 @@ def test_download_ranking_full_precision_in_table_order(catalog):
     assert payload["filename"] == "small_ranking_signed.csv" and payload["type"] == "text/csv"
     frame = pd.read_csv(io.StringIO(payload["content"]))
     pd.testing.assert_frame_equal(frame, scan.rank("signed", top=None), check_dtype=False, rtol=0, atol=1e-15)
-    # the table's filtered / re-sorted view (row ids) decides rows and order; unknown ids are dropped
+    # the grid's filtered / re-sorted view (row ids) decides rows and order; unknown ids are dropped
     payload = cb.download_ranking(catalog, "small", "signed", ["2:3", "0:0", "7:7", "junk"])
     frame = pd.read_csv(io.StringIO(payload["content"]))
     assert list(zip(frame["layer"], frame["head"])) == [(2, 3), (0, 0)]
@@ -279,7 +330,8 @@ def test_update_compare_curve(catalog):
 
 # --- large scans ----------------------------------------------------------------------------------------------
 def test_large_scan_payloads(large_scan_dir, capsys):
-    """A 1,536-head scan: the atlas figure stays small (float32 customdata, one hover template)."""
+    """A 1,536-head scan: the atlas figure stays small (float32 customdata, one hover template); the ranking goes as
+    value lists (489 kB as DataTable records with ids, 203 kB now)."""
     catalog = ScanCatalog.build({"large": large_scan_dir})
     atlas = cb.update_atlas(catalog, "large", "signed", {"layer": 40, "head": 17})
     atlas_bytes = len(to_json_plotly(atlas))
@@ -291,7 +343,7 @@ def test_large_scan_payloads(large_scan_dir, capsys):
               f"ranking table {ranking_bytes / 1e3:.0f} kB, head detail {head_bytes / 1e3:.0f} kB")
     assert atlas_bytes < 250_000
     assert marker_bytes < 500
-    assert ranking_bytes < 800_000
+    assert ranking_bytes < 300_000
     fig = atlas[2]
     z = np.asarray(fig.data[0].z, dtype=float)
     assert z.shape == (48, 32) and z[40, 17] == pytest.approx(np.cos(40 + 0.37 * 17))
