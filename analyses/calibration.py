@@ -9,6 +9,9 @@ Stages (each resumable; outputs land in --out; run every Gemma stage under the s
              variant on the same tuning split, by stepwise answer loss (equal to greedy with recomputation)
   heldout    evaluate_positions on the HELD-OUT split (seed 2), 40 trials per gold position, 20 and 40 pairs:
              baseline, Found-in-the-Middle (tuned), positional-dimension scaling (tuned)
+  heldout-sweep  the temperature and factor sweeps again on the HELD-OUT split (20 pairs, --sweep-trials trials x
+             gold positions 0, 7, 10, 12, 19; the trials are the first ones of the heldout stage, so the baseline and
+             the tuned settings are reused from it)
   attention  attention of the answer-predicting query on held-out prompts (20 pairs): document-level (gold document
              by gold position, every slot) and by relative key position, per condition
   report     tables with Wilson intervals, paired-bootstrap intervals of the changes, figures, report.md and a Scan
@@ -61,7 +64,10 @@ def fitm_grid(n_layers: int) -> list[tuple[float, tuple[int, int], str]]:
 
 
 FACTORS = [0.5, 0.0, -0.5, -1.0]
-STAGES = ["search", "tune-fitm", "tune-dim", "heldout", "attention", "report"]
+STAGES = ["search", "tune-fitm", "tune-dim", "heldout", "heldout-sweep", "attention", "report"]
+SWEEP_POSITIONS = [0, 7, 10, 12, 19]  # 20 pairs: both ends and the three middle positions of POSITIONS[20]
+SWEEP_TEMPERATURES = [0.1, 0.3, 1.0, 3.0]  # Found-in-the-Middle, on the tuned layer range
+SWEEP_FACTORS = [0.5, 0.0, -0.5, -1.0, -2.0]  # positional dimension, on the tuned dimension and layers
 
 
 def parse_args() -> argparse.Namespace:
@@ -73,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tune-trials", type=int, default=12, help="tuning-split trials per gold position")
     parser.add_argument("--trials", type=int, default=40, help="held-out trials per gold position")
     parser.add_argument("--sizes", type=int, nargs="+", default=[20, 40], help="key-value pairs per prompt")
+    parser.add_argument("--sweep-trials", type=int, default=20, help="held-out trials per gold position, sweeps")
     parser.add_argument("--attention-trials", type=int, default=8, help="held-out trials for the attention curves")
     parser.add_argument("--search-sequences", type=int, default=24, help="random strings of the dimension search")
     parser.add_argument("--bootstrap", type=int, default=4000, help="bootstrap resamples of the paired changes")
@@ -298,6 +305,40 @@ def stage_heldout(access: Any, out: Path, args: argparse.Namespace) -> None:
                   flush=True)
 
 
+def sweep_conditions(access: Any, out: Path) -> dict[str, tuple[str, float, Any]]:
+    """label -> (family, parameter, intervention) of the held-out sweeps; labels match the tuned conditions."""
+    tuned = _read_tuned(out)
+    f, d = tuned["fitm"], tuned["dim"]
+    layers = tuple(f["layers"])
+    found: dict[str, tuple[str, float, Any]] = {}
+    for t in SWEEP_TEMPERATURES:
+        found[fitm_label(t, layers, f["granularity"])] = (
+            "found_in_the_middle", t, found_in_the_middle(access, task="kv_words", temperature=t, layers=layers,
+                                                          granularity=f["granularity"]))
+    for factor in SWEEP_FACTORS:
+        found[dim_label(d["dim"], factor, list(range(d["layers"][0], d["layers"][1] + 1)))] = (
+            "positional_dimension", factor, scale_dimension(access, d["dim"], factor, tuple(d["layers"])))
+    return found
+
+
+def stage_heldout_sweep(access: Any, out: Path, args: argparse.Namespace) -> None:
+    folder = out / "heldout_sweep"
+    folder.mkdir(exist_ok=True)
+    tuned = _read_tuned(out)
+    for label, (family, value, intervention) in sweep_conditions(access, out).items():
+        path = folder / f"{label.replace(' ', '_').replace('=', '')}.parquet"
+        if path.exists() or label in (tuned["fitm"]["condition"], tuned["dim"]["condition"]):
+            continue  # the tuned settings come from the heldout stage (same prompts)
+        t0 = time.time()
+        table = posprobe.evaluate_positions(access, "kv_words", 20, SWEEP_POSITIONS, args.sweep_trials,
+                                            intervention=intervention, seed=HELDOUT_SEED)
+        trials = pd.DataFrame(table.attrs["trials"])
+        trials["condition"], trials["family"], trials["parameter"] = label, family, value
+        trials.to_parquet(path, index=False)
+        acc = table.set_index("gold_position")["accuracy"].round(3).to_dict()
+        print(f"sweep {label}: {acc} errors {table.attrs['n_errors']} ({time.time() - t0:.0f} s)", flush=True)
+
+
 def _answer_rows(access: Any, prompts: list, intervention: Any) -> np.ndarray:
     """Attention rows [b, L, H, n] of the answer-predicting query as the (intervened) model uses them."""
     if isinstance(intervention, FoundInTheMiddle):
@@ -357,10 +398,11 @@ def stage_attention(access: Any, out: Path, args: argparse.Namespace) -> None:
 # --- report -----------------------------------------------------------------------------------------------------------
 
 
-def paired_changes(trials: pd.DataFrame, size: int, condition: str, n_boot: int, seed: int = 0) -> dict[str, Any]:
+def paired_changes(trials: pd.DataFrame, size: int, condition: str, n_boot: int, seed: int = 0,
+                   positions: list[int] | None = None) -> dict[str, Any]:
     """Mean and middle accuracy of `condition` vs baseline with Wilson intervals, and the paired changes with
     bootstrap 95% intervals (trials resampled; every trial holds the same prompts in both conditions)."""
-    middle = middle_positions(size, POSITIONS[size])
+    middle = middle_positions(size, positions or POSITIONS[size])
     rows = trials[(trials["n_items"] == size) & (trials["error"] == "")]
     wide = rows.pivot_table(index="trial", columns=["condition", "gold_position"], values="correct", aggfunc="first")
     out: dict[str, Any] = {"n_items": size, "condition": condition, "middle_positions": middle,
@@ -528,6 +570,71 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
            "Accuracies with Wilson intervals (trials pooled over positions); changes are paired (same prompts) with "
            f"bootstrap intervals over trials ({args.bootstrap} resamples).", "", *lines, ""]
 
+    # held-out sweeps
+    sweep_files = sorted((out / "heldout_sweep").glob("*.parquet")) if (out / "heldout_sweep").exists() else []
+    if sweep_files:
+        base20 = trials[(trials["n_items"] == 20) & (trials["trial"] < args.sweep_trials)
+                        & trials["gold_position"].isin(SWEEP_POSITIONS)].copy()
+        tuned_labels = {"found_in_the_middle": tuned["fitm"]["condition"], "positional_dimension": tuned["dim"]["condition"]}
+        tuned_values = {"found_in_the_middle": tuned["fitm"]["temperature"], "positional_dimension": tuned["dim"]["factor"]}
+        base20["family"] = base20["condition"].map(lambda c: c if c in tuned_labels else "baseline")
+        base20["parameter"] = base20["family"].map(tuned_values)
+        base20["condition"] = base20["condition"].map(lambda c: tuned_labels.get(c, c))
+        sweep = pd.concat([base20, *[pd.read_parquet(p) for p in sweep_files]], ignore_index=True)
+        rows = []
+        for label, g in sweep[sweep["family"] != "baseline"].groupby("condition", sort=False):
+            change = paired_changes(pd.concat([sweep[sweep["family"] == "baseline"], g]), 20, label, args.bootstrap,
+                                    positions=SWEEP_POSITIONS)
+            rows.append({"family": g["family"].iloc[0], "parameter": float(g["parameter"].iloc[0]),
+                         "condition": label, "tuned": label in tuned_labels.values(),
+                         "n_trials": change["n_trials"],
+                         **{k: change[k] for k in ("baseline_middle", "baseline_mean", "change_middle", "change_mean")},
+                         "middle": change[f"{label}_middle"], "middle_ci": change[f"{label}_middle_ci"],
+                         "mean": change[f"{label}_mean"], "mean_ci": change[f"{label}_mean_ci"],
+                         "change_middle_ci": change["change_middle_ci"], "change_mean_ci": change["change_mean_ci"]})
+        sweep_summary = pd.DataFrame(rows).sort_values(["family", "parameter"]).reset_index(drop=True)
+        numbers["heldout_sweep"] = sweep_summary.to_dict(orient="records")
+        flat = sweep_summary.copy()
+        for col in ("middle_ci", "mean_ci", "change_middle_ci", "change_mean_ci"):
+            flat[col + "_low"] = flat[col].map(lambda v: v[0])
+            flat[col + "_high"] = flat[col].map(lambda v: v[1])
+        flat = flat.drop(columns=["middle_ci", "mean_ci", "change_middle_ci", "change_mean_ci"])
+        tables["interventions.calibration_heldout_sweep"] = flat
+        sweep_positions_table = position_table(sweep)
+        sweep_positions_table["split"] = "heldout"
+        tables["interventions.calibration_heldout_sweep_positions"] = sweep_positions_table
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("Found-in-the-Middle: temperature",
+                                                            "positional dimension: factor"))
+        for col, family in enumerate(("found_in_the_middle", "positional_dimension"), start=1):
+            g = flat[flat["family"] == family].sort_values("parameter")
+            for part, colour in (("middle", "#d62728"), ("mean", "#1f77b4")):
+                fig.add_trace(go.Scatter(x=g["parameter"], y=g[part], mode="lines+markers", name=f"{part} accuracy",
+                                         legendgroup=part, showlegend=col == 1, line={"color": colour},
+                                         error_y={"type": "data", "symmetric": False,
+                                                  "array": g[f"{part}_ci_high"] - g[part],
+                                                  "arrayminus": g[part] - g[f"{part}_ci_low"]}), row=1, col=col)
+                fig.add_hline(y=float(flat[f"baseline_{part}"].iloc[0]), line={"dash": "dot", "color": colour},
+                              row=1, col=col)
+        fig.update_xaxes(type="log", row=1, col=1)
+        fig.update_layout(title=f"Held-out sweeps, kv_words 20 pairs, {args.sweep_trials} trials x gold positions "
+                                f"{SWEEP_POSITIONS} (Wilson 95%; dotted: no intervention)", height=420, width=1200)
+        write_figure(fig, out / "sweep_heldout")
+        lines = ["| intervention | parameter | middle acc [95%] | change (95% CI) | mean acc [95%] | change (95% CI) |",
+                 "|---|---|---|---|---|---|"]
+        for r in sweep_summary.itertuples():
+            lines.append(f"| {r.family}{' (tuned)' if r.tuned else ''} | {r.parameter:g} | {r.middle:.3f} "
+                         f"[{r.middle_ci[0]:.3f}, {r.middle_ci[1]:.3f}] | {r.change_middle:+.3f} "
+                         f"[{r.change_middle_ci[0]:+.3f}, {r.change_middle_ci[1]:+.3f}] | {r.mean:.3f} "
+                         f"[{r.mean_ci[0]:.3f}, {r.mean_ci[1]:.3f}] | {r.change_mean:+.3f} "
+                         f"[{r.change_mean_ci[0]:+.3f}, {r.change_mean_ci[1]:+.3f}] |")
+        md += ["## Sweeps on the held-out split", "",
+               f"kv_words 20 pairs, held-out seed {HELDOUT_SEED}, the first {args.sweep_trials} trials at gold positions "
+               f"{SWEEP_POSITIONS} (middle: {middle_positions(20, SWEEP_POSITIONS)}); baseline middle "
+               f"{flat['baseline_middle'].iloc[0]:.3f}, mean {flat['baseline_mean'].iloc[0]:.3f}. Found-in-the-Middle "
+               f"on layers {tuned['fitm']['layers'][0]}-{tuned['fitm']['layers'][1] - 1}; dimension "
+               f"{tuned['dim']['dim']} on layers {tuned['dim']['layers'][0]}-{tuned['dim']['layers'][1]}. "
+               "Figure: sweep_heldout.html.", "", *lines, ""]
+
     # attention-level curves
     gold = pd.read_parquet(out / "attention_gold.parquet")
     slots = pd.read_parquet(out / "attention_slots.parquet")
@@ -593,7 +700,7 @@ def main() -> None:
     for stage in stages:
         t0 = time.time()
         {"search": stage_search, "tune-fitm": stage_tune_fitm, "tune-dim": stage_tune_dim,
-         "heldout": stage_heldout, "attention": stage_attention, "report": stage_report}[stage](access, out, args)
+         "heldout": stage_heldout, "heldout-sweep": stage_heldout_sweep, "attention": stage_attention, "report": stage_report}[stage](access, out, args)
         print(f"== stage {stage}: {time.time() - t0:.0f} s", flush=True)
 
 
