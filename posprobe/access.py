@@ -279,21 +279,34 @@ class LayerCapture:
         full[..., start:stop] = probs
         return full
 
+    # Bytes of patterns one capture may memoise (see `pattern`): 16 chunks of 256 queries x 4096 keys x 4 heads fp32.
+    PATTERN_MEMO_BYTES = 256 * 2**20
+
     def pattern(self, query_index: QueryIndex | None = None) -> Pattern:
         """Attention probabilities [b, H, cq, n] for the given queries (all queries if None).
 
-        The last few results are memoised for the life of this capture, so several probes reading the same
-        queries of the same layer share one computation.
+        Results are memoised for the life of this capture (freed when the layer's callback returns), so several
+        probes reading the same queries of the same layer share one computation. Memory: the memo keeps results
+        while they fit in `PATTERN_MEMO_BYTES` and never evicts (the first result is always kept). A probe sweeping
+        all queries in chunks therefore leaves at most that many bytes behind and the next probe's sweep reuses
+        the first chunks and recomputes the rest (a first-in-first-out memo missed on every chunk once a sweep
+        had more chunks than it held). Sampled queries (one chunk per layer) always hit. Do not modify the
+        returned tensor: other probes may receive the same one.
         """
         if query_index is None:
             query_index = torch.arange(self.n_tokens)
         memo = self.extras.setdefault("pattern_memo", {})
         key = (len(query_index), int(query_index[0]), int(query_index[-1]), int(query_index.sum()))
-        if key not in memo:
-            if len(memo) >= 16:  # bounded: a few chunks per layer, freed when the layer's capture is dropped
-                memo.pop(next(iter(memo)))
-            memo[key] = self._source()(query_index)
-        return memo[key]
+        hit = memo.get(key)
+        if hit is not None:
+            return hit
+        probs = self._source()(query_index)
+        held = self.extras.get("pattern_memo_bytes", 0)
+        size = probs.numel() * probs.element_size()
+        if not memo or held + size <= self.PATTERN_MEMO_BYTES:
+            memo[key] = probs
+            self.extras["pattern_memo_bytes"] = held + size
+        return probs
 
     def pattern_chunks(self, chunk_size: int = 256, queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time."""

@@ -140,3 +140,17 @@ def test_rotary_edit_on_nope_model_is_an_error(tiny_nope):
     with pytest.raises(InterventionError, match="no RoPE"):
         with tiny_nope.editing([RotaryEdit(0)]):
             tiny_nope.run(tiny_nope.encode("hello"))
+
+
+def test_weights_hash_is_blake2b_of_names_and_raw_bytes(tiny_rope):
+    import hashlib
+
+    from posprobe.adapters.hf import HFAccess
+
+    digest = hashlib.blake2b(digest_size=12)  # the reference definition (it used to copy each tensor with tobytes)
+    for name, tensor in sorted(tiny_rope.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().view(torch.uint8).numpy().tobytes())
+    fresh = HFAccess(tiny_rope.model, tiny_rope.tokenizer)
+    assert fresh.weights_hash() == digest.hexdigest()
+    assert fresh.weights_hash() == tiny_rope.weights_hash()
