@@ -261,7 +261,7 @@ def update_model_table(catalog: ScanCatalog, name: str | None, table: str | None
     except ScanUnavailable:
         return [], None, [], [], HIDDEN
     except Exception as exc:
-        return [], None, [{"error": error_text(exc)}], [{"name": "error", "id": "error"}], SHOWN
+        return [], None, [{"error": error_text(exc)}], [{"field": "error", "flex": 1}], SHOWN
 
 
 # --- compare --------------------------------------------------------------------------------------------------
@@ -421,7 +421,7 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
         return update_model_headcurve(catalog, name, curve)
 
     @app.callback(Output(ids.MODEL_TABLE, "options"), Output(ids.MODEL_TABLE, "value"),
-                  Output(ids.MODEL_TABLE_VIEW, "data"), Output(ids.MODEL_TABLE_VIEW, "columns"),
+                  Output(ids.MODEL_TABLE_VIEW, "rowData"), Output(ids.MODEL_TABLE_VIEW, "columnDefs"),
                   Output(ids.MODEL_TABLE_SECTION, "style"), Input(ids.SCAN, "value"), Input(ids.MODEL_TABLE, "value"),
                   Input(ids.TABS, "value"))
     def _model_table(name, table, tab):
@@ -431,7 +431,7 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
     @app.callback(Output(ids.COMPARE_A, "value"), Output(ids.COMPARE_B, "value"), Output(ids.COMPARE_A, "options"),
                   Output(ids.COMPARE_METRIC, "options"), Output(ids.COMPARE_METRIC, "value"),
                   Output(ids.COMPARE_MESSAGE, "children"), Output(ids.COMPARE_GRAPH, "figure"),
-                  Output(ids.COMPARE_TABLE, "data"), Output(ids.COMPARE_TABLE, "columns"),
+                  Output(ids.COMPARE_TABLE, "rowData"), Output(ids.COMPARE_TABLE, "columnDefs"),
                   Output(ids.COMPARE_CURVE, "options"), Output(ids.COMPARE_CURVE, "value"),
                   Input(ids.SCAN, "value"), Input(ids.COMPARE_A, "value"), Input(ids.COMPARE_B, "value"),
                   Input(ids.COMPARE_METRIC, "value"), Input(ids.TABS, "value"), State(ids.COMPARE_CURVE, "value"))

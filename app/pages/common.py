@@ -1,13 +1,15 @@
 """Small building blocks shared by the explorer's views: messages, the error page, empty figures, options.
 
-Owns presentation helpers only (Dash components and plain dicts); no callbacks, no scan loading. Implements no
-METRICS.md section.
+Owns presentation helpers only (Dash components and plain dicts): messages, the error page, empty figures, options, and
+the explorer's data grids (`data_grid`, `grid_column`: dash-ag-grid with sorting, floating filters, 4-significant-digit
+numbers); no callbacks, no scan loading. Implements no METRICS.md section.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import dash_ag_grid as dag
 import plotly.graph_objects as go
 from dash import html
 
@@ -15,6 +17,41 @@ from posprobe.render.heads import numeric_metrics
 
 HIDDEN: dict[str, str] = {"display": "none"}
 SHOWN: dict[str, str] = {}
+
+# a number cell of a grid: 4 significant digits, trailing zeros trimmed, a dash when there is no value
+NUMBER_FORMAT = {"function": "params.value == null ? '\u2013' : d3.format('.4~g')(params.value)"}
+
+
+def grid_column(name: str, kind: str = "text") -> dict[str, Any]:
+    """An AG Grid column definition. kind: "int" (shown as is), "float" (NUMBER_FORMAT; its filter keeps values >=
+    the number typed) or "text"; every column sorts and filters (see `data_grid`)."""
+    spec: dict[str, Any] = {"field": name, "headerName": name, "headerTooltip": name}
+    if kind == "int":
+        spec.update(filter="agNumberColumnFilter", type="numericColumn", minWidth=70, maxWidth=120)
+    elif kind == "float":
+        spec.update(filter="agNumberColumnFilter", type="numericColumn", valueFormatter=NUMBER_FORMAT,
+                    filterParams={"defaultOption": "greaterThanOrEqual"}, minWidth=110)
+    else:
+        spec.update(filter="agTextColumnFilter", minWidth=120)
+    return spec
+
+
+def data_grid(grid_id: str, page_size: int, row_id: str | None = None, floating_filters: bool = True,
+              **options: Any) -> dag.AgGrid:
+    """A compact, paged AG Grid: columns sort on a header click and filter in the row under the headers.
+
+    row_id: the grid's getRowId expression (e.g. "params.data.key"); floating_filters: the filter row under the
+    headers (else filters are in each column's menu); options go into dashGridOptions (e.g. a row selection). Field names are taken literally (a dot in a column name is not a path into the row)."""
+    grid_options = {"pagination": True, "paginationPageSize": page_size,
+                    "paginationPageSizeSelector": [page_size, 50, 200], "domLayout": "autoHeight",
+                    "rowHeight": 30, "headerHeight": 34, "floatingFiltersHeight": 36, "animateRows": False,
+                    "suppressFieldDotNotation": True, "tooltipShowDelay": 300,
+                    "localeText": {"noRowsToShow": "No rows to show (check the filters)"}, **options}
+    extra = {"getRowId": row_id} if row_id else {}
+    return dag.AgGrid(id=grid_id, className="pp-grid-table", rowData=[], columnDefs=[], **extra,
+                      defaultColDef={"sortable": True, "filter": True, "floatingFilter": floating_filters,
+                                     "resizable": True, "minWidth": 60, "flex": 1},
+                      dashGridOptions=grid_options, style={"width": "100%"})
 
 
 def empty_figure(message: str = "") -> go.Figure:

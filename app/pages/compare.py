@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import dash_table, dcc, html
+from dash import dcc, html
 
 from app import ids
+from app.pages.common import data_grid, grid_column
 from posprobe.render.compare import head_differences
 
 TOP_DIFFERENCES = 200  # rows of the difference table sent to the browser
@@ -31,9 +32,7 @@ def layout() -> html.Div:
         html.Div(className="pp-row", children=[
             html.Div(className="pp-side pp-left pp-wide", children=[
                 html.H3("Largest differences (B − A)", className="pp-section"),
-                dash_table.DataTable(id=ids.COMPARE_TABLE, page_size=12, sort_action="native",
-                                     style_cell={"fontFamily": "inherit", "fontSize": "13px", "padding": "3px 8px"},
-                                     style_header={"fontWeight": "600", "backgroundColor": "#f3f4f8"}),
+                data_grid(ids.COMPARE_TABLE, 12, floating_filters=False),
             ]),
             html.Div(className="pp-main", children=[
                 html.H3("A shared curve (the selected head's, for per-head curves)", className="pp-section"),
@@ -45,12 +44,14 @@ def layout() -> html.Div:
 
 
 def difference_rows(scan: Any, other: Any, metric: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """DataTable (data, columns): the heads with the largest |B - A| on `metric`."""
+    """Grid (rowData, columnDefs): the heads with the largest |B - A| on `metric`."""
     diff = head_differences(scan, other, metric).head(TOP_DIFFERENCES)
     data = [{"layer": int(r.layer), "head": int(r.head),
              "A": None if r.a != r.a else round(float(r.a), 5), "B": None if r.b != r.b else round(float(r.b), 5),
              "B − A": None if r.diff != r.diff else round(float(r.diff), 5)} for r in diff.itertuples(index=False)]
-    columns = [{"name": c, "id": c, "type": "numeric"} for c in ("layer", "head", "A", "B", "B − A")]
+    # narrow columns: the grid sits in a side panel, all five must fit without scrolling
+    columns = [{**grid_column("layer", "int"), "minWidth": 60}, {**grid_column("head", "int"), "minWidth": 60},
+               *({**grid_column(c, "float"), "minWidth": 80} for c in ("A", "B", "B − A"))]
     return data, columns
 
 

@@ -13,20 +13,17 @@ import math
 import re
 from typing import Any
 
-import dash_ag_grid as dag
 import pandas as pd
 from dash import dcc, html
 
 from app import ids
-from app.pages.common import format_value, message
+from app.pages.common import data_grid, format_value, grid_column, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
 
 SIGNIFICANT = 5  # digits sent to the ranking grid: one more than shown, so sorting rarely ties (the CSV keeps all)
 PAGE_SIZE = 15  # ranking rows per page: the head curves above stay in view
 INTEGER_COLUMNS = ("rank", "layer", "head", "kv_head")
-# a metric cell: 4 significant digits, trailing zeros trimmed, a dash when the head has no value
-NUMBER_FORMAT = {"function": "params.value == null ? '\u2013' : d3.format('.4~g')(params.value)"}
 # rows are identified by "layer:head" (never sent: computed in the browser from the row itself)
 ROW_ID = "params.data.layer + ':' + params.data.head"
 # the grid's rows, rebuilt in the browser from the compact {columns, rows} payload of `ranking`
@@ -73,18 +70,9 @@ def layout() -> html.Div:
                       "number typed, other operators in the column's filter menu); click a row to open that head; "
                       "the CSV keeps the current filter and order, at full precision", className="pp-hint"),
         ]),
-        dag.AgGrid(
-            id=ids.RANKING_TABLE, className="pp-grid-table", getRowId=ROW_ID, rowData=[], columnDefs=[],
-            defaultColDef={"sortable": True, "filter": True, "floatingFilter": True, "resizable": True,
-                           "minWidth": 80, "flex": 1},
-            dashGridOptions={"pagination": True, "paginationPageSize": PAGE_SIZE,
-                             "paginationPageSizeSelector": [PAGE_SIZE, 50, 200], "domLayout": "autoHeight",
-                             "rowSelection": {"mode": "singleRow", "checkboxes": False, "enableClickSelection": True},
-                             "rowHeight": 30, "headerHeight": 34, "floatingFiltersHeight": 36,
-                             "animateRows": False, "tooltipShowDelay": 300,
-                             "localeText": {"noRowsToShow": "No heads to show (check the filters)"}},
-            style={"width": "100%"},
-        ),
+        data_grid(ids.RANKING_TABLE, PAGE_SIZE, row_id=ROW_ID, localeText={
+            "noRowsToShow": "No heads to show (check the filters)"},
+            rowSelection={"mode": "singleRow", "checkboxes": False, "enableClickSelection": True}),
         dcc.Store(id=ids.RANKING_ROWS),
         dcc.Store(id=ids.RANKING_EXPORT),
         dcc.Download(id=ids.RANKING_DOWNLOAD),
@@ -127,14 +115,8 @@ def ranking(scan: Any, metric: str) -> tuple[dict[str, Any], list[dict[str, Any]
             for values in ranked.itertuples(index=False, name=None)]
     columns = []
     for column in ranked.columns:
-        spec: dict[str, Any] = {"field": column, "headerName": column, "headerTooltip": column, "sort": None}
-        if column in INTEGER_COLUMNS:
-            spec.update(filter="agNumberColumnFilter", type="numericColumn", minWidth=70, maxWidth=110)
-        elif column in numeric:
-            spec.update(filter="agNumberColumnFilter", type="numericColumn", valueFormatter=NUMBER_FORMAT,
-                        filterParams={"defaultOption": "greaterThanOrEqual"}, minWidth=110)
-        else:
-            spec.update(filter="agTextColumnFilter", minWidth=140)
+        kind = "int" if column in INTEGER_COLUMNS else "float" if column in numeric else "text"
+        spec = {**grid_column(str(column), kind), "sort": None}
         if column == metric:  # the ranked-by column stands out (keeping the numeric column's right alignment)
             spec["cellClass"] = ["ag-right-aligned-cell", "pp-ranked"]
             spec["headerClass"] = ["ag-right-aligned-header", "pp-ranked"]

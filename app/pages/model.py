@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
-from dash import dash_table, dcc, html
+from dash import dcc, html
 
 from app import ids
-from app.pages.common import message
+from app.pages.common import data_grid, grid_column, message
 from posprobe.render.model_view import curve_probe, model_curve, model_curve_names, position_curve, position_tables
 
 PREVIEW_ROWS = 200  # rows of an extra table sent to the browser (the CLI `posprobe export` gives the whole table)
@@ -45,9 +46,7 @@ def layout() -> html.Div:
                 html.Span(f"first {PREVIEW_ROWS} rows; `posprobe export SCAN --table NAME` writes all of them",
                           className="pp-hint"),
             ]),
-            dash_table.DataTable(id=ids.MODEL_TABLE_VIEW, page_size=12, sort_action="native",
-                                 style_table={"overflowX": "auto"},
-                                 style_cell={"fontFamily": "inherit", "fontSize": "12px", "padding": "2px 6px"}),
+            data_grid(ids.MODEL_TABLE_VIEW, 12),
         ]),
     ])
 
@@ -77,12 +76,18 @@ def curve_sections(scan: Any) -> list[Any]:
     return children
 
 
-def table_preview(table: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """DataTable (data, columns) of the first PREVIEW_ROWS rows, values made JSON-safe."""
+def table_preview(table: pd.DataFrame) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Grid (rowData, columnDefs) of the first PREVIEW_ROWS rows, values made JSON-safe (NaN / inf -> null, other
+    objects -> text); integer columns shown as they are, float columns to 4 significant digits."""
     head = table.head(PREVIEW_ROWS)
-    safe = head.astype(object).where(head.notna(), None)
+    finite = head.replace([np.inf, -np.inf], np.nan)
+    safe = finite.astype(object).where(finite.notna(), None)
+    columns = []
     for column in safe.columns:
         if not all(isinstance(v, (str, int, float, bool, type(None))) for v in safe[column]):
             safe[column] = safe[column].map(lambda v: v if v is None else str(v))
-    columns = [{"name": str(c), "id": str(c)} for c in table.columns]
+        dtype = head[column].dtype
+        kind = ("int" if pd.api.types.is_integer_dtype(dtype) else "float" if pd.api.types.is_float_dtype(dtype)
+                else "text")
+        columns.append(grid_column(str(column), kind))
     return safe.rename(columns=str).to_dict("records"), columns

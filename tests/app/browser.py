@@ -7,6 +7,7 @@ wait for a downloaded file, and save a full-page screenshot once the page has se
 
 from __future__ import annotations
 
+import base64
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -111,3 +112,52 @@ def wait_for_download(folder: str | Path, suffix: str = ".csv", timeout: float =
         return files[0] if files else None
 
     return wait_until(done, timeout, f"a downloaded {suffix} file in {folder}")
+
+
+PAGE_SETTLED_JS = """
+const plots = Array.from(document.querySelectorAll('.js-plotly-plot'));
+const drawn = plots.every(g => g._fullLayout && !g._transitioning && g.querySelector('.main-svg'));
+const loading = document.querySelectorAll('[data-dash-is-loading="true"]').length;
+return {drawn: drawn && loading === 0, height: Math.ceil(Math.max(document.documentElement.scrollHeight,
+                                                                  document.body.scrollHeight))};
+"""
+
+
+def save_full_page(dash_duo: Any, path: str | Path, width: int = 1440, max_height: int = 12000) -> Path:
+    """A PNG of the whole page, not just the window: wait until every Plotly graph is drawn and Dash is idle, then
+    make the viewport as tall as the document (Chrome's device-metrics override: a headless window cannot grow past
+    its screen) and repeat until the height holds (graphs redraw on resize), then capture and restore the viewport."""
+    driver = dash_duo.driver
+    path = Path(path)
+    heights: list[int] = []
+
+    def settled() -> bool:  # plots drawn, Dash idle and the document height unchanged over three polls
+        state = driver.execute_script(PAGE_SETTLED_JS)
+        heights.append(int(state["height"]))
+        time.sleep(0.25)
+        return bool(state["drawn"]) and len(heights) >= 3 and heights[-1] == heights[-2] == heights[-3]
+
+    height = 0
+    try:
+        for _ in range(4):
+            heights.clear()
+            wait_until(settled, timeout=30, what="plots drawn and the page height settled")
+            if heights[-1] == height:
+                break
+            height = min(heights[-1], max_height)
+            driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                   {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
+            driver.execute_script("window.dispatchEvent(new Event('resize'));")
+        shot = driver.execute_cdp_cmd("Page.captureScreenshot", {
+            "format": "png", "captureBeyondViewport": True,
+            "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}})
+        path.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    return path
+
+
+def png_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a PNG from its header."""
+    header = Path(path).read_bytes()[:24]
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")

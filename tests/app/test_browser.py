@@ -142,9 +142,9 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     open_tab(dash_duo, "Compare")
     wait_until(lambda: [t["type"] for t in (figure(dash_duo, ids.COMPARE_GRAPH) or {"data": []})["data"]]
                == ["heatmap"] * 3, what="the compare heatmaps")
-    dash_duo.wait_for_element(f"#{ids.COMPARE_TABLE} td")
-    rows = dash_duo.find_elements(f"#{ids.COMPARE_TABLE} tbody tr")
-    assert len(rows) > 1
+    wait_until(lambda: len(grid_rows(dash_duo, ids.COMPARE_TABLE)) > 1, what="the difference grid")
+    differences = [abs(float(r["B − A"].replace("\u2212", "-"))) for r in grid_rows(dash_duo, ids.COMPARE_TABLE)]
+    assert differences == sorted(differences, reverse=True), "largest |B - A| first"
     wait_until(lambda: figure(dash_duo, ids.COMPARE_CURVE_GRAPH) and figure(dash_duo, ids.COMPARE_CURVE_GRAPH)["data"],
                what="a shared curve overlaid")
 

@@ -273,7 +273,8 @@ def test_update_model_headcurve_and_table(catalog):
     assert table == "position_bias.kv_words" and style == SHOWN and len(data) == 20
     assert "position_bias.kv_words (20 rows)" in [o["label"] for o in options]
     _, table, data, columns, _ = cb.update_model_table(catalog, "small", "retrieval.trials")
-    assert [c["id"] for c in columns] == ["trial", "depth", "context_length", "correct"]
+    assert [c["field"] for c in columns] == ["trial", "depth", "context_length", "correct"]
+    assert [c["filter"] for c in columns][:3] == ["agNumberColumnFilter"] * 3 and "valueFormatter" in columns[1]
     assert data[1]["correct"] is False
     assert serializable(data)
 
@@ -281,10 +282,16 @@ def test_update_model_headcurve_and_table(catalog):
 def test_table_preview_handles_nan_and_objects():
     from app.pages.model import PREVIEW_ROWS, table_preview
 
-    table = pd.DataFrame({"a": np.arange(500.0), "b": [np.nan, 1.0] * 250, "c": [[1, 2]] * 500, 3: "x"})
+    table = pd.DataFrame({"a": np.arange(500.0), "b": [np.nan, np.inf] * 250, "c": [[1, 2]] * 500, 3: "x",
+                          "n.k": np.arange(500)})
     data, columns = table_preview(table)
-    assert len(data) == PREVIEW_ROWS and data[0]["b"] is None and data[0]["c"] == "[1, 2]" and data[0]["3"] == "x"
-    assert [c["id"] for c in columns] == ["a", "b", "c", "3"]
+    assert len(data) == PREVIEW_ROWS and data[0]["b"] is None and data[1]["b"] is None
+    assert data[0]["c"] == "[1, 2]" and data[0]["3"] == "x" and data[7]["n.k"] == 7
+    assert [c["field"] for c in columns] == ["a", "b", "c", "3", "n.k"]
+    kinds = {c["field"]: ("float" if "valueFormatter" in c else c["filter"]) for c in columns}
+    assert kinds == {"a": "float", "b": "float", "c": "agTextColumnFilter", "3": "agTextColumnFilter",
+                     "n.k": "agNumberColumnFilter"}
+    assert json.loads(json.dumps(data, allow_nan=False))
     assert serializable(data)
 
 
@@ -295,6 +302,7 @@ def test_update_compare_defaults_and_outputs(catalog):
     assert (a, b, metric) == ("small", "other", "planted")
     assert [t.type for t in figure.data] == ["heatmap"] * 3
     assert data[0]["B − A"] == 0  # `planted` is the same in both synthetic scans
+    assert [c["field"] for c in columns] == ["layer", "head", "A", "B", "B − A"] and "valueFormatter" in columns[4]
     out = cb.update_compare(catalog, "small", ids.COMPARE_METRIC, "small", "other", "signed", None)
     data = out[7]
     diffs = [abs(row["B − A"]) for row in data]

@@ -7,7 +7,6 @@ switched off in every layer (`disable_rope`), so the compare view shows what the
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import pytest
 pytest.importorskip("selenium", reason="browser tests need dash[testing] (selenium)")
 
 from app import create_app, ids  # noqa: E402
-from tests.app.browser import click_heatmap_cell, figure, open_tab, wait_until  # noqa: E402
+from tests.app.browser import click_heatmap_cell, figure, open_tab, png_size, save_full_page, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.real_model, pytest.mark.browser]
 
@@ -23,24 +22,11 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
 
 
 def _save(dash_duo, name: str) -> Path:
-    """Full-page PNG: the window is stretched to the page height first."""
-    driver = dash_duo.driver
-    heights: list[int] = []
-
-    def settled() -> bool:  # every plot drawn and the page height unchanged over two polls
-        drawn = driver.execute_script(
-            "return Array.from(document.querySelectorAll('.js-plotly-plot')).every(g => g._fullLayout)")
-        heights.append(int(driver.execute_script("return document.documentElement.scrollHeight")))
-        time.sleep(0.3)
-        return bool(drawn) and len(heights) >= 3 and heights[-1] == heights[-2] == heights[-3]
-
-    for _ in range(2):  # plots drawn after a resize can make the page taller
-        heights.clear()
-        wait_until(settled, what="plots drawn and the page height settled")
-        driver.set_window_size(1440, min(max(heights[-1] + 60, 900), 5000))
-    path = SCREENSHOTS / f"{name}.png"
-    driver.save_screenshot(str(path))
-    driver.set_window_size(1440, 1000)
+    """Full-page PNG (the whole document, not the window), taken once every graph is drawn; checks it is whole."""
+    path = save_full_page(dash_duo, SCREENSHOTS / f"{name}.png")
+    page = dash_duo.driver.execute_script("return document.documentElement.scrollHeight")
+    width, height = png_size(path)
+    assert width == 1440 and height >= page - 2, f"{path} is {width}x{height}, the page is {page} px tall"
     return path
 
 
@@ -76,19 +62,20 @@ def test_screenshots_of_every_view_on_gemma(dash_duo, gemma_quick_scan, gemma_no
     dash_duo.find_element(f"#{ids.OPEN_HEAD}").click()
     dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", f"Layer {layer}, head {head}")
     wait_until(lambda: len(dash_duo.find_elements(f"#{ids.HEAD_CURVES} .js-plotly-plot")) >= 3, what="head curves")
-    dash_duo.wait_for_element(f"#{ids.RANKING_TABLE} td")
+    dash_duo.wait_for_element(f"#{ids.RANKING_TABLE} .ag-row .ag-cell")
     shots.append(_save(dash_duo, "2_head_detail"))
 
     open_tab(dash_duo, "Model")
     wait_until(lambda: (figure(dash_duo, ids.MODEL_METRIC_GRAPH) or {}).get("data"), what="metric by layer")
     wait_until(lambda: (figure(dash_duo, ids.MODEL_HEADCURVE_GRAPH) or {}).get("data"), what="layer-mean curves")
     shots.append(_save(dash_duo, "3_model"))
+    assert png_size(shots[-1])[1] > 1400, "the model view is taller than one window: the PNG must not be clipped"
 
     open_tab(dash_duo, "Compare")
     wait_until(lambda: len((figure(dash_duo, ids.COMPARE_GRAPH) or {"data": []})["data"]) == 3, what="compare")
     dash_duo.select_dcc_dropdown(f"#{ids.COMPARE_METRIC}", value="entropy_norm")
     wait_until(lambda: "entropy_norm" in figure(dash_duo, ids.COMPARE_GRAPH)["title"], what="compare entropy_norm")
-    dash_duo.wait_for_element(f"#{ids.COMPARE_TABLE} td")
+    dash_duo.wait_for_element(f"#{ids.COMPARE_TABLE} .ag-row .ag-cell")
     wait_until(lambda: (figure(dash_duo, ids.COMPARE_CURVE_GRAPH) or {}).get("data"), what="compare curve")
     shots.append(_save(dash_duo, "4_compare"))
 
