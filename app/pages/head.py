@@ -71,7 +71,7 @@ def layout() -> html.Div:
                       "the CSV keeps the current filter and order, at full precision", className="pp-hint"),
         ]),
         data_grid(ids.RANKING_TABLE, PAGE_SIZE, row_id=ROW_ID, localeText={
-            "noRowsToShow": "No heads to show (check the filters)"},
+            "noRowsToShow": "No heads to show: the filters exclude every head, or the scan has no head metrics"},
             rowSelection={"mode": "singleRow", "checkboxes": False, "enableClickSelection": True}),
         dcc.Store(id=ids.RANKING_ROWS),
         dcc.Store(id=ids.RANKING_EXPORT),

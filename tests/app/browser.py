@@ -130,6 +130,10 @@ def save_full_page(dash_duo: Any, path: str | Path, width: int = 1440, max_heigh
     driver = dash_duo.driver
     path = Path(path)
     heights: list[int] = []
+    # no hover label left over from the last click (it would cover a colour bar in the picture)
+    ActionChains(driver).move_to_element(driver.find_element("css selector", "h1")).perform()
+    driver.execute_script("document.querySelectorAll('.js-plotly-plot').forEach(g => {"
+                          "try { window.Plotly.Fx.unhover(g); } catch (e) {} });")
 
     def settled() -> bool:  # plots drawn, Dash idle and the document height unchanged over three polls
         state = driver.execute_script(PAGE_SETTLED_JS)
