@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -345,8 +346,7 @@ class HFAccess(ModelAccess):
         all_edits = [*self._edits, *edits]
         self._validate_edits(all_edits)
         if any(isinstance(e, ProjectionInputEdit) and e.queries == "last" for e in all_edits):
-            # "last position only" is defined on the whole sequence; recompute so every step sees it that way
-            return super().greedy(ids, max_new_tokens, stop_ids=stop_ids, edits=edits)
+            return self._greedy_last_query(ids, max_new_tokens, stop_ids, all_edits)
         cache = DynamicCache(config=self.model.config)
         new: list[Tensor] = []
         step_ids, pos = ids, torch.arange(n)[None].expand(ids.shape[0], -1)
@@ -361,6 +361,50 @@ class HFAccess(ModelAccess):
                 if len(stop) and bool(torch.isin(nxt, stop).all()):
                     break
                 step_ids, pos = nxt, pos[:, -1:] + 1
+        return torch.cat(new, dim=1)
+
+    def _greedy_last_query(
+        self, ids: Tensor, max_new_tokens: int, stop_ids: Sequence[int], edits: Sequence[Edit]
+    ) -> Tensor:
+        """Greedy decoding under edits that scale only the *last* query (Yu et al.), equal to recomputing the whole
+        sequence every step but KV-cached: "last" is defined on the whole sequence, so a token's states depend on
+        whether it is the last one. The cache holds every token but the last as a non-last token (query unscaled,
+        keys scaled); each step runs the last token twice on top of it, once as the last token (on a copy of the
+        cache: its logits choose the next token) and once as a non-last token (appended for the later steps).
+        Two one-token passes per step instead of a pass over the whole sequence."""
+        import copy
+
+        from transformers import DynamicCache
+
+        settle = [dataclasses.replace(e, queries="none") if isinstance(e, ProjectionInputEdit) and e.queries == "last"
+                  else e for e in edits]
+        b, n = ids.shape
+        cache = DynamicCache(config=self.model.config)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long)
+        new: list[Tensor] = []
+
+        def step(tokens: Tensor, start: int, chosen: Sequence[Edit], kv: Any, logits: bool) -> Tensor | None:
+            pos = torch.arange(start, start + tokens.shape[1])[None].expand(b, -1)
+            with self._session(pos, frozenset(), None, chosen):
+                if not logits:  # the decoder alone: no lm_head over the vocabulary
+                    self.base(input_ids=tokens, position_ids=pos, past_key_values=kv, use_cache=True)
+                    return None
+                out = self.model(input_ids=tokens, position_ids=pos, past_key_values=kv, use_cache=True,
+                                 logits_to_keep=1)
+            return out.logits[:, -1]
+
+        last = ids[:, -1:]
+        with torch.inference_mode():
+            if n > 1:
+                step(ids[:, :-1], 0, settle, cache, logits=False)
+            for k in range(max_new_tokens):
+                position = n - 1 + k
+                nxt = step(last, position, edits, copy.deepcopy(cache), logits=True).argmax(-1, keepdim=True)
+                new.append(nxt)
+                if (len(stop) and bool(torch.isin(nxt, stop).all())) or k == max_new_tokens - 1:
+                    break
+                step(last, position, settle, cache, logits=False)
+                last = nxt
         return torch.cat(new, dim=1)
 
     def close(self) -> None:

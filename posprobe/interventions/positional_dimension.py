@@ -19,7 +19,8 @@ Search (after the paper's reference code; the numbers are config fields):
 Scaling: in the chosen layers, that dimension of the post-norm attention input is multiplied by `factor` when
 computing the keys of every position and the query of the last position only (`ProjectionInputEdit(keys=True,
 queries="last")`); values use the unscaled input. In generation every decoding step treats the newest token as
-"the last position" (the adapter recomputes the prefix each step, so this holds for any backend).
+"the last position" and every earlier token as a non-last one, exactly as if the whole sequence were recomputed
+each step (the HF adapter does this KV-cached with two one-token passes per step; other backends recompute).
 Leaving the block removes the edits: logits are bit-for-bit what they were before.
 """
 

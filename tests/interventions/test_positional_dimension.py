@@ -119,6 +119,25 @@ def test_generation_under_scaling_is_stepwise_recomputation(tiny_rope):
     assert torch.equal(generated, manual)
 
 
+def test_kv_cached_last_query_greedy_equals_recomputation_under_strong_edits(tiny_rope):
+    """The cached path keeps every token but the last as a non-last token; it must equal recomputing the whole
+    sequence each step (ModelAccess.greedy) for a batch, strong factors and long generations, and the edit must
+    actually change the generation (else the comparison proves nothing)."""
+    ids = torch.tensor([tiny_rope.encode(TEXT)] * 2)
+    ids[1, 3] = ids[0, 5]  # two different rows
+    dims, layers = list(range(0, tiny_rope.info.d_model, 2)), list(range(tiny_rope.info.n_layers))
+    plain = tiny_rope.greedy(ids, 12)
+    with scale_dimension(tiny_rope, dims, -20.0, layers=layers):  # strong enough that a cache keeping each
+        cached = tiny_rope.greedy(ids, 12)  # token's states from when it was last gives other tokens (checked)
+        recomputed = ModelAccess.greedy(tiny_rope, ids, 12)
+    assert torch.equal(cached, recomputed)
+    assert not torch.equal(cached, plain)
+    stop = [int(cached[0, 2])]
+    with scale_dimension(tiny_rope, dims, -20.0, layers=layers):
+        stopped = tiny_rope.greedy(ids[:1], 12, stop_ids=stop)
+    assert torch.equal(stopped, cached[:1, :3])
+
+
 def test_answer_loss_modes_agree_without_edits_and_validation_ranks_by_loss(tiny_rope):
     prompts = task_prompts(tiny_rope, "kv_words", 4, 2, 2, seed=1)
     forced = answer_loss(tiny_rope, prompts)
@@ -155,6 +174,16 @@ def test_missing_structure_raises_clear_errors(tiny_rope):
     with pytest.raises(UnknownNameError):
         find_positional_dimensions(tiny_rope, n_sequence=3)
     assert default_layers(tiny_rope.info) == [1]
+
+
+@pytest.mark.real_model
+def test_gemma_cached_greedy_under_the_recorded_dimension_equals_recomputation(gemma):
+    prompt = task_prompts(gemma, "kv_words", 20, [10], 1, seed=5)[0]
+    ids = torch.tensor([prompt.input_ids])
+    with positional_dimension(gemma):
+        cached = gemma.greedy(ids, 6)
+        recomputed = ModelAccess.greedy(gemma, ids, 6)
+    assert torch.equal(cached, recomputed)
 
 
 @pytest.mark.real_model
