@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -168,7 +167,7 @@ class HFAccess(ModelAccess):
         return getattr(self.model, self.model.base_model_prefix)
 
     def weights_hash(self) -> str:
-        """blake2b over (name, raw bytes) of the state dict in name order; memoised per access.
+        """blake2b over (name, raw bytes) of the state dict in name order (`_wrapping.state_dict_hash`); memoised.
 
         Memory: each tensor is hashed through a zero-copy numpy view (`.tobytes()` copied it: +671 MB for Gemma 3's
         tied 262k x 640 embedding). Reading every weight still pages in any mmapped weights a forward pass has not
@@ -176,11 +175,9 @@ class HFAccess(ModelAccess):
         were computed yet): file-backed, reclaimable pages, but they show in the process high-water mark.
         """
         if self._hash is None:
-            digest = hashlib.blake2b(digest_size=12)
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy())  # buffer, no copy
-            self._hash = digest.hexdigest()
+            from posprobe.adapters._wrapping import state_dict_hash
+
+            self._hash = state_dict_hash(self.model.state_dict())
         return self._hash
 
     # --- one pass ----------------------------------------------------------------------------------------------
