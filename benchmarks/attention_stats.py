@@ -1,7 +1,8 @@
 """Speed and memory of reading attention statistics: posprobe's streaming path vs the naive ways.
 
 Owns one benchmark case per subprocess (so peak memory is the case's own): the bare SDPA forward pass (the floor),
-the streaming head-statistics pass posprobe's scan runs (sampled queries as in a budget, and all queries), eager
+the streaming head-statistics pass posprobe's scan runs (sampled queries as in a budget, and all queries; and
+every streaming probe together, RoPE chunk decompositions included, as one scan pass of a text sample), eager
 attention with `output_attentions=True` reducing the full patterns afterwards, and TransformerLens
 `run_with_cache` with a names filter on `hook_pattern`. Peak memory is the process high-water mark (VmHWM) reset
 after the model is loaded, so it is the pass's own peak on top of the weights (the one-time weights hash that
@@ -18,7 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-CASES = ("forward", "stream_sampled", "stream_all", "eager", "tl_cache")
+CASES = ("forward", "stream_sampled", "stream_all", "stream_scan", "eager", "tl_cache")
+STAT_PROBES = ["head_basics", "attention_entropy"]  # the statistics every naive case computes too
+SCAN_PROBES = ["head_basics", "attention_entropy", "rope_frequency", "positional_heads"]  # every streaming probe
 
 
 def _reset_peak() -> None:
@@ -69,11 +72,12 @@ def run_case(case: str, n_tokens: int, model_name: str) -> dict:
     start = time.perf_counter()
     if case == "forward":
         access.run(ids)
-    elif case in ("stream_sampled", "stream_all"):
-        queries = 256 if case == "stream_sampled" else n_tokens
+    elif case in ("stream_sampled", "stream_all", "stream_scan"):
+        queries = n_tokens if case == "stream_all" else 256
         budget = Budget("bench", context_lengths=(n_tokens,), n_texts=1, max_queries=queries, retrieval_trials=0,
                         bias_trials=0, implicit_sequences=0)
-        posprobe.scan(access, probes=["head_basics", "attention_entropy"], budget=budget, progress=False)
+        probes = SCAN_PROBES if case == "stream_scan" else STAT_PROBES
+        posprobe.scan(access, probes=probes, budget=budget, progress=False)
     elif case == "eager":
         model = access.model
         model.set_attn_implementation("eager")
