@@ -90,12 +90,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def fmt_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(str(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        lines.append("| " + " | ".join(format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v)
-                                       for v in row) + " |")
-    return "\n".join(lines)
+    return df.to_markdown(index=False, floatfmt=floatfmt)
 
 
 def save_json(path: Path, obj: Any) -> None:

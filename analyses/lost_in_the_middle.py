@@ -50,13 +50,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def fmt_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    """A markdown table without the optional `tabulate` dependency."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        cells = [format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return df.to_markdown(index=False, floatfmt=floatfmt)
 
 
 def correlation(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

@@ -53,12 +53,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def fmt_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        cells = [format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return df.to_markdown(index=False, floatfmt=floatfmt)
 
 
 def heatmap(heads: pd.DataFrame, title: str) -> go.Figure:

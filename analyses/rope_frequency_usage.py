@@ -53,13 +53,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def fmt_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
-    """A markdown table without the optional `tabulate` dependency."""
-    cols = list(df.columns)
-    lines = ["| " + " | ".join(str(c) for c in cols) + " |", "|" + "---|" * len(cols)]
-    for row in df.itertuples(index=False):
-        cells = [format(v, floatfmt) if isinstance(v, (float, np.floating)) else str(v) for v in row]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return df.to_markdown(index=False, floatfmt=floatfmt)
 
 
 def write_figure(fig: go.Figure, path: Path, png: bool) -> list[str]:

@@ -51,8 +51,10 @@ def test_other_formats(prev_token_scan_dir, tmp_path, fmt, capsys):
         assert len(json.loads(out.read_text())) == 8
     elif fmt == "parquet":
         assert len(pd.read_parquet(out)) == 8
-    else:
-        assert "sink_mass" in out.read_text()
+    else:  # a markdown table: header row, separator row, one row per head
+        lines = out.read_text().strip().splitlines()
+        assert "sink_mass" in lines[0] and lines[0].startswith("|") and set(lines[1]) <= set("|-: ")
+        assert len(lines) == 2 + 8 and all(line.startswith("|") for line in lines)
 
 
 def test_unknown_metric_exits_2_listing_valid_ones(prev_token_scan_dir, capsys):
