@@ -47,7 +47,8 @@ def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_b
     p: [H, cq, n] probabilities of queries `qidx`. Keys before `first_key` (the sink) are excluded.
     Returns (mass [H, cq, n_bins] float64, count [cq, n_bins] float64). O(cq * n) for the prefix sum only.
     """
-    cs = torch.nn.functional.pad(torch.cumsum(p.double(), dim=-1), (1, 0))  # cs[..., j] = sum_{t < j} p_t
+    cs = p.new_zeros(*p.shape[:-1], p.shape[-1] + 1, dtype=torch.float64)  # cs[..., j] = sum_{t < j} p_t, written
+    torch.cumsum(p, dim=-1, dtype=torch.float64, out=cs[..., 1:])  # in place: no float64 copy of p, no padded copy
     i = qidx[:, None].double()
     lows, highs = [], []
     for lo, hi in bin_edges(n_bins):
