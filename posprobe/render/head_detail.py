@@ -78,10 +78,12 @@ def head_curve(scan: Any, name: str, layer: int, head: int, context: bool = True
     others = df[(df["layer"] == layer) & (df["head"] >= 0) & (df["head"] != head)] if head >= 0 else df.iloc[:0]
     if context and not others.empty:
         mean = others.groupby(["series", "x"], sort=True)["y"].mean().reset_index()
-        for series, group in mean.groupby("series", sort=False):
+        context_dashes = ("dash", "dot", "dashdot", "longdash", "longdashdot")  # one per series: tell them apart
+        for i, (series, group) in enumerate(mean.groupby("series", sort=False)):
             label = f"layer mean of other heads{f' ({series})' if series and many_series else ''}"
             fig.add_trace(go.Scatter(x=group["x"], y=group["y"], mode="lines", name=label, legendgroup=str(series),
-                                     line={"dash": "dash", "color": CONTEXT_COLOR, "width": 1.5}))
+                                     line={"dash": context_dashes[i % len(context_dashes)], "color": CONTEXT_COLOR,
+                                           "width": 1.5}))
     probe = df["probe"].iloc[0]
     where = f"L{layer} H{head}" if head >= 0 else f"layer {layer}"
     x_all = pd.concat([own["x"], others["x"]]) if context else own["x"]

@@ -79,7 +79,13 @@ def _add_layer_traces(fig: go.Figure, frame: pd.DataFrame) -> None:
                                      line={"color": "#555", "dash": dashes[series]}))
     fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", showlegend=False, hoverinfo="skip",
                              marker={"colorscale": "Viridis", "cmin": low, "cmax": high, "color": [low],
-                                     "showscale": True, "colorbar": {"title": "layer", "thickness": 12}}))
+                                     "showscale": True, "colorbar": {"title": "layer", "thickness": 12,
+                                                                     **_integer_ticks(high - low)}}))
+
+
+def _integer_ticks(span: int) -> dict[str, Any]:
+    """Whole-number ticks for a layer axis / colour bar (plotly picks 0.5 steps when there are few layers)."""
+    return {"tick0": 0, "dtick": max(1, -(-span // 10))}
 
 
 def model_curve(scan: Any, name: str) -> go.Figure:
@@ -137,6 +143,7 @@ def metric_by_layer(scan: Any, metric: str) -> go.Figure:
     fig.add_trace(go.Scatter(x=stats["layer"], y=stats["mean"], mode="lines+markers", name="layer mean",
                              line={"color": "#636efa", "width": 2.5}))
     fig.update_layout(title=f"{metric} by layer", xaxis_title="layer", yaxis_title=metric, margin=MARGIN, height=360)
+    fig.update_xaxes(**_integer_ticks(int(stats["layer"].max() - stats["layer"].min()) if len(stats) else 0))
     return fig
 
 

@@ -46,6 +46,7 @@ def test_layer_level_curve_one_line_per_layer_and_a_colour_bar(scan):
     assert lines[0].line.color != lines[2].line.color
     (bar,) = [t for t in fig.data if t.marker is not None and t.marker.showscale]
     assert (bar.marker.cmin, bar.marker.cmax, bar.marker.colorbar.title.text) == (0, 2, "layer")
+    assert bar.marker.colorbar.dtick == 1  # whole layers, not plotly's 0.5 steps on a 3-layer model
     with pytest.raises(UnknownNameError, match="model-level curve"):
         model_curve(scan, "attention_vs_distance")  # per-head only
 
@@ -66,6 +67,7 @@ def test_metric_by_layer(scan):
     traces = {t.name: t for t in fig.data}
     np.testing.assert_allclose(traces["layer mean"].y, [1.5, 1001.5, 2001.5])
     assert len(traces["heads"].y) == 12
+    assert fig.layout.xaxis.dtick == 1
     with pytest.raises(UnknownNameError):
         metric_by_layer(scan, "layer_type")
 
