@@ -305,11 +305,10 @@ def sweep_conditions(access: Any, out: Path) -> dict[str, tuple[str, float, Any]
     tuned = _read_tuned(out)
     f, d = tuned["fitm"], tuned["dim"]
     layers = tuple(f["layers"])
+    base = found_in_the_middle(access, task="kv_words", layers=layers, granularity=f["granularity"])
     found: dict[str, tuple[str, float, Any]] = {}
-    for t in SWEEP_TEMPERATURES:
-        found[fitm_label(t, layers, f["granularity"])] = (
-            "found_in_the_middle", t, found_in_the_middle(access, task="kv_words", temperature=t, layers=layers,
-                                                          granularity=f["granularity"]))
+    for t in SWEEP_TEMPERATURES:  # replace() shares the slot-bias estimate: calibrated once for the whole sweep
+        found[fitm_label(t, layers, f["granularity"])] = ("found_in_the_middle", t, base.replace(temperature=t))
     for factor in SWEEP_FACTORS:
         found[dim_label(d["dim"], factor, list(range(d["layers"][0], d["layers"][1] + 1)))] = (
             "positional_dimension", factor, scale_dimension(access, d["dim"], factor, tuple(d["layers"])))

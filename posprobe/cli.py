@@ -43,20 +43,12 @@ def _write_table(df, fmt: Format, out: Optional[Path]) -> None:
     elif fmt is Format.json:
         text = df.to_json(orient="records", indent=1)
     else:
-        text = df.to_markdown(index=False, floatfmt=".4g") if _has_tabulate() else df.to_string(index=False)
+        text = df.to_markdown(index=False, floatfmt=".4g")  # tabulate is a dependency
     if out is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
         out.write_text(text)
         typer.echo(f"wrote {len(df)} rows to {out}", err=True)
-
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _load(scan_dir: Path):

@@ -34,6 +34,7 @@ from posprobe.access import (
     causal_key_mask,
     expand_kv,
 )
+from posprobe.adapters._wrapping import state_dict_hash
 from posprobe.adapters.architectures import get_path, model_info, module_paths
 from posprobe.errors import InterventionError, UnsupportedModelError
 
@@ -167,16 +168,13 @@ class HFAccess(ModelAccess):
         return getattr(self.model, self.model.base_model_prefix)
 
     def weights_hash(self) -> str:
-        """blake2b over (name, raw bytes) of the state dict in name order (`_wrapping.state_dict_hash`); memoised.
+        """`_wrapping.state_dict_hash` of the state dict (zero-copy per tensor); memoised.
 
-        Memory: each tensor is hashed through a zero-copy numpy view (`.tobytes()` copied it: +671 MB for Gemma 3's
-        tied 262k x 640 embedding). Reading every weight still pages in any mmapped weights a forward pass has not
+        Memory: reading every weight pages in any mmapped weights a forward pass has not
         touched (on Gemma 3 270M loaded from the safetensors cache, ~640 MB of the embedding / LM head when no logits
         were computed yet): file-backed, reclaimable pages, but they show in the process high-water mark.
         """
         if self._hash is None:
-            from posprobe.adapters._wrapping import state_dict_hash
-
             self._hash = state_dict_hash(self.model.state_dict())
         return self._hash
 

@@ -494,7 +494,7 @@ class ImplicitPosition:
         edits = [f"{type(e).__name__}(layer={e.layer})" for e in getattr(ctx.access, "_edits", [])]
         return {
             "input": config.input,
-            "regressors": list(config.regressors or ()),
+            "regressors": list(config.regressors),  # resolved from the budget in run()
             "bos": bool(config.bos and ctx.info.adds_bos),  # whether position 0 actually held BOS
             "context_length": n_tokens,
             "n_sequences": n_sequences,
