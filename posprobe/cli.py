@@ -31,6 +31,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _check_table_out(fmt: Format, out: Optional[Path]) -> None:
+    """Refuse an unusable --out before the scan is read."""
+    if fmt is Format.parquet and out is None:
+        _fail("--format parquet needs --out FILE (Parquet is binary and cannot go to the terminal).")
+    if out is not None:
+        from posprobe._io import check_output_file
+
+        check_output_file(out)
+
+
 def _write_table(df, fmt: Format, out: Optional[Path]) -> None:
     if fmt is Format.parquet:
         if out is None:
@@ -68,6 +78,11 @@ def scan(
     rank_metric: Annotated[Optional[str], typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
 ) -> None:
     """Scan a model and save the result (Parquet + JSON) to OUT."""
+    from posprobe._io import check_output_dir
+
+    state = check_output_dir(out, marker="manifest.json")  # before any model is loaded: a bad --out costs nothing
+    if state == "overwrite":
+        typer.echo(f"{out} holds a scan already: it will be replaced when this scan is saved", err=True)
     from posprobe.scan import scan as run_scan
 
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
@@ -93,6 +108,7 @@ def rank(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
     """Rank heads of a saved scan by one metric."""
+    _check_table_out(format, out)
     result = _load(scan_dir)
     _write_table(result.rank(metric, top=top or None, ascending=ascending), format, out)
 
@@ -105,6 +121,7 @@ def export(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
     """Export a whole table of a saved scan (default: the heads table)."""
+    _check_table_out(format, out)
     result = _load(scan_dir)
     tables = {"heads": result.heads, "curves": result.curves, **result.tables}
     if table not in tables:

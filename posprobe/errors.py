@@ -59,3 +59,7 @@ class ScanFormatError(PosprobeError):
 
 class InterventionError(PosprobeError):
     """An intervention cannot be applied as configured."""
+
+
+class OutputPathError(PosprobeError, ValueError):
+    """An output path cannot or must not be written (an existing file, a foreign directory, no permission)."""

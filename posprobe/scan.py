@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from posprobe._io import check_output_dir, replace_dir
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError, ScanFormatError, UnknownNameError
 from posprobe.probes import get_probe, list_probes
@@ -142,18 +143,26 @@ class Scan:
 
     # --- persistence --------------------------------------------------------------------------------------------
     def save(self, directory: str | Path) -> Path:
-        """Write heads/curves/tables as Parquet and `manifest.json` (format, version, files, meta)."""
+        """Write heads/curves/tables as Parquet and `manifest.json` (format, version, files, meta), atomically.
+
+        Everything is written into a temporary sibling directory that then replaces `directory` in one step, so an
+        exception or a kill during the save leaves a previous scan there loadable and unchanged. `directory` must be
+        new, empty, or an existing scan (which is replaced); anything else raises `OutputPathError` before writing.
+        """
         out = Path(directory)
-        (out / "tables").mkdir(parents=True, exist_ok=True)
-        files: dict[str, Any] = {"heads": "heads.parquet", "curves": "curves.parquet", "tables": {}}
-        self.heads.to_parquet(out / files["heads"], index=False)
-        self.curves.to_parquet(out / files["curves"], index=False)
-        for name, table in self.tables.items():
-            rel = f"tables/{name}.parquet"
-            table.to_parquet(out / rel, index=False)
-            files["tables"][name] = rel
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files, "meta": _jsonable(self.meta)}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        check_output_dir(out, marker="manifest.json")
+        with replace_dir(out) as tmp:
+            (tmp / "tables").mkdir()
+            files: dict[str, Any] = {"heads": "heads.parquet", "curves": "curves.parquet", "tables": {}}
+            self.heads.to_parquet(tmp / files["heads"], index=False)
+            self.curves.to_parquet(tmp / files["curves"], index=False)
+            for name, table in self.tables.items():
+                rel = f"tables/{name}.parquet"
+                table.to_parquet(tmp / rel, index=False)
+                files["tables"][name] = rel
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "files": files,
+                        "meta": _jsonable(self.meta)}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         return out
 
     @classmethod
