@@ -158,11 +158,9 @@ def app_command(
     port: Annotated[int, typer.Option()] = 8050,
 ) -> None:
     """Open the Dash explorer over saved scans."""
-    try:
-        from app import serve
-    except ImportError as exc:
-        _fail(f"the explorer needs Dash ({exc}). Install it with: pip install 'posprobe[app]'")
-    serve(scan_dirs, host=host, port=port)
+    from posprobe._explorer import load_explorer
+
+    load_explorer().serve(scan_dirs, host=host, port=port)  # a missing Dash: MissingDependencyError, exit code 2
 
 
 def main(argv: list[str] | None = None) -> int:

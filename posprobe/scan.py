@@ -114,10 +114,10 @@ class Scan:
         return figure(self, kind, **kwargs)
 
     def explore(self, **kwargs: Any) -> Any:
-        """Open this scan in the Dash explorer (inline in Jupyter when possible)."""
-        from app import run_explorer
+        """Open this scan in the Dash explorer (inline in Jupyter when possible); needs the `app` extra (Dash)."""
+        from posprobe._explorer import load_explorer
 
-        return run_explorer([self], **kwargs)
+        return load_explorer().run_explorer([self], **kwargs)
 
     def __repr__(self) -> str:
         return (f"Scan(model={self.meta.get('model')!r}, heads={len(self.heads)}, metrics={self.metrics}, "

@@ -1,6 +1,6 @@
 """Seeded synthetic tasks (METRICS.md section 8) and the position-sweep evaluation (section 4, task level).
 
-Owns the task registry: names -> Task classes, listed in ONE block below as import paths and imported on first use.
+Re-exports the task registry (`posprobe.tasks.registry`: names -> Task classes, imported on first use):
 `get_task("kv_words")` returns a task object (a frozen dataclass; keyword overrides change its fields),
 `list_tasks()` the valid names. Every task makes structured `Prompt`s with token spans of its items (see
 `posprobe.tasks.base`); `evaluate_positions` sweeps the gold item through positions and scores greedy answers.
@@ -8,47 +8,9 @@ Owns the task registry: names -> Task classes, listed in ONE block below as impo
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from typing import Any
-
-from posprobe.errors import UnknownNameError
 from posprobe.tasks.base import Prompt, Segment, Task, build_prompt
 from posprobe.tasks.evaluate import evaluate_positions, summarize_trials, wilson_interval
-
-# --- built-in tasks (name -> "module:attribute") -----------------------------------------------------------------
-_BUILTIN_TASKS: dict[str, str] = {
-    "kv_words": "posprobe.tasks.kv:KVWords",
-    "kv_uuid": "posprobe.tasks.kv:KVUuid",
-    "multidoc": "posprobe.tasks.multidoc:MultiDoc",
-    "passkey": "posprobe.tasks.passkey:Passkey",
-}
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def list_tasks() -> list[str]:
-    """Names of the built-in tasks."""
-    return sorted(_BUILTIN_TASKS)
-
-
-def get_task(task: str | Task, **overrides: Any) -> Task:
-    """A task object from its name (or the object itself); keyword overrides replace config fields."""
-    if isinstance(task, Task):
-        return dataclasses.replace(task, **overrides) if overrides else task
-    if not isinstance(task, str) or task not in _BUILTIN_TASKS:
-        raise UnknownNameError("task", str(task), list_tasks(),
-                               hint="Or pass a posprobe.tasks.Task object.")
-    module, attr = _BUILTIN_TASKS[task].split(":")
-    cls = getattr(importlib.import_module(module), attr)
-    try:
-        return cls(**overrides)
-    except TypeError as exc:
-        fields = [f.name for f in dataclasses.fields(cls)]
-        bad = next((k for k in overrides if k not in fields), None)
-        if bad is None:
-            raise
-        raise UnknownNameError(f"{task} option", bad, fields) from exc
-
+from posprobe.tasks.registry import get_task, list_tasks
 
 __all__ = [
     "Prompt",

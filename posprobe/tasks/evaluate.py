@@ -184,7 +184,7 @@ def evaluate_positions(
     (`pd.DataFrame(table.attrs["trials"])`: completion, correct, error, ...).
     """
     from posprobe.models import load_model
-    from posprobe.tasks import get_task
+    from posprobe.tasks.registry import get_task
 
     access = load_model(model, tokenizer=tokenizer)
     task_obj = get_task(task)

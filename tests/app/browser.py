@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from selenium.webdriver.common.action_chains import ActionChains
 
-from app import ids
+from posprobe.app import ids
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("selenium", reason="browser tests need dash[testing] (selenium)")
 
-from app import create_app, ids  # noqa: E402
+from posprobe.app import create_app, ids  # noqa: E402
 from posprobe.render.head_detail import head_curve_names, layer_curve_names  # noqa: E402
 from tests.app.browser import (  # noqa: E402
     click_grid_header,

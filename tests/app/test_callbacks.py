@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from plotly.io.json import to_json_plotly
 
-from app import callbacks as cb
-from app import ids
-from app.catalog import ScanCatalog
-from app.pages.common import HIDDEN, SHOWN
+from posprobe.app import callbacks as cb
+from posprobe.app import ids
+from posprobe.app.catalog import ScanCatalog
+from posprobe.app.pages.common import HIDDEN, SHOWN
 from posprobe.render.head_detail import head_curve_names, layer_curve_names
 from posprobe.render.model_view import model_curve_names
 from posprobe.scan import Scan
@@ -227,7 +227,7 @@ def test_ranking_sends_missing_values_as_null():
 
 
 def test_ranking_export_request():
-    from app.pages.head import row_ids_of
+    from posprobe.app.pages.head import row_ids_of
 
     assert row_ids_of({"clicks": 2, "row_ids": ["1:2", "0:0"]}) == ["1:2", "0:0"]
     assert row_ids_of({"clicks": 1, "row_ids": None}) is None  # grid rows not known yet: every head
@@ -280,7 +280,7 @@ def test_update_model_headcurve_and_table(catalog):
 
 
 def test_table_preview_handles_nan_and_objects():
-    from app.pages.model import PREVIEW_ROWS, table_preview
+    from posprobe.app.pages.model import PREVIEW_ROWS, table_preview
 
     table = pd.DataFrame({"a": np.arange(500.0), "b": [np.nan, np.inf] * 250, "c": [[1, 2]] * 500, 3: "x",
                           "n.k": np.arange(500)})

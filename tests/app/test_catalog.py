@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.catalog import ScanCatalog, ScanUnavailable
+from posprobe.app.catalog import ScanCatalog, ScanUnavailable
 from posprobe.scan import Scan
 from tests.app.synthetic import synthetic_scan
 

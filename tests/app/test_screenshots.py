@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("selenium", reason="browser tests need dash[testing] (selenium)")
 
-from app import create_app, ids  # noqa: E402
+from posprobe.app import create_app, ids  # noqa: E402
 from tests.app.browser import click_heatmap_cell, figure, open_tab, png_size, save_full_page, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.real_model, pytest.mark.browser]

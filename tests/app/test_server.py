@@ -9,14 +9,14 @@ import sys
 
 import dash
 
-import app as explorer
-from app import create_app, ids
+import posprobe.app as explorer
+from posprobe.app import create_app, ids
 from posprobe.cli import main as cli_main
 from tests.app.synthetic import synthetic_scan
 
 
 def test_import_does_no_work():
-    code = "import app, dash._get_app as g; print(g.APP is None, hasattr(app, 'create_app'))"
+    code = "import posprobe.app as app, dash._get_app as g; print(g.APP is None, hasattr(app, 'create_app'))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "True"]  # the factory is there, and no Dash app was built by importing the package
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import dash
 
-from app.callbacks import register_callbacks
-from app.catalog import ScanCatalog
-from app.layout import INDEX, build_layout
+from posprobe.app.callbacks import register_callbacks
+from posprobe.app.catalog import ScanCatalog
+from posprobe.app.layout import INDEX, build_layout
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from dash import dcc, html
 
-from app import ids
-from app.pages.common import data_grid, grid_column
+from posprobe.app import ids
+from posprobe.app.pages.common import data_grid, grid_column
 from posprobe.render.compare import head_differences
 
 TOP_DIFFERENCES = 200  # rows of the difference table sent to the browser

@@ -12,8 +12,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from dash import dcc, html
 
-from app import ids
-from app.pages.common import format_value, message
+from posprobe.app import ids
+from posprobe.app.pages.common import format_value, message
 from posprobe.render.head_detail import head_metrics
 from posprobe.render.heads import atlas, head_marker
 

@@ -130,7 +130,7 @@ class ScanCatalog:
         entry = self._entries.get(name)
         return entry.path if entry else None
 
-    def get(self, name: str | None) -> Scan:
+    def get(self, name: object) -> Scan:
         """The scan called `name`, loading it on first use. Raises ScanUnavailable with a readable message."""
         if not isinstance(name, str) or name not in self._entries:
             raise ScanUnavailable(f"There is no scan called {name!r} in this explorer. It only opens the scans it "

@@ -15,13 +15,13 @@ import plotly.graph_objects as go
 from dash import Input, Output, State, ctx, no_update
 from dash.exceptions import PreventUpdate
 
-from app import ids
-from app.catalog import ScanCatalog, ScanUnavailable
-from app.pages import atlas as atlas_page
-from app.pages import compare as compare_page
-from app.pages import head as head_page
-from app.pages import model as model_page
-from app.pages.common import (
+from posprobe.app import ids
+from posprobe.app.catalog import ScanCatalog, ScanUnavailable
+from posprobe.app.pages import atlas as atlas_page
+from posprobe.app.pages import compare as compare_page
+from posprobe.app.pages import head as head_page
+from posprobe.app.pages import model as model_page
+from posprobe.app.pages.common import (
     HIDDEN,
     SHOWN,
     empty_figure,

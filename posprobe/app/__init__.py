@@ -5,7 +5,7 @@ and `ScanCatalog`. Importing does no work: nothing is built and no scan is read 
 app only reads saved scans; it never runs a model. Implements no METRICS.md section.
 """
 
-from app.catalog import ScanCatalog
-from app.server import create_app, run_explorer, serve
+from posprobe.app.catalog import ScanCatalog
+from posprobe.app.server import create_app, run_explorer, serve
 
 __all__ = ["ScanCatalog", "create_app", "run_explorer", "serve"]

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 from dash import dcc, html
 
-from app import ids
-from app.pages.common import data_grid, grid_column, message
+from posprobe.app import ids
+from posprobe.app.pages.common import data_grid, grid_column, message
 from posprobe.render.model_view import curve_probe, model_curve, model_curve_names, position_curve, position_tables
 
 PREVIEW_ROWS = 200  # rows of an extra table sent to the browser (the CLI `posprobe export` gives the whole table)

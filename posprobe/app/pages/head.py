@@ -16,8 +16,8 @@ from typing import Any
 import pandas as pd
 from dash import dcc, html
 
-from app import ids
-from app.pages.common import data_grid, format_value, grid_column, message
+from posprobe.app import ids
+from posprobe.app.pages.common import data_grid, format_value, grid_column, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
 

@@ -11,9 +11,9 @@ from typing import Any
 
 from dash import dcc, html
 
-from app import ids
-from app.catalog import ScanCatalog
-from app.pages import atlas, compare, head, model
+from posprobe.app import ids
+from posprobe.app.catalog import ScanCatalog
+from posprobe.app.pages import atlas, compare, head, model
 
 TABS = (("atlas", "Head atlas", atlas), ("head", "Head detail", head), ("model", "Model", model),
         ("compare", "Compare", compare))
