@@ -2,7 +2,8 @@
 
 Browser tests (`@pytest.mark.browser`) run in Debian's Chromium through chromedriver, always headless and offline
 (--no-sandbox --disable-background-networking --disable-component-update --no-first-run), and are skipped with the
-reason when chromium, chromedriver or dash[testing] is missing.
+reason when chromium, chromedriver or dash[testing] is missing, except under CI (`CI=true`), where a missing browser
+fails them (`browser_policy`).
 """
 
 from __future__ import annotations
@@ -46,14 +47,41 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.headless = True
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    reason = browser_unavailable()
+def in_ci(environ: dict[str, str] | None = None) -> bool:
+    """True under CI (`CI=true`, as GitHub Actions, GitLab and `.ci/run` set it)."""
+    value = (os.environ if environ is None else environ).get("CI", "")
+    return value.strip().lower() in {"1", "true", "yes"}
+
+
+def browser_policy(reason: str | None, environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """What to do with browser tests: ("run", ""), ("skip", why) locally, ("fail", why) in CI.
+
+    In CI a missing browser is a failure: the browser tier must not vanish silently from a green run.
+    """
     if reason is None:
+        return "run", ""
+    if in_ci(environ):
+        return "fail", (f"browser tests cannot run in CI: {reason}. CI must install Debian's chromium and "
+                        f"chromium-driver (see .ci/run); they are not optional there.")
+    return "skip", f"browser test skipped: {reason}"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    action, message = browser_policy(browser_unavailable())
+    if action != "skip":
         return
-    skip = pytest.mark.skip(reason=f"browser test skipped: {reason}")
+    skip = pytest.mark.skip(reason=message)
     for item in items:
         if "browser" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "browser" not in item.keywords:
+        return
+    action, message = browser_policy(browser_unavailable())
+    if action == "fail":
+        pytest.fail(message, pytrace=False)
 
 
 def pytest_setup_options():

@@ -92,10 +92,10 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
 
     # ranking grid: in ranking order of the atlas metric, formatted to 4 significant digits
     ranked = tiny_scan.rank(metric, top=None)
-    wait_until(lambda: len(grid_rows(dash_duo, ids.RANKING_TABLE)) == min(15, n_layers * n_heads),
-               what="the ranking grid's first page")
-    shown = grid_rows(dash_duo, ids.RANKING_TABLE)
-    assert [r["_id"] for r in shown] == [f"{a}:{b}" for a, b in zip(ranked["layer"], ranked["head"])][:len(shown)]
+    expected_ids = [f"{a}:{b}" for a, b in zip(ranked["layer"], ranked["head"])][:min(15, n_layers * n_heads)]
+    shown = wait_until(lambda: (rows := grid_rows(dash_duo, ids.RANKING_TABLE))
+                       and [r["_id"] for r in rows] == expected_ids and rows,
+                       what=f"the ranking grid's first page in {metric} order")
     assert shown[0][metric] == _d3_4g(ranked[metric].iloc[0]) and shown[0]["rank"] == "1"
     assert grid_paging(dash_duo, ids.RANKING_TABLE).endswith(f"of {n_layers * n_heads}")
 
@@ -129,8 +129,8 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     assert list(filtered["head"]) == list(range(n_heads - 1, -1, -1)), "the CSV keeps the grid's sort (head, desc)"
 
     # clicking a ranking row selects that head: the head detail view follows
-    target = grid_rows(dash_duo, ids.RANKING_TABLE)[-1]
-    assert target["_id"] == "0:0"
+    wait_until(lambda: grid_rows(dash_duo, ids.RANKING_TABLE)[-1]["_id"] == "0:0",
+               what="the filtered grid's last row L0 H0")
     click_grid_row(dash_duo, ids.RANKING_TABLE, "0:0")
     dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", "Layer 0, head 0")
     wait_until(lambda: dash_duo.find_element(f"#{ids.HEAD_LAYER}").text == "L0"
@@ -142,9 +142,12 @@ def test_pick_metric_click_head_curves_download_compare(dash_duo, tiny_scan_dir,
     open_tab(dash_duo, "Compare")
     wait_until(lambda: [t["type"] for t in (figure(dash_duo, ids.COMPARE_GRAPH) or {"data": []})["data"]]
                == ["heatmap"] * 3, what="the compare heatmaps")
-    wait_until(lambda: len(grid_rows(dash_duo, ids.COMPARE_TABLE)) > 1, what="the difference grid")
-    differences = [abs(float(r["B − A"].replace("\u2212", "-"))) for r in grid_rows(dash_duo, ids.COMPARE_TABLE)]
-    assert differences == sorted(differences, reverse=True), "largest |B - A| first"
+    def differences():
+        rows = grid_rows(dash_duo, ids.COMPARE_TABLE)
+        return [abs(float(r["B − A"].replace("\u2212", "-"))) for r in rows] if len(rows) > 1 else None
+
+    wait_until(lambda: (d := differences()) and d == sorted(d, reverse=True),
+               what="the difference grid, largest |B - A| first")
     wait_until(lambda: figure(dash_duo, ids.COMPARE_CURVE_GRAPH) and figure(dash_duo, ids.COMPARE_CURVE_GRAPH)["data"],
                what="a shared curve overlaid")
 
@@ -161,11 +164,11 @@ def test_broken_scan_shows_error_page(dash_duo, broken_dirs, synthetic_dir):
     dash_duo.wait_for_contains_text(f"#{ids.SCAN_ERROR}", "This scan cannot be opened")
     text = dash_duo.find_element(f"#{ids.SCAN_ERROR}").text
     assert "corrupted" in text and "Traceback" not in text
-    assert not dash_duo.find_element(f"#{ids.VIEWS}").is_displayed()
+    wait_until(lambda: not dash_duo.find_element(f"#{ids.VIEWS}").is_displayed(), what="the views hidden")
     # the other scan still opens
     dash_duo.select_dcc_dropdown(f"#{ids.SCAN}", value="good")
     wait_until(lambda: figure(dash_duo, ids.ATLAS_GRAPH), what="the good scan's atlas")
-    assert dash_duo.find_element(f"#{ids.SCAN_ERROR}").text == ""
+    wait_until(lambda: dash_duo.find_element(f"#{ids.SCAN_ERROR}").text == "", what="the error banner cleared")
 
 
 def test_large_scan_atlas_ranking_grid_and_model_view(dash_duo, large_scan_dir):
@@ -182,9 +185,10 @@ def test_large_scan_atlas_ranking_grid_and_model_view(dash_duo, large_scan_dir):
     dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", "Layer 40, head 17")
     wait_until(lambda: [r["_id"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:2] == ["47:31", "47:30"],
                what="the 1,536-head ranking by `planted`")
-    assert len(grid_rows(dash_duo, ids.RANKING_TABLE)) == 15
-    assert grid_paging(dash_duo, ids.RANKING_TABLE).replace(",", "").endswith("of 1536")
-    assert grid_rows(dash_duo, ids.RANKING_TABLE)[0]["planted"] == "4.703e+4"
+    wait_until(lambda: len(grid_rows(dash_duo, ids.RANKING_TABLE)) == 15
+               and grid_paging(dash_duo, ids.RANKING_TABLE).replace(",", "").endswith("of 1536")
+               and grid_rows(dash_duo, ids.RANKING_TABLE)[0]["planted"] == "4.703e+4",
+               what="page 1 of 1,536 heads, 15 rows, top planted 4.703e+4")
     click_grid_header(dash_duo, ids.RANKING_TABLE, "planted")  # ascending: the lowest `planted` first
     wait_until(lambda: [r["_id"] for r in grid_rows(dash_duo, ids.RANKING_TABLE)][:3] == ["0:0", "0:1", "0:2"],
                what="the ranking sorted by planted, ascending")
