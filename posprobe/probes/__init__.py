@@ -17,6 +17,7 @@ _BUILTIN: dict[str, str] = {
     "attention_entropy": "posprobe.probes.attention_entropy:PROBE",
     "head_basics": "posprobe.probes.head_basics:PROBE",
     "implicit_position": "posprobe.probes.implicit_position:PROBE",
+    "induction": "posprobe.probes.induction:PROBE",
     "position_bias": "posprobe.probes.position_bias:PROBE",
     "positional_heads": "posprobe.probes.positional_heads:PROBE",
     "retrieval": "posprobe.probes.retrieval:PROBE",
