@@ -243,7 +243,7 @@ class _Reducer:
             "dropped_distances": {str(k): v for k, v in self.dropped.items()},
             "n_sequences": self.n_sequences,
             "bos_prefix": bool(self.prefix),
-            "ordinary_vocabulary": int(len(self.pool)),
+            "ordinary_vocabulary": len(self.pool),
             "text_queries_with_repeat": {"induction": int(self.text["induction"].row_n.max()),
                                          "duplicate": int(self.text["duplicate"].row_n.max())},
             "gu_sink_rate": float(share[0]),
