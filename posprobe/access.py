@@ -37,6 +37,7 @@ class Positional(str, enum.Enum):
     ROPE = "rope"
     NONE = "none"  # NoPE: no explicit positional signal in this layer
     ABSOLUTE = "absolute"  # learned / sinusoidal embeddings added once at the input
+    ALIBI = "alibi"  # a per-head linear distance bias on the logits (BLOOM, Falcon with alibi); slopes in LayerInfo
 
 
 class ChunkLayout(str, enum.Enum):
@@ -58,6 +59,14 @@ class LayerInfo:
     chunk_layout: ChunkLayout | None = None
     rope_scaling: dict[str, Any] | None = None
     sliding_window: int | None = None
+    # Added in round 2 (defaults keep scans saved before them loadable):
+    rotary_offset: int = 0  # first rotated dim of a q/k head (MLA heads are cat(nope, rope): offset = nope dims)
+    rotary_cos_scale: float = 1.0  # multiplier the model folds into cos/sin (YaRN / LongRoPE attention factor)
+    attention_chunk: int | None = None  # chunked attention (Llama 4): a query sees keys of its own chunk only
+    attn_scale: float | None = None  # multiplier of q.k in this layer's logit (Granite, Gemma's query_pre_attn_scalar)
+    attn_softcap: float | None = None  # tanh logit softcap (Gemma 2)
+    learned_sinks: bool = False  # a learned per-head sink logit joins the softmax (gpt-oss): rows sum to < 1
+    alibi_slopes: tuple[float, ...] | None = None  # per-head ALiBi slopes (positional "alibi")
 
     @property
     def has_rope(self) -> bool:
@@ -79,20 +88,23 @@ class LayerInfo:
         """Indices (a_k, b_k) of the two coordinates of every chunk k in a head vector."""
         k = np.arange(self.n_chunks)
         if self.chunk_layout is ChunkLayout.INTERLEAVED:
-            return 2 * k, 2 * k + 1
-        return k, k + self.n_chunks
+            return self.rotary_offset + 2 * k, self.rotary_offset + 2 * k + 1
+        return self.rotary_offset + k, self.rotary_offset + k + self.n_chunks
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["positional"] = self.positional.value
         d["chunk_layout"] = self.chunk_layout.value if self.chunk_layout else None
+        d["alibi_slopes"] = list(self.alibi_slopes) if self.alibi_slopes is not None else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in _LAYER_FIELDS}  # fields of newer versions are dropped
         d["positional"] = Positional(d["positional"])
         d["chunk_layout"] = ChunkLayout(d["chunk_layout"]) if d.get("chunk_layout") else None
+        if d.get("alibi_slopes") is not None:
+            d["alibi_slopes"] = tuple(float(x) for x in d["alibi_slopes"])
         return cls(**d)
 
 
@@ -113,6 +125,8 @@ class ModelInfo:
     attn_softcap: float | None
     adds_bos: bool  # the tokenizer prepends BOS itself
     layers: tuple[LayerInfo, ...]
+    family: str | None = None  # HF model_type ("llama", "gemma3_text", ...); None in scans saved before round 2
+    moe: bool = False  # the MLP is a mixture of experts (routing is not probed; attention is what posprobe reads)
 
     @property
     def group_size(self) -> int:
@@ -137,9 +151,12 @@ class ModelInfo:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelInfo:
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in {f.name for f in dataclasses.fields(cls)}}
         d["layers"] = tuple(LayerInfo.from_dict(x) for x in d["layers"])
         return cls(**d)
+
+
+_LAYER_FIELDS = frozenset(f.name for f in dataclasses.fields(LayerInfo))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,8 +285,8 @@ class LayerCapture:
             self.q[:, :, query_index],
             k,
             query_index,
-            scale=self.model.attn_scale,
-            softcap=self.model.attn_softcap,
+            scale=self.info.attn_scale if self.info.attn_scale is not None else self.model.attn_scale,
+            softcap=self.info.attn_softcap if self.info.attn_scale is not None else self.model.attn_softcap,
             sliding_window=self.info.sliding_window,
             key_start=start,
         )
@@ -318,6 +335,9 @@ class LayerCapture:
 
     def scores(self, query_index: Tensor) -> Tensor:
         """Pre-softmax logits [b, H, cq, n] (scaled, softcapped, NOT masked) for the given queries."""
+        call = self.extras.get("attention_call")  # the adapter's record of the model's own call (scale, softcap)
+        if call is not None:
+            return call.scores(query_index)
         if self.q is None or self.k is None:
             raise RuntimeError("LayerCapture has no q/k: request Tap.SCORES (or Tap.Q and Tap.K).")
         k = expand_kv(self.k, self.model.n_heads)

@@ -1,10 +1,20 @@
-"""The default adapter: plain HF causal LMs, streamed through transformers' AttentionInterface.
+"""The default adapter: plain HF causal LMs of any decoder family, streamed through transformers' AttentionInterface.
 
-Owns the translation of `Tap`s and edits into forward hooks and a registered attention function ("posprobe").
-The function records the rotated q/k the model computed and, where a probe only reads, still returns SDPA's
-output, so the model's logits are unchanged (METRICS.md conventions: explicit position_ids, causal + window masks
-applied by posprobe itself because SDPA's causal path passes no mask). Layers with an `AttentionEdit` are computed
-in eager form from the edited probabilities. Everything is installed per pass and removed in `finally`.
+Owns the translation of `Tap`s and edits into forward hooks, a registered attention function ("posprobe") and
+short-lived wrappers of the modeling module's rotary function. Nothing here is per family: blocks, attention modules
+and positional facts are found by `adapters/architectures.py`, whose few declarative exceptions say why.
+
+The attention function receives what every transformers 5 family hands its attention kernel: rotated q/k, v, the
+mask (None on SDPA's plain causal path, a boolean or additive tensor otherwise: sliding windows, attention chunks,
+biases), `scaling`, `sliding_window`, `softcap` and learned sinks (`s_aux`). It records them as one `AttentionCall`
+and gives probes patterns computed chunk-wise from exactly those inputs (`AttentionCall.probs`), then returns the
+model's own output: SDPA where the model was on SDPA, the modeling module's eager function where it was eager or
+where SDPA cannot run the model's attention (softcap, sinks), so logits are unchanged. Layers with an
+`AttentionEdit` are computed in eager form from the edited probabilities.
+
+Families that compute attention inside their module (Falcon, BLOOM: `FamilyException.outside_interface`) run under
+eager attention for the pass; their patterns are the attention weights the module returns, and their rotated q/k
+come from the rotary function. Everything is installed per pass and removed in `finally`.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,32 +40,113 @@ from posprobe.access import (
     ProjectionInputEdit,
     RotaryEdit,
     Tap,
-    attention_probs,
-    attention_scores,
     causal_key_mask,
     expand_kv,
+    query_key_range,
 )
+from posprobe.adapters._compat import cache_kwargs
 from posprobe.adapters._wrapping import state_dict_hash
-from posprobe.adapters.architectures import get_path, model_info, module_paths
+from posprobe.adapters.architectures import exception_for, get_path, model_info, module_paths
 from posprobe.errors import InterventionError, UnsupportedModelError
 
-ATTN_NAME = "posprobe"
+ATTN_NAME = "posprobe"  # output through SDPA (masks in SDPA's format)
+ATTN_EAGER_NAME = "posprobe_eager"  # output through the model's eager function (masks in eager's additive format)
 _ACTIVE: contextvars.ContextVar[_PassState | None] = contextvars.ContextVar("posprobe_pass", default=None)
 _ATTENTION_TAPS = frozenset({Tap.Q, Tap.K, Tap.PATTERN, Tap.SCORES, Tap.Q_PRE, Tap.K_PRE})
+_ROTARY_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_pos_emb_interleave",
+                     "_apply_rotary_emb")  # module-level rotary functions of transformers' modeling files
 _registered = False
 
 
 def _register_attention() -> None:
-    """Register posprobe's attention function with transformers (once per process, on first use)."""
+    """Register posprobe's attention functions with transformers (once per process, on first use)."""
     global _registered
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     AttentionInterface.register(ATTN_NAME, _posprobe_attention)
     AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    AttentionInterface.register(ATTN_EAGER_NAME, _posprobe_attention)
+    AttentionMaskInterface.register(ATTN_EAGER_NAME, eager_mask)
     _registered = True
+
+
+@dataclass
+class AttentionCall:
+    """One call of a layer's attention kernel, as the model made it: everything its logits depend on.
+
+    q [b, H, nq, d] and k [b, G, nk, d] are post-rotary; queries are the last nq of the nk keys (nq = nk in a full
+    pass). `mask` is the model's own mask (None = plain causal, plus `sliding_window` when given), boolean (True =
+    allowed) or additive, [b or 1, 1 or H, nq, nk]. `sinks` [H] are learned sink logits that join the softmax.
+    """
+
+    q: Tensor
+    k: Tensor
+    mask: Tensor | None
+    scale: float
+    softcap: float | None
+    sliding_window: int | None
+    sinks: Tensor | None
+
+    @property
+    def n_keys(self) -> int:
+        return int(self.k.shape[2])
+
+    @property
+    def q_offset(self) -> int:
+        return self.n_keys - int(self.q.shape[2])
+
+    def key_range(self, query_index: Tensor) -> tuple[int, int]:
+        """Keys [start, stop) these queries (indices into the keys) may see: causal + window (the mask, where there
+        is one, may exclude more: attention chunks, padding)."""
+        return query_key_range(query_index, self.sliding_window)
+
+    def masked_scores(self, query_index: Tensor, start: int, stop: int) -> Tensor:
+        """Softcapped logits [b, H, cq, stop - start] in float32 or wider; disallowed keys are -inf, and an
+        additive mask (ALiBi-style biases included) is added as the model adds it."""
+        n_heads = self.q.shape[1]
+        q = self.q[:, :, query_index - self.q_offset]
+        k = expand_kv(self.k[:, :, start:stop], n_heads)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * self.scale
+        if self.softcap is not None:
+            s = torch.tanh(s / self.softcap) * self.softcap
+        if self.mask is None:
+            allowed = causal_key_mask(query_index, stop, self.sliding_window, key_start=start)
+            return s.masked_fill(~allowed, float("-inf"))
+        m = self.mask[..., query_index - self.q_offset, start:stop]
+        if m.dtype == torch.bool:
+            return s.masked_fill(~m, float("-inf"))
+        m = m.to(dtype)
+        return torch.where(m <= torch.finfo(m.dtype).min / 2, float("-inf"), s + m)
+
+    def softmax(self, scores: Tensor) -> Tensor:
+        """Probabilities over the keys; with learned sinks, the sink column joins the softmax and is dropped (rows
+        then sum to 1 - sink mass), as the model's eager attention does."""
+        if self.sinks is None:
+            return torch.softmax(scores, dim=-1)
+        sink = self.sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+        combined = torch.cat((scores, sink), dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        return torch.softmax(combined, dim=-1)[..., :-1]
+
+    def probs(self, query_index: Tensor) -> Tensor:
+        """Attention probabilities [b, H, cq, nk] of the given queries (key indices); masked entries exactly 0."""
+        start, stop = self.key_range(query_index)
+        p = self.softmax(self.masked_scores(query_index, start, stop))
+        if start == 0 and stop == self.n_keys:
+            return p
+        full = p.new_zeros(*p.shape[:3], self.n_keys)
+        full[..., start:stop] = p
+        return full
+
+    def scores(self, query_index: Tensor) -> Tensor:
+        """Scaled, softcapped, unmasked logits [b, H, cq, nk] (what `LayerCapture.scores` promises)."""
+        q = self.q[:, :, query_index - self.q_offset]
+        s = torch.matmul(q, expand_kv(self.k, q.shape[1]).transpose(-1, -2)) * self.scale
+        return torch.tanh(s / self.softcap) * self.softcap if self.softcap is not None else s
 
 
 @dataclass
@@ -64,7 +156,11 @@ class _PassState:
     on_layer: LayerCallback | None
     position_ids: Tensor
     attention_edits: dict[int, list[AttentionEdit]]
+    rotary_off: frozenset[int] = frozenset()  # layers whose rotation is replaced by the identity (RotaryEdit)
+    output_eager: bool = False
     captures: dict[int, LayerCapture] = field(default_factory=dict)
+    current_layer: int | None = None  # the layer whose attention module is running
+    rotary_depth: int = 0
 
     def capture(self, layer: int) -> LayerCapture:
         if layer not in self.captures:
@@ -75,61 +171,119 @@ class _PassState:
         return self.captures[layer]
 
 
-def _sdpa(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Any, **kwargs: Any) -> tuple[Tensor, Any]:
+def _eager_function(module: nn.Module) -> Any:
+    """The eager attention function of the module's own modeling file (softcap and sinks included)."""
+    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if fn is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} needs eager attention (softcap or learned sinks cannot run in SDPA), but its "
+            f"modeling module {type(module).__module__} has no eager_attention_forward. Load the model with "
+            f"attn_implementation='eager' and report the family to posprobe."
+        )
+    return fn
+
+
+def _additive_mask(mask: Tensor | None, query: Tensor, key: Tensor, window: int | None) -> Tensor:
+    """The eager (additive float) form of an SDPA mask: None = causal (+ window), boolean True = allowed."""
+    if mask is not None and mask.dtype != torch.bool:
+        return mask
+    if mask is None:
+        n_keys = key.shape[2]
+        mask = causal_key_mask(torch.arange(n_keys - query.shape[2], n_keys, device=query.device), n_keys,
+                               window)[None, None]
+    return torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+        ~mask, torch.finfo(query.dtype).min)
+
+
+def _model_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
+                     kwargs: dict[str, Any], eager: bool) -> tuple[Tensor, Any]:
+    """The model's own attention output: SDPA, or the modeling module's eager function when the model ran eager
+    or when SDPA cannot compute this attention (softcap, learned sinks)."""
+    if eager or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        if not eager:  # SDPA-format mask handed to an eager function
+            mask = _additive_mask(mask, query, key, kwargs.get("sliding_window"))
+        return _eager_function(module)(module, query, key, value, mask, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
 
 
 def _posprobe_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    **kwargs: Any,
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None, **kwargs: Any
 ) -> tuple[Tensor, Any]:
     state = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
+    eager = state.output_eager if state is not None else (attention_mask is not None
+                                                          and attention_mask.dtype != torch.bool)
     if state is None or layer is None:
-        return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                     sliding_window=sliding_window, softcap=softcap, **kwargs)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return _model_attention(module, query, key, value, attention_mask, kwargs, eager)
+    scaling = kwargs.get("scaling")
+    call = AttentionCall(
+        q=query, k=key, mask=attention_mask, scale=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+        softcap=kwargs.get("softcap"), sliding_window=kwargs.get("sliding_window"), sinks=kwargs.get("s_aux"))
     if state.taps & _ATTENTION_TAPS:
         cap = state.capture(layer)
         cap.q, cap.k = query, key
-        cap.extras["attn_scale"] = scale
-        if not state.access.info.layers[layer].has_rope:
-            cap.q_pre, cap.k_pre = query, key  # no rotation in this layer: pre == post
+        cap.extras["attn_scale"] = call.scale
+        cap.extras["attention_call"] = call
+        cap.pattern_source = call.probs
+        _settle_pre_rotary(cap, query, key)
     edits = state.attention_edits.get(layer)
     if not edits:
-        return _sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                     sliding_window=sliding_window, softcap=softcap, **kwargs)
-    return _edited_attention(query, key, value, layer, scale, softcap, sliding_window, edits, state)
+        return _model_attention(module, query, key, value, attention_mask, kwargs, eager)
+    return _edited_attention(call, value, layer, edits, state)
+
+
+def _settle_pre_rotary(cap: LayerCapture, query: Tensor, key: Tensor) -> None:
+    """Pre-rotary q/k in the [b, heads, n, d] layout of the post-rotary ones (the rotary function's inputs, which
+    some families hand over as [b, n, heads, d] or as the rotated part only); pre == post on layers without RoPE."""
+    if not cap.info.has_rope:
+        cap.q_pre, cap.k_pre = query, key
+        return
+    raw = cap.extras.pop("rotary_inputs", None)
+    if raw is None:
+        return
+    cap.q_pre, cap.k_pre = (_as_layout(x, post, cap.info) for x, post in zip(raw, (query, key)))
+
+
+def _as_layout(x: Tensor, post: Tensor, info: Any) -> Tensor | None:
+    if x.dim() != 4:
+        return None
+    candidates = [c for c in (x, x.transpose(1, 2)) if c.shape[:3] == post.shape[:3]]
+    if not candidates:
+        return None
+    if len(candidates) == 2 and x.shape[1] == x.shape[2]:  # heads == tokens: the rotation preserves chunk norms
+        from posprobe.probes.rope_chunks import chunk_norms
+
+        full = [_fill(c, post, info) for c in candidates]
+        errs = [float((chunk_norms(f, info) - chunk_norms(post, info)).abs().max()) for f in full]
+        return full[errs.index(min(errs))]
+    return _fill(candidates[0], post, info)
+
+
+def _fill(x: Tensor, post: Tensor, info: Any) -> Tensor:
+    """Put the rotated part `x` (pre-rotation) into the non-rotated dims of the post-rotary head."""
+    if x.shape[-1] == post.shape[-1]:
+        return x
+    full = post.clone()
+    full[..., info.rotary_offset: info.rotary_offset + x.shape[-1]] = x
+    return full
 
 
 def _edited_attention(
-    query: Tensor, key: Tensor, value: Tensor, layer: int, scale: float, softcap: float | None,
-    window: int | None, edits: list[AttentionEdit], state: _PassState,
+    call: AttentionCall, value: Tensor, layer: int, edits: list[AttentionEdit], state: _PassState
 ) -> tuple[Tensor, None]:
-    """Eager attention with edits applied; queries may be a suffix of the keys (KV-cached generation)."""
-    n_heads = query.shape[1]
-    n_keys = key.shape[2]
-    query_index = torch.arange(n_keys - query.shape[2], n_keys)
-    k = expand_kv(key, n_heads)
-    v = expand_kv(value, n_heads)
+    """Eager attention with edits applied, from the same masked logits the statistics use (mask, bias, window,
+    softcap, sinks as the model has them); queries may be a suffix of the keys (KV-cached generation)."""
+    n_keys = call.n_keys
+    query_index = torch.arange(call.q_offset, n_keys, device=call.q.device)
+    v = expand_kv(value, call.q.shape[1])
     ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=state.position_ids)
-    scores = attention_scores(query, k, scale, softcap)
-    allowed = causal_key_mask(query_index, n_keys, window)
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    scores = call.masked_scores(query_index, 0, n_keys)
     for edit in edits:
         if edit.stage == "scores":
             scores = edit.fn(scores, ctx)
-    probs = torch.softmax(scores, dim=-1)
+    probs = call.softmax(scores)
     for edit in edits:
         if edit.stage == "probs":
             probs = edit.fn(probs, ctx)
@@ -137,8 +291,18 @@ def _edited_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+class _Restore:
+    """Undo a module-level attribute swap (a `.remove()` like a hook handle)."""
+
+    def __init__(self, owner: Any, name: str, original: Any) -> None:
+        self.owner, self.name, self.original = owner, name, original
+
+    def remove(self) -> None:
+        setattr(self.owner, self.name, self.original)
+
+
 class HFAccess(ModelAccess):
-    """ModelAccess over an HF `PreTrainedModel` causal LM (the default backend)."""
+    """ModelAccess over an HF `PreTrainedModel` causal LM (the default backend), any decoder family."""
 
     backend = "hf"
 
@@ -151,8 +315,10 @@ class HFAccess(ModelAccess):
             )
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.paths = module_paths(model.config)
-        self.info = model_info(model, name or getattr(model, "name_or_path", "") or type(model).__name__, tokenizer)
+        self.paths = module_paths(model)
+        self.exception = exception_for(model.config)
+        self.info = model_info(model, name or getattr(model, "name_or_path", "") or type(model).__name__, tokenizer,
+                               self.paths)
         self._hash: str | None = None
 
     # --- structure ----------------------------------------------------------------------------------------------
@@ -161,11 +327,16 @@ class HFAccess(ModelAccess):
         return get_path(self.model, self.paths.layers)
 
     def attention_module(self, layer: int) -> nn.Module:
-        return getattr(self.blocks[layer], self.paths.attention)
+        return get_path(self.blocks[layer], self.paths.attention)
 
     @property
     def base(self) -> nn.Module:
         return getattr(self.model, self.model.base_model_prefix)
+
+    @property
+    def outside_interface(self) -> bool:
+        """Whether attention runs inside the module instead of through the AttentionInterface (Falcon, BLOOM)."""
+        return bool(self.exception and self.exception.outside_interface)
 
     def weights_hash(self) -> str:
         """`_wrapping.state_dict_hash` of the state dict (zero-copy per tensor); memoised.
@@ -179,41 +350,77 @@ class HFAccess(ModelAccess):
         return self._hash
 
     # --- one pass ----------------------------------------------------------------------------------------------
+    def _check_edits_apply(self, edits: Sequence[Edit]) -> None:
+        for edit in edits:
+            if isinstance(edit, AttentionEdit) and self.outside_interface:
+                raise InterventionError(
+                    f"{self.info.architecture} computes attention inside its module ({self.exception.reason}); "
+                    f"posprobe cannot replace its attention probabilities, so AttentionEdit (mask_heads, "
+                    f"found_in_the_middle) does not apply. Read-only probes work on this family."
+                )
+            if isinstance(edit, ProjectionInputEdit) and (self.paths.q_proj is None or self.paths.k_proj is None):
+                raise InterventionError(
+                    f"{self.info.architecture} has no separate query and key projections (fused QKV or MLA "
+                    f"low-rank projections); ProjectionInputEdit (positional_dimension) scales the input of q_proj "
+                    f"and k_proj, so it does not apply to this family."
+                )
+            if isinstance(edit, RotaryEdit) and not self.info.layers[edit.layer].has_rope:
+                raise InterventionError(f"Layer {edit.layer} of {self.info.name} has no RoPE to disable "
+                                        f"({self.info.layers[edit.layer].positional.value}).")
+
     @contextlib.contextmanager
     def _session(
         self, position_ids: Tensor, taps: frozenset[Tap], on_layer: LayerCallback | None, edits: Sequence[Edit]
     ) -> Iterator[_PassState]:
+        self._check_edits_apply(edits)
         attention_edits: dict[int, list[AttentionEdit]] = {}
         for edit in edits:
             if isinstance(edit, AttentionEdit):
                 attention_edits.setdefault(edit.layer, []).append(edit)
-        state = _PassState(self, taps, on_layer, position_ids, attention_edits)
-        handles: list[Any] = []
+        rotary_off = frozenset(e.layer for e in edits if isinstance(e, RotaryEdit))
         original_impl = self.model.config._attn_implementation
-        swap = bool(taps & _ATTENTION_TAPS) or bool(attention_edits)
+        state = _PassState(self, taps, on_layer, position_ids, attention_edits, rotary_off,
+                           output_eager=original_impl == "eager" or not getattr(self.model, "_supports_sdpa", True))
+        handles: list[Any] = []
+        reads = bool(taps & _ATTENTION_TAPS)
+        swap = reads or bool(attention_edits)
+        target = "eager" if self.outside_interface else (ATTN_EAGER_NAME if state.output_eager else ATTN_NAME)
         token = _ACTIVE.set(state)
         try:
-            if swap:
+            if swap and target != original_impl:
                 _register_attention()
-                self.model.set_attn_implementation(ATTN_NAME)
+                self._set_attention(target)
             handles += self._install_tap_hooks(state)
+            if rotary_off or (taps & {Tap.Q_PRE, Tap.K_PRE}) or (self.outside_interface and reads):
+                handles += self._install_rotary_wrappers(state)
             handles += self._install_edit_hooks(edits)
             yield state
         finally:
-            for handle in handles:
+            for handle in reversed(handles):
                 handle.remove()
-            if swap:
-                self.model.set_attn_implementation(original_impl)
+            if self.model.config._attn_implementation != original_impl:
+                self._set_attention(original_impl)
             _ACTIVE.reset(token)
+
+    def _set_attention(self, name: str) -> None:
+        """Switch the attention implementation. Families outside the interface (Falcon) refuse
+        `set_attn_implementation` and read `config._attn_implementation` at run time: set it directly."""
+        if self.outside_interface:
+            for module in self.model.modules():
+                config = getattr(module, "config", None)
+                if config is not None and hasattr(config, "_attn_implementation"):
+                    config._attn_implementation = name
+        else:
+            self.model.set_attn_implementation(name)
 
     def _install_tap_hooks(self, state: _PassState) -> list[Any]:
         taps, handles = state.taps, []
         if not taps and state.on_layer is None:
             return handles
-        info = self.info
+        outside = self.outside_interface and bool(taps & _ATTENTION_TAPS)
 
         for layer, block in enumerate(self.blocks):
-            attn = getattr(block, self.paths.attention)
+            attn = get_path(block, self.paths.attention)
 
             def block_pre(module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
                 cap = state.capture(layer)
@@ -225,8 +432,19 @@ class HFAccess(ModelAccess):
                     state.capture(layer).attn_in = args[0] if args else kwargs["hidden_states"]
 
             def attn_post(module: nn.Module, args: tuple, kwargs: dict, output: Any, layer: int = layer) -> None:
+                cap = state.capture(layer)
                 if Tap.ATTN_OUT in taps:
-                    state.capture(layer).attn_out = output[0] if isinstance(output, tuple) else output
+                    cap.attn_out = output[0] if isinstance(output, tuple) else output
+                if outside:  # eager weights the module returned: [b, H, n, n]
+                    probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+                    if probs is None:
+                        raise UnsupportedModelError(
+                            f"{type(module).__name__} returned no attention weights under eager attention; posprobe "
+                            f"reads this family's patterns from them ({self.exception.reason}).")
+                    cap.pattern_source = lambda query_index, probs=probs: probs[:, :, query_index]
+                    cap.extras["attn_scale"] = cap.info.attn_scale
+                    if not cap.info.has_rope:
+                        cap.q_pre, cap.k_pre = cap.q, cap.k
 
             def block_post(module: nn.Module, args: tuple, kwargs: dict, output: Any, layer: int = layer) -> None:
                 cap = state.capture(layer)
@@ -240,28 +458,56 @@ class HFAccess(ModelAccess):
             handles.append(attn.register_forward_pre_hook(attn_pre, with_kwargs=True))
             handles.append(attn.register_forward_hook(attn_post, with_kwargs=True))
             handles.append(block.register_forward_hook(block_post, with_kwargs=True))
-
-            if {Tap.Q_PRE, Tap.K_PRE} & taps and info.layers[layer].has_rope:
-                handles += self._pre_rotary_hooks(state, layer, attn)
         return handles
 
-    def _pre_rotary_hooks(self, state: _PassState, layer: int, attn: nn.Module) -> list[Any]:
-        """Capture q/k right before the rotation: after q_norm/k_norm where the model has them, else the projection."""
-        info, paths = self.info, self.paths
-        handles = []
-        for which, norm_name, proj_name in (("q", paths.q_norm, paths.q_proj), ("k", paths.k_norm, paths.k_proj)):
-            name = norm_name or proj_name
-            if name is None:
-                continue
-            is_norm = norm_name is not None
+    def _install_rotary_wrappers(self, state: _PassState) -> list[Any]:
+        """Wrap the modeling module's rotary function(s) for this pass: record their inputs (pre-rotary q/k) and,
+        where attention runs outside the interface, their outputs (post-rotary q/k); return the inputs unchanged on
+        layers with a RotaryEdit (the identity rotation, whatever form the family's cos/sin take)."""
+        handles: list[Any] = []
+        outside = self.outside_interface
+        record = bool(state.taps & {Tap.Q_PRE, Tap.K_PRE}) or (outside and bool(state.taps & _ATTENTION_TAPS))
+        modules = {sys.modules[type(self.attention_module(i)).__module__] for i in range(self.info.n_layers)}
+        for owner in modules:
+            for fname in _ROTARY_FUNCTIONS:
+                original = getattr(owner, fname, None)
+                if not callable(original):
+                    continue
 
-            def hook(module: nn.Module, args: tuple, output: Tensor, which: str = which, is_norm: bool = is_norm) -> None:
-                x = output
-                if not is_norm:  # projection output [b, n, heads * d] -> [b, heads, n, d]
-                    x = x.view(*x.shape[:2], -1, info.head_dim).transpose(1, 2)
-                setattr(state.capture(layer), f"{which}_pre", x)
+                def wrapped(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                    state.rotary_depth += 1
+                    try:
+                        out = _original(*args, **kwargs)
+                    finally:
+                        state.rotary_depth -= 1
+                    layer = state.current_layer
+                    if layer is None or state.rotary_depth:  # not inside an attention module, or a nested call
+                        return out
+                    if layer in state.rotary_off:
+                        out = tuple(args[: len(out)]) if isinstance(out, tuple) else args[0]
+                    if record and isinstance(out, tuple) and len(out) == 2:
+                        cap = state.capture(layer)
+                        if outside:
+                            cap.q, cap.k = out
+                            cap.q_pre, cap.k_pre = args[0], args[1]
+                        else:
+                            cap.extras["rotary_inputs"] = (args[0], args[1])
+                    return out
 
-            handles.append(getattr(attn, name).register_forward_hook(hook))
+                setattr(owner, fname, wrapped)
+                handles.append(_Restore(owner, fname, original))
+
+        for layer in range(self.info.n_layers):
+            attn = self.attention_module(layer)
+
+            def enter(module: nn.Module, args: tuple, kwargs: dict, layer: int = layer) -> None:
+                state.current_layer = layer
+
+            def leave(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+                state.current_layer = None
+
+            handles.append(attn.register_forward_pre_hook(enter, with_kwargs=True))
+            handles.append(attn.register_forward_hook(leave, with_kwargs=True))
         return handles
 
     def _install_edit_hooks(self, edits: Sequence[Edit]) -> list[Any]:
@@ -269,16 +515,9 @@ class HFAccess(ModelAccess):
         for edit in edits:
             if isinstance(edit, ProjectionInputEdit):
                 handles += self._projection_edit(edit)
-            elif isinstance(edit, RotaryEdit):
-                handles.append(self._rotary_edit(edit))
         return handles
 
     def _projection_edit(self, edit: ProjectionInputEdit) -> list[Any]:
-        if self.paths.q_proj is None:
-            raise InterventionError(
-                f"{self.info.architecture} has a fused QKV projection; ProjectionInputEdit needs separate "
-                f"q_proj/k_proj modules (Llama, Gemma, Qwen, Mistral families)."
-            )
         attn = self.attention_module(edit.layer)
         dims = torch.tensor(edit.dims, dtype=torch.long)
         handles = []
@@ -299,18 +538,6 @@ class HFAccess(ModelAccess):
             handles.append(getattr(attn, self.paths.q_proj).register_forward_pre_hook(
                 lambda m, args: (scaled(args[0], last), *args[1:])))
         return handles
-
-    def _rotary_edit(self, edit: RotaryEdit) -> Any:
-        if not self.info.layers[edit.layer].has_rope:
-            raise InterventionError(f"Layer {edit.layer} of {self.info.name} has no RoPE to disable.")
-
-        def identity_rotation(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            cos, sin = kwargs["position_embeddings"]
-            kwargs = dict(kwargs)
-            kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
-            return args, kwargs
-
-        return self.attention_module(edit.layer).register_forward_pre_hook(identity_rotation, with_kwargs=True)
 
     def _forward(
         self,
@@ -349,7 +576,8 @@ class HFAccess(ModelAccess):
         with torch.inference_mode(), self._session(pos, frozenset(), None, all_edits):
             for _ in range(max_new_tokens):
                 out = self.model(
-                    input_ids=step_ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1
+                    input_ids=step_ids, position_ids=pos, **cache_kwargs(self.model, cache), use_cache=True,
+                    logits_to_keep=1
                 )
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 new.append(nxt)
@@ -382,9 +610,9 @@ class HFAccess(ModelAccess):
             pos = torch.arange(start, start + tokens.shape[1])[None].expand(b, -1)
             with self._session(pos, frozenset(), None, chosen):
                 if not logits:  # the decoder alone: no lm_head over the vocabulary
-                    self.base(input_ids=tokens, position_ids=pos, past_key_values=kv, use_cache=True)
+                    self.base(input_ids=tokens, position_ids=pos, **cache_kwargs(self.base, kv), use_cache=True)
                     return None
-                out = self.model(input_ids=tokens, position_ids=pos, past_key_values=kv, use_cache=True,
+                out = self.model(input_ids=tokens, position_ids=pos, **cache_kwargs(self.model, kv), use_cache=True,
                                  logits_to_keep=1)
             return out.logits[:, -1]
 

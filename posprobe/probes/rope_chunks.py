@@ -41,7 +41,7 @@ def _check_layer(layer: LayerInfo, head_dim: int) -> None:
     if not layer.has_rope:
         raise ProbeError(f"Layer {layer.index} has no RoPE ({layer.positional.value}); it has no rotary chunks. "
                          f"Skip it (the RoPE probes do so with a reason).")
-    if layer.rotary_dim is None or layer.rotary_dim > head_dim or layer.rotary_dim % 2:
+    if layer.rotary_dim is None or layer.rotary_offset + layer.rotary_dim > head_dim or layer.rotary_dim % 2:
         raise ProbeError(f"Layer {layer.index} reports rotary_dim={layer.rotary_dim} for head_dim={head_dim}; "
                          f"it must be even and at most the head dim. Fix the model's LayerInfo (adapters/architectures.py).")
 
@@ -54,13 +54,16 @@ def split_chunks(
     d = x.shape[-1]
     _check_layer(layer, d)
     a, b = layer.chunk_coordinates()
-    r = int(layer.rotary_dim)
-    if a.size and int(max(a.max(), b.max())) >= r:
-        raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed rotary_dim={r}.")
+    r, offset = int(layer.rotary_dim), int(layer.rotary_offset)
+    if offset + r > d or (a.size and int(max(a.max(), b.max())) >= offset + r):
+        raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed the rotated dims [{offset}, {offset + r}) "
+                         f"of a {d}-dim head. Fix the model's LayerInfo (adapters/architectures.py).")
     ia = torch.as_tensor(a, dtype=torch.long, device=x.device)
     ib = torch.as_tensor(b, dtype=torch.long, device=x.device)
     chunks = torch.stack((x.index_select(-1, ia), x.index_select(-1, ib)), dim=-1)
-    rest = x[..., r:] if r < d else None
+    if r == d:
+        return chunks, None
+    rest = x[..., r:] if offset == 0 else torch.cat((x[..., :offset], x[..., offset + r:]), dim=-1)
     return chunks, rest
 
 

@@ -1,0 +1,138 @@
+"""The family registry: one tiny random-init config per decoder family posprobe supports.
+
+Owns `FAMILIES` (family name -> HF `model_type` plus the few config fields that make the config tiny and exercise the
+family's positional features: sliding windows, attention chunks, NoPE layers, partial rotary, ALiBi, softcap, sinks,
+MLA, MoE) and `build_family(name)`, which returns a seeded random-init causal LM and the byte tokenizer. No
+download: every model is built from its config with `AutoModelForCausalLM.from_config`. The conformance suite
+(`tests/conformance/`) is parametrised over this registry, and the README support matrix / `posprobe models
+--families` are generated from it, so "supported" means "passes the conformance suite on this tiny model".
+
+Sizes are kept tiny (2-4 layers, hidden 32-64, byte vocabulary) and windows / chunks small (8 tokens), so a sequence
+longer than any window stays short.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from posprobe.errors import UnknownNameError
+
+WINDOW = 8  # sliding window / attention chunk of the tiny configs: the conformance lengths exceed it
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_type: str
+    description: str
+    config: dict[str, Any] = field(default_factory=dict)
+    attention: bool = True  # whether the family sets num_attention_heads / hidden_size under those names
+
+
+_COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    Family("llama", "llama", "Llama 2/3 (RoPE, GQA)", dict(_COMMON, head_dim=16)),
+    Family("mistral", "mistral", "Mistral (RoPE, sliding window)", dict(_COMMON, head_dim=16, sliding_window=WINDOW)),
+    Family("qwen2", "qwen2", "Qwen 2 / 2.5 (RoPE, q/k/v bias; window on upper layers)",
+           dict(_COMMON, use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1,
+                layer_types=["full_attention", "sliding_attention"])),
+    Family("qwen3", "qwen3", "Qwen 3 (RoPE, q/k RMSNorm per head before the rotation)", dict(_COMMON, head_dim=16)),
+    Family("gemma", "gemma", "Gemma (RoPE, head_dim independent of hidden)", dict(_COMMON, head_dim=16)),
+    Family("gemma2", "gemma2", "Gemma 2 (RoPE, logit softcap, query_pre_attn_scalar, alternating window)",
+           dict(_COMMON, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+                final_logit_softcapping=30.0)),
+    Family("gemma3_text", "gemma3_text", "Gemma 3 (RoPE 10k local / 1M global, window, q/k norm)",
+           dict(_COMMON, num_hidden_layers=3, head_dim=16, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"])),
+    Family("smollm3", "smollm3", "SmolLM3 (RoPE with NoPE every 4th layer)",
+           dict(_COMMON, num_hidden_layers=4, head_dim=16, no_rope_layers=[1, 1, 1, 0])),
+    Family("mixtral", "mixtral", "Mixtral (RoPE, sparse MoE MLP)",
+           dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    Family("qwen2_moe", "qwen2_moe", "Qwen 2 MoE (RoPE, shared + routed experts)",
+           dict(_COMMON, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                shared_expert_intermediate_size=32)),
+    Family("qwen3_moe", "qwen3_moe", "Qwen 3 MoE (RoPE, q/k norm, MoE MLP)",
+           dict(_COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)),
+    Family("phi3", "phi3", "Phi-3 (RoPE, fused qkv projection)", dict(_COMMON)),
+    Family("phi", "phi", "Phi-2 (partial rotary 0.5, q/k/v bias)", dict(_COMMON, partial_rotary_factor=0.5)),
+    Family("gpt_neox", "gpt_neox", "GPT-NeoX / Pythia (partial rotary, fused qkv)",
+           dict(_COMMON, rotary_pct=0.25, num_key_value_heads=None)),
+    Family("gptj", "gptj", "GPT-J (interleaved partial rotary)",
+           dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, n_positions=256), attention=False),
+    Family("olmo", "olmo", "OLMo (RoPE, non-parametric layer norm)", dict(_COMMON)),
+    Family("olmo2", "olmo2", "OLMo 2 (RoPE, q/k norm over all heads)", dict(_COMMON)),
+    Family("stablelm", "stablelm", "StableLM (partial rotary 0.25)", dict(_COMMON, partial_rotary_factor=0.25)),
+    Family("starcoder2", "starcoder2", "StarCoder 2 (RoPE, sliding window)",
+           dict(_COMMON, sliding_window=WINDOW)),
+    Family("granite", "granite", "Granite (RoPE, attention_multiplier as the scale)",
+           dict(_COMMON, attention_multiplier=0.2)),
+    Family("cohere", "cohere", "Cohere Command-R (interleaved rotary, parallel block)", dict(_COMMON)),
+    Family("falcon", "falcon", "Falcon (RoPE, multi-query; attention outside the interface)",
+           dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=False,
+                max_position_embeddings=256)),
+    Family("falcon_alibi", "falcon", "Falcon with ALiBi (attention outside the interface)",
+           dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False, alibi=True,
+                max_position_embeddings=256)),
+    Family("gpt_oss", "gpt_oss", "gpt-oss (RoPE yarn, learned attention sinks, window, MoE)",
+           dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+                                 "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False})),
+    Family("llama4_text", "llama4_text", "Llama 4 (chunked attention on RoPE layers, NoPE layers, MoE)",
+           dict(_COMMON, num_hidden_layers=4, head_dim=16, attention_chunk_size=WINDOW, no_rope_layers=[1, 1, 1, 0],
+                num_local_experts=2, interleave_moe_layer_step=2, intermediate_size_mlp=96)),
+    Family("deepseek_v3", "deepseek_v3", "DeepSeek-V3 (MLA: only qk_rope_head_dim rotates, interleaved, MoE)",
+           dict(_COMMON, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+                qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                first_k_dense_replace=1, n_group=1, topk_group=1)),
+    Family("exaone4", "exaone4", "EXAONE 4 (RoPE on sliding layers, NoPE on global ones, q/k norm)",
+           dict(_COMMON, num_hidden_layers=4, head_dim=16, sliding_window=WINDOW,
+                layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention"])),
+    Family("gpt2", "gpt2", "GPT-2 (learned absolute positions, fused qkv)",
+           dict(n_embd=64, n_layer=2, n_head=4, n_positions=256), attention=False),
+    Family("opt", "opt", "OPT (learned absolute positions, offset 2)",
+           dict(hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+                max_position_embeddings=256)),
+    Family("bloom", "bloom", "BLOOM (ALiBi; attention outside the interface)",
+           dict(hidden_size=64, n_layer=2, n_head=4), attention=False),
+)}
+
+
+def family_names() -> list[str]:
+    return list(FAMILIES)
+
+
+def family_config(name: str, vocab_size: int) -> Any:
+    """The tiny HF config of family `name` (AutoConfig.for_model with the registry's fields)."""
+    from transformers import AutoConfig
+
+    if name not in FAMILIES:
+        raise UnknownNameError("model family", name, family_names())
+    fam = FAMILIES[name]
+    kwargs = dict(fam.config)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return AutoConfig.for_model(fam.model_type, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2,
+                                pad_token_id=0, tie_word_embeddings=False, **kwargs)
+
+
+def build_family(name: str, *, seed: int = 0, attn_implementation: str = "sdpa") -> tuple[torch.nn.Module, Any]:
+    """A seeded random-init tiny model of family `name` and the byte tokenizer (no download)."""
+    from transformers import AutoModelForCausalLM
+
+    from posprobe.models import byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    config = family_config(name, len(tokenizer))
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+    except ValueError:  # families without SDPA support (softcap, sinks, ALiBi in the module) load eager, as HF does
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval(), tokenizer
