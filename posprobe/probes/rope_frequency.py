@@ -13,8 +13,8 @@ at x = r/2), `rope_layer_spectrum` (per layer, mean over heads), `rope_q_norm` (
 logit_share[l,h,k] = E_ij[a_ij |c_k(i,j)|] / sum_k E_ij[a_ij |c_k(i,j)|] with c_k from the shared kernel
 (`posprobe.probes.rope_chunks`), over every visible key of `max_queries` queries per text (an even subset of the
 scan's query sample); the summary reports the largest |sum_k c_k * scale - logit| seen (exactness check).
-Norms are computed on pre-rotary q/k over every position (rotation preserves chunk norms; post-rotary is used where
-an adapter gives no pre-rotary tensor). Layers without RoPE are skipped with a reason; a model without any RoPE
+Norms are computed on pre-rotary q/k over every position (rotation preserves chunk norms; post-rotary, with any
+cos/sin multiplier divided out, is used where an adapter gives no pre-rotary tensor in the [b, heads, n, d] layout). Layers without RoPE are skipped with a reason; a model without any RoPE
 layer is skipped by `scan()`.
 """
 
@@ -106,6 +106,22 @@ def usage_summaries(share: np.ndarray, n_chunks: int, fraction: float) -> dict[s
     }
 
 
+def _norm_sums(pre: torch.Tensor | None, post: torch.Tensor, lay) -> torch.Tensor:
+    """Per-band chunk norms summed over batch and positions, [heads, bands].
+
+    From the pre-rotary tensor when the adapter gives one in the post-rotary layout [b, heads, n, d]; else from the
+    post-rotary one (the rotation preserves every chunk norm), with the cos/sin multiplier some scalings fold into
+    the rotation (YaRN's attention factor) divided out of the rotary bands. A pre-rotary tensor of another shape
+    (e.g. [b, n, heads, d] from a per-head q-norm hook) is never summed along the wrong axis.
+    """
+    if pre is not None and pre.shape == post.shape:
+        return chunk_norms(pre.double(), lay).sum((0, 2))
+    norms = chunk_norms(post.double(), lay).sum((0, 2))
+    if lay.rotary_cos_scale not in (0.0, 1.0):
+        norms[:, : lay.n_chunks] /= lay.rotary_cos_scale
+    return norms
+
+
 class _Reducer:
     taps = frozenset({Tap.Q, Tap.K, Tap.Q_PRE, Tap.K_PRE, Tap.PATTERN})
 
@@ -136,10 +152,9 @@ class _Reducer:
         if cfg.max_queries is not None and len(queries) > cfg.max_queries:
             queries = queries[torch.linspace(0, len(queries) - 1, cfg.max_queries).round().long().unique()]
         sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness)
-        q = cap.q_pre if cap.q_pre is not None else cap.q
-        k = cap.k_pre if cap.k_pre is not None else cap.k
-        qn = chunk_norms(q.double(), cap.info).sum((0, 2))  # [H, bands]
-        kn = chunk_norms(k.double(), cap.info).sum((0, 2))  # [G, bands]
+        qn = _norm_sums(cap.q_pre, cap.q, cap.info)  # [H, bands]
+        kn = _norm_sums(cap.k_pre, cap.k, cap.info)  # [G, bands]
+        q = cap.q
         if layer not in self.usage:  # first pass over this layer
             self.usage[layer] = torch.zeros_like(sums.usage)
             self.q_norm[layer], self.k_norm[layer] = torch.zeros_like(qn), torch.zeros_like(kn)

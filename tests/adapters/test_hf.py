@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -154,3 +156,30 @@ def test_weights_hash_is_blake2b_of_names_and_raw_bytes(tiny_rope):
     fresh = HFAccess(tiny_rope.model, tiny_rope.tokenizer)
     assert fresh.weights_hash() == digest.hexdigest()
     assert fresh.weights_hash() == tiny_rope.weights_hash()
+
+
+def test_qwen3_rope_frequency_over_two_context_lengths():
+    """Regression (issue 14): Qwen 3 normalises q/k per head *before* the transpose ([b, n, H, d]); the old pre-rotary
+    hook handed that layout on as [b, H, n, d] and rope_frequency summed norms along the wrong axis, so the second
+    context length crashed (`self.q_norm[layer] += qn`: size 32 vs 64)."""
+    import posprobe
+    from posprobe.adapters.families import build_family
+    from posprobe.adapters.hf import HFAccess
+    from posprobe.probes.base import get_budget
+
+    model, tok = build_family("qwen3")
+    access = HFAccess(model, tok, name="tiny-qwen3")
+    budget = dataclasses.replace(get_budget("quick"), context_lengths=(32, 64), n_texts=1, max_queries=16)
+    scan = posprobe.scan(access, probes=["rope_frequency"], budget=budget, progress=False)
+    norms = scan.curves[scan.curves["curve"] == "rope_q_norm"]
+    assert len(norms) == access.info.n_layers * access.info.n_heads * access.info.layers[0].n_chunks
+    assert norms["y"].notna().all() and (norms["y"] > 0).all()
+    # the pre-rotary q the adapter hands over has the post-rotary layout and the same chunk norms
+    caps = {}
+    access.run(access.encode("The clerk folded the long letter twice."), taps=[Tap.Q, Tap.Q_PRE],
+               on_layer=lambda c: caps.setdefault(c.layer, (c.q, c.q_pre, c.info)))
+    from posprobe.probes.rope_chunks import chunk_norms
+
+    for q, q_pre, info in caps.values():
+        assert q_pre.shape == q.shape
+        assert torch.allclose(chunk_norms(q_pre, info), chunk_norms(q, info), atol=1e-5)
