@@ -356,6 +356,12 @@ class EditContext:
     query_index: Tensor  # [cq] absolute sequence indices of the queries in this call
     n_keys: int
     position_ids: Tensor | None
+    # q [b, H, cq, d] and k [b, G, nk, d] as the attention function received them (rotated), where the adapter
+    # provides them (HF); score edits that recompute scores at other relative positions (posprobe.what_if) need them.
+    query: Tensor | None = None
+    key: Tensor | None = None
+    scale: float | None = None  # the layer's multiplier of q.k and its logit softcap, as the model applied them
+    softcap: float | None = None
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,8 @@ def _edited_attention(
     n_keys = call.n_keys
     query_index = torch.arange(call.q_offset, n_keys, device=call.q.device)
     v = expand_kv(value, call.q.shape[1])
-    ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=state.position_ids)
+    ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=state.position_ids,
+                      query=call.q, key=call.k, scale=call.scale, softcap=call.softcap)
     scores = call.masked_scores(query_index, 0, n_keys)
     for edit in edits:
         if edit.stage == "scores":
@@ -287,6 +288,8 @@ def _edited_attention(
     for edit in edits:
         if edit.stage == "probs":
             probs = edit.fn(probs, ctx)
+    if state.taps & _ATTENTION_TAPS and call.q_offset == 0:  # probes read the pattern the edited layer used
+        state.capture(layer).pattern_source = lambda index, probs=probs: probs[:, :, index]
     out = torch.matmul(probs.to(v.dtype), v)
     return out.transpose(1, 2).contiguous(), None
 
