@@ -1,0 +1,29 @@
+"""Context-extension what-ifs: the long-context papers' inference-time position tricks as intervention specs.
+
+Owns the one place these live. Each what-if is a frozen spec (`posprobe.interventions.spec.Intervention`), applied
+to a model access as a context manager that restores the model exactly on exit, accepted wherever interventions
+are (`scan(model, intervention=...)`, `evaluate_positions(..., intervention=...)`, `"yarn:factor=4"` text):
+
+- RoPE rescaling through transformers' own rope functions (`rope_scaling`): pi, ntk, dynamic, yarn, longrope,
+  llama3, proportional.
+- Position remapping at the attention scores (`remap`): string, self_extend, ms_poe, logn (query temperature).
+- Masks (`masks`): streaming_llm (sink + window), lm_infinite (Lambda mask + distance cap).
+
+Each docstring gives the formula and the paper; `posprobe interventions` lists the settings and defaults. HF
+backend only (they change the rotary embedding / attention of a transformers model).
+"""
+
+from posprobe.what_if.base import WhatIf
+from posprobe.what_if.rope_scaling import (
+    DynamicNTK,
+    Llama3,
+    LongRoPE,
+    NTKAware,
+    PositionInterpolation,
+    ProportionalRoPE,
+    RopeRescaling,
+    YaRN,
+)
+
+__all__ = ["DynamicNTK", "Llama3", "LongRoPE", "NTKAware", "PositionInterpolation", "ProportionalRoPE",
+           "RopeRescaling", "WhatIf", "YaRN"]
