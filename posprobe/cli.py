@@ -1,4 +1,4 @@
-"""The `posprobe` command line: scan, rank, export, models, probes, app.
+"""The `posprobe` command line: scan, sweep, rank, export, models, probes, app.
 
 Owns argument parsing (typer) and turning posprobe errors into one-line messages with exit code 2. The commands are
 thin: they call the public API (`scan`, `load`, `Scan.rank`) and write tables with pandas.
@@ -69,23 +69,33 @@ def _load(scan_dir: Path):
 
 @app.command()
 def scan(
-    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the scan to")],
-    model: Annotated[Optional[str], typer.Option(help="model name or path (default: embedded gemma-3-270m)")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the scan to (with several --model: "
+                                      "the directory that receives one scan per model)")],
+    model: Annotated[Optional[list[str]], typer.Option(help="model name or path (default: embedded gemma-3-270m); "
+                                                       "repeat for one scan per model under OUT")] = None,
     probes: Annotated[Optional[str], typer.Option(help="comma-separated probe names (default: all that apply)")] = None,
     budget: Annotated[str, typer.Option(help="quick | standard | full")] = "standard",
     seed: Annotated[int, typer.Option(help="seed of every generated input")] = 0,
     backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
     rank_metric: Annotated[Optional[str], typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
 ) -> None:
-    """Scan a model and save the result (Parquet + JSON) to OUT."""
+    """Scan a model and save the result (Parquet + JSON) to OUT (several --model: OUT/<model>/ each, resumable)."""
     from posprobe._io import check_output_dir
 
+    names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
+    if model and len(model) > 1:
+        from posprobe.sweep import SweepSpec
+
+        spec = SweepSpec.build(models=model, budgets=[budget], seeds=[seed], probes=names, backend=backend,
+                               model_only_names=True)
+        _run_sweep(spec, out, rank_metric)
+        return
+    model = model[0] if model else None
     state = check_output_dir(out, marker="manifest.json")  # before any model is loaded: a bad --out costs nothing
     if state == "overwrite":
         typer.echo(f"{out} holds a scan already: it will be replaced when this scan is saved", err=True)
     from posprobe.scan import scan as run_scan
 
-    names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend)
     result.save(out)
     typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
@@ -98,31 +108,79 @@ def scan(
         typer.echo(f"wrote head ranking by {rank_metric} to {out / 'ranking.csv'}", err=True)
 
 
+def _run_sweep(spec, out: Optional[Path], rank_metric: Optional[str] = None) -> None:
+    """Run a sweep, print its summary table (markdown) on stdout; exit 1 when a cell failed."""
+    from posprobe.sweep import run_sweep
+
+    summary = run_sweep(spec, out, log=lambda message: typer.echo(message, err=True))
+    root = Path(out if out is not None else spec.out)
+    if rank_metric:
+        for name in summary.loc[summary.status != "failed", "scan"]:
+            _load(root / name).rank(rank_metric, top=None).to_csv(root / name / "ranking.csv", index=False)
+    _write_table(summary, Format.md, None)
+    if (summary.status == "failed").any():
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def sweep(
+    file: Annotated[Path, typer.Argument(help="a sweep file (TOML): models, budgets, seeds, probes, interventions, "
+                                              "what_ifs, backend, out")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: the file's out)")]
+    = None,
+) -> None:
+    """Run a sweep: one scan per model x budget x seed x intervention x what-if; finished scans are not redone."""
+    from posprobe.sweep import SweepSpec
+
+    _run_sweep(SweepSpec.from_toml(file), out)
+
+
+def _scan_dirs(paths: list[Path]) -> list[Path]:
+    from posprobe.sweep import scan_dirs
+
+    return scan_dirs(paths)
+
+
 @app.command()
 def rank(
-    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory")],
+    scan_dir: Annotated[list[Path], typer.Argument(help="saved scan directories (a sweep directory: its scans); "
+                                                        "several: one long table with model / scan / condition "
+                                                        "columns")],
     metric: Annotated[str, typer.Option(help="head metric to rank by")],
     top: Annotated[int, typer.Option(help="number of heads (0 = all)")] = 20,
     ascending: Annotated[bool, typer.Option(help="lowest first")] = False,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
-    """Rank heads of a saved scan by one metric."""
+    """Rank heads of saved scans by one metric (several scans: each scan's top heads, stacked)."""
     _check_table_out(format, out)
-    result = _load(scan_dir)
-    _write_table(result.rank(metric, top=top or None, ascending=ascending), format, out)
+    dirs = _scan_dirs(scan_dir)
+    if len(dirs) == 1:
+        _write_table(_load(dirs[0]).rank(metric, top=top or None, ascending=ascending), format, out)
+        return
+    from posprobe.sweep import combined_ranking
+
+    _write_table(combined_ranking(dirs, metric, top=top or None, ascending=ascending), format, out)
 
 
 @app.command()
 def export(
-    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory")],
+    scan_dir: Annotated[list[Path], typer.Argument(help="saved scan directories (a sweep directory: its scans); "
+                                                        "several: one long table with model / scan / condition "
+                                                        "columns")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
     table: Annotated[str, typer.Option(help="heads | curves | <extra table name>")] = "heads",
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
-    """Export a whole table of a saved scan (default: the heads table)."""
+    """Export a whole table of saved scans (default: the heads table; several scans: one long table)."""
     _check_table_out(format, out)
-    result = _load(scan_dir)
+    dirs = _scan_dirs(scan_dir)
+    if len(dirs) > 1:
+        from posprobe.sweep import combined_table
+
+        _write_table(combined_table(dirs, table), format, out)
+        return
+    result = _load(dirs[0])
     tables = {"heads": result.heads, "curves": result.curves, **result.tables}
     if table not in tables:
         from posprobe.errors import UnknownNameError
@@ -166,7 +224,9 @@ def app_command(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: posprobe errors become `posprobe: error: ...` and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # click returns a typer.Exit's code here instead of raising
+        if isinstance(code, int) and code:
+            return code
     except typer.Exit as exc:
         return exc.exit_code
     except PosprobeError as exc:
