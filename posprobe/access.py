@@ -206,8 +206,11 @@ def expand_kv(k: Tensor, n_heads: int) -> Tensor:
 
 
 def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None = None) -> Scores:
-    """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d]."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d].
+
+    Computed in float32 or wider whatever the model's dtype (bf16 / fp16 models give float32 statistics)."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     return s
@@ -271,6 +274,19 @@ class LayerCapture:
     def n_tokens(self) -> int:
         return int(self.position_ids.shape[-1])
 
+    @property
+    def device(self) -> torch.device:
+        """The device this layer ran on (with accelerate dispatch, layers of one model live on different devices):
+        that of its q (or k, or any captured tensor), else that of position_ids."""
+        for t in (self.q, self.k, self.q_pre, self.k_pre, self.attn_in, self.resid_pre, self.attn_out,
+                  self.resid_post):
+            if t is not None:
+                return t.device
+        call = self.extras.get("attention_call")
+        if call is not None:
+            return call.q.device
+        return self.position_ids.device
+
     def _source(self) -> Callable[[Tensor], Tensor]:
         if self.pattern_source is not None:
             return self.pattern_source
@@ -312,6 +328,7 @@ class LayerCapture:
         """
         if query_index is None:
             query_index = torch.arange(self.n_tokens)
+        query_index = query_index.to(self.device)  # indices live with the layer's tensors (masks, gathers)
         memo = self.extras.setdefault("pattern_memo", {})
         key = (len(query_index), int(query_index[0]), int(query_index[-1]), int(query_index.sum()))
         hit = memo.get(key)
@@ -326,9 +343,11 @@ class LayerCapture:
         return probs
 
     def pattern_chunks(self, chunk_size: int = 256, queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time."""
-        if queries is None:
-            queries = torch.arange(self.n_tokens)
+        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time.
+
+        Both are on the layer's device (`device`): reduce them there and move per-layer results to the CPU once."""
+        queries = torch.arange(self.n_tokens) if queries is None else queries
+        queries = queries.to(self.device)
         for start in range(0, len(queries), chunk_size):
             idx = queries[start : start + chunk_size]
             yield idx, self.pattern(idx)
@@ -341,6 +360,7 @@ class LayerCapture:
         if self.q is None or self.k is None:
             raise RuntimeError("LayerCapture has no q/k: request Tap.SCORES (or Tap.Q and Tap.K).")
         k = expand_kv(self.k, self.model.n_heads)
+        query_index = query_index.to(self.q.device)
         return attention_scores(self.q[:, :, query_index], k, self.model.attn_scale, self.model.attn_softcap)
 
 
@@ -428,9 +448,52 @@ class ModelAccess(abc.ABC):
     info: ModelInfo
     tokenizer: Any
     backend: str = "abstract"
+    # Adapters whose `_forward` accepts `attention_mask=` ([b, n], 1 = token, 0 = padding) set this.
+    supports_attention_mask: bool = False
 
     def __init__(self) -> None:
         self._edits: list[Edit] = []
+
+    # --- hardware ------------------------------------------------------------------------------------------------
+    def torch_model(self) -> Any:
+        """The torch module whose parameters hold the weights (for devices, dtypes and memory); adapters keep it
+        as `hf_model` or `model`."""
+        return getattr(self, "hf_model", None) or getattr(self, "model", None)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids, positions and masks are built: the device of the model's input embedding (accelerate's
+        execution device for dispatched models). Layers may live elsewhere; taps are read where they live."""
+        from posprobe.devices import input_device
+
+        return input_device(self.torch_model())
+
+    def placement(self) -> dict[str, Any]:
+        """Devices, dtype and accelerate device map of the model, as recorded in a scan's provenance."""
+        from posprobe.devices import placement
+
+        return placement(self.torch_model())
+
+    def check_memory(self, n_tokens: int, batch: int = 1, *, taps: Iterable[Tap] = (), n_logits: int = 0) -> None:
+        """Raise `MemoryBudgetError` when one pass of this shape would not fit in its device's free memory
+        (`posprobe.devices.estimate_pass_memory`); called by `run` before every pass."""
+        from posprobe.devices import check_memory, estimate_pass_memory, model_dtype
+
+        facts = self.__dict__.get("_memory_facts")
+        if facts is None:  # parameters are walked once per access
+            model = self.torch_model()
+            devices, weights = set(), 0
+            if isinstance(model, torch.nn.Module):
+                for p in model.parameters():
+                    devices.add(p.device)
+                    weights += p.numel() * p.element_size() if p.device.type != "meta" else 0
+            facts = self.__dict__["_memory_facts"] = (sorted(devices or {torch.device("cpu")}, key=str),
+                                                       model_dtype(model), weights)
+        devices, dtype, weights = facts
+        reads = bool({Tap(t) for t in taps} & {Tap.PATTERN, Tap.SCORES})
+        estimate = estimate_pass_memory(self.info, n_tokens, batch, dtype, reads_attention=reads, n_logits=n_logits,
+                                        weights=weights, pattern_memo_bytes=LayerCapture.PATTERN_MEMO_BYTES)
+        check_memory(estimate, devices, dtype=dtype, model_name=self.info.name)
 
     # --- forward passes -------------------------------------------------------------------------------------
     @abc.abstractmethod
@@ -454,18 +517,40 @@ class ModelAccess(abc.ABC):
         position_ids: Tensor | None = None,
         logits: Literal["none", "last", "all"] | Sequence[int] | Tensor = "none",
         edits: Sequence[Edit] = (),
+        attention_mask: Tensor | None = None,
     ) -> RunResult:
         """One streaming forward pass. `on_layer` is called once per layer with the requested taps.
 
         `logits` chooses where logits are computed: "none" (default; the LM head is never run), "last", "all",
         or explicit sequence indices. Edits given here apply on top of those active through `editing()`.
+        `attention_mask` [b, n] (1 = token, 0 = padding) runs a padded batch (`posprobe.tasks.base.pad_left` builds
+        ids, mask and position_ids); probes must not read queries on padding. Inputs are moved to `input_device`
+        and the pass's memory is estimated first (`check_memory`).
         """
         ids = self._check_ids(input_ids)
         pos = self._check_positions(ids, position_ids)
         keep = self._logit_positions(logits, ids.shape[1])
+        extra: dict[str, Any] = {}
+        if attention_mask is not None:
+            extra["attention_mask"] = self._check_attention_mask(ids, attention_mask)
+        self.check_memory(ids.shape[1], ids.shape[0], taps=taps, n_logits=0 if keep is None else len(keep))
         with torch.inference_mode():
-            out = self._forward(ids, pos, frozenset(Tap(t) for t in taps), on_layer, keep, [*self._edits, *edits])
+            out = self._forward(ids, pos, frozenset(Tap(t) for t in taps), on_layer, keep, [*self._edits, *edits],
+                                **extra)
         return RunResult(logits=out, logit_positions=keep)
+
+    def _check_attention_mask(self, ids: Tensor, attention_mask: Any) -> Tensor:
+        if not self.supports_attention_mask:
+            raise InputError(f"The {self.backend} adapter runs unpadded batches only; got an attention_mask. Run "
+                             f"prompts of different lengths one at a time (batch_size=1) or use backend='hf'.")
+        mask = torch.as_tensor(attention_mask).to(ids.device, torch.long)
+        if mask.shape != ids.shape or not bool(((mask == 0) | (mask == 1)).all()):
+            raise InputError(f"attention_mask must be 0/1 with the shape of input_ids {tuple(ids.shape)}; got "
+                             f"shape {tuple(mask.shape)}. Build padded batches with posprobe.tasks.base.pad_left.")
+        if not bool(mask[:, -1].all()):
+            raise InputError("attention_mask marks the last token of a row as padding: posprobe pads on the left "
+                             "(pad_left), so the last position of every row is a real token.")
+        return mask
 
     def greedy(
         self, input_ids: Tensor | Sequence[int], max_new_tokens: int, *, stop_ids: Sequence[int] = (),
@@ -480,10 +565,10 @@ class ModelAccess(abc.ABC):
         new: list[Tensor] = []
         for _ in range(max_new_tokens):
             logits = self.run(ids, logits="last", edits=edits).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
+            nxt = logits.argmax(-1, keepdim=True).to(ids.device)
             new.append(nxt)
             ids = torch.cat([ids, nxt], dim=1)
-            if stop_ids and bool(torch.isin(nxt, torch.tensor(list(stop_ids))).all()):
+            if stop_ids and bool(torch.isin(nxt, torch.tensor(list(stop_ids), device=nxt.device)).all()):
                 break
         return torch.cat(new, dim=1) if new else ids.new_zeros(ids.shape[0], 0)
 
@@ -561,12 +646,12 @@ class ModelAccess(abc.ABC):
                 f"The sequence has {ids.shape[1]} tokens but {self.info.name} supports at most {limit} positions "
                 f"(max_position_embeddings). Use a shorter context (e.g. a smaller budget or context length)."
             )
-        return ids
+        return ids.to(self.input_device)  # checked on the CPU above; built where the model's embedding runs
 
     def _check_positions(self, ids: Tensor, position_ids: Tensor | None) -> Tensor:
         if position_ids is None:
-            return torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
-        pos = torch.as_tensor(position_ids, dtype=torch.long)
+            return torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+        pos = torch.as_tensor(position_ids, dtype=torch.long).to(ids.device)
         if pos.dim() == 1:
             pos = pos[None].expand(ids.shape[0], -1)
         if pos.shape != ids.shape:
