@@ -63,3 +63,7 @@ class InterventionError(PosprobeError):
 
 class OutputPathError(PosprobeError, ValueError):
     """An output path cannot or must not be written (an existing file, a foreign directory, no permission)."""
+
+
+class MemoryBudgetError(PosprobeError, MemoryError):
+    """A pass would not fit in the free memory of its device (estimated before running it; nothing was run)."""

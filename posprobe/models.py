@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from posprobe.access import ModelAccess
-from posprobe.errors import MissingDependencyError, ModelLoadError, UnknownNameError, UnsupportedModelError
+from posprobe.errors import InputError, MissingDependencyError, ModelLoadError, UnknownNameError, UnsupportedModelError
 
 DEFAULT_MODEL = "gemma-3-270m"
 _CACHE_FORMAT = 1
@@ -232,17 +232,21 @@ def tiny_model(
 # The entry point
 
 
-def _from_pretrained(path: str) -> tuple[torch.nn.Module, Any]:
+def _from_pretrained(path: str, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
+    """Load weights straight onto `device` in `dtype` (device "auto": accelerate's device_map="auto")."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path).expanduser()
+    placement = {"device_map": "auto"} if str(device) == "auto" else \
+        ({"device_map": str(device)} if torch.device(device).type != "cpu" else {})
     try:
         if p.is_file() and p.suffix == ".gguf":
             tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype, **placement)
         else:
             tokenizer = AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
-            model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else path, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else path, dtype=dtype, **placement)
     except (OSError, ValueError) as exc:
         where = "local directory" if p.exists() else "hub id (needs network access)"
         raise ModelLoadError(
@@ -252,7 +256,14 @@ def _from_pretrained(path: str) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def load_model(model: Any = None, *, tokenizer: Any = None, backend: str | None = None) -> ModelAccess:
+def load_model(
+    model: Any = None,
+    *,
+    tokenizer: Any = None,
+    backend: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> ModelAccess:
     """Anything posprobe can probe -> a `ModelAccess`.
 
     model: None / "gemma-3-270m" (embedded default), "smollm2-135m", "tiny-rope" / "tiny-nope" / "tiny-absolute",
@@ -260,27 +271,60 @@ def load_model(model: Any = None, *, tokenizer: Any = None, backend: str | None 
     `TransformerBridge`, an nnsight `TransformersModel`, or an existing `ModelAccess` (returned unchanged).
     backend: "hf" (default for names, paths and HF objects), "transformer_lens" or "nnsight" to wrap a loaded
     HF model through that library instead.
+    device / dtype: where and in which precision a model loaded *by name or path* runs. Defaults: "cuda" when
+    available, else "cpu"; float32 on CPU, bfloat16 on CUDA. device="auto" dispatches the weights with
+    accelerate (`device_map="auto"`). A model object is never moved or cast: device / dtype given with one must
+    match where it already is (else `InputError`); its placement is recorded in the scan's provenance.
     """
-    if isinstance(model, ModelAccess):
-        return model
-    name: str | None = None
-    if model is None or isinstance(model, (str, os.PathLike)):
-        spec = DEFAULT_MODEL if model is None else str(model)
-        name = spec
-        if spec == "gemma-3-270m":
-            model, tokenizer = _from_pretrained(str(_gemma_folder()))
-        elif spec == "smollm2-135m":
-            model, tokenizer = _from_pretrained(str(_smollm2_folder()))
-        elif spec.startswith("tiny-"):
-            kind = spec.removeprefix("tiny-")
-            if kind not in ("rope", "nope", "absolute"):
-                raise UnknownNameError("model", spec, ZOO)
-            model, tokenizer = tiny_model(kind)
-        elif Path(spec).expanduser().exists() or ("/" in spec and not spec.startswith((".", "/"))):
-            model, tokenizer = _from_pretrained(spec)
-        else:
-            raise UnknownNameError("model", spec, ZOO, hint="Or pass a local model directory, a .gguf file or a hub id.")
-    return wrap(model, tokenizer=tokenizer, backend=backend, name=name)
+    from posprobe.devices import resolve_device, resolve_dtype
+
+    if isinstance(model, ModelAccess) or not (model is None or isinstance(model, (str, os.PathLike))):
+        _check_user_placement(model, device, dtype)
+        if isinstance(model, ModelAccess):
+            return model
+        return wrap(model, tokenizer=tokenizer, backend=backend)
+    spec = DEFAULT_MODEL if model is None else str(model)
+    auto = str(device) == "auto"
+    target = resolve_device(None if auto else device)
+    precision = resolve_dtype(dtype, target)
+    where: torch.device | str = "auto" if auto else target
+    if spec == "gemma-3-270m":
+        model, tokenizer = _from_pretrained(str(_gemma_folder()), where, precision)
+    elif spec == "smollm2-135m":
+        model, tokenizer = _from_pretrained(str(_smollm2_folder()), where, precision)
+    elif spec.startswith("tiny-"):
+        kind = spec.removeprefix("tiny-")
+        if kind not in ("rope", "nope", "absolute"):
+            raise UnknownNameError("model", spec, ZOO)
+        model, tokenizer = tiny_model(kind)
+        model = model.to(device=target, dtype=precision)
+    elif Path(spec).expanduser().exists() or ("/" in spec and not spec.startswith((".", "/"))):
+        model, tokenizer = _from_pretrained(spec, where, precision)
+    else:
+        raise UnknownNameError("model", spec, ZOO, hint="Or pass a local model directory, a .gguf file or a hub id.")
+    return wrap(model, tokenizer=tokenizer, backend=backend, name=spec)
+
+
+def _check_user_placement(model: Any, device: Any, dtype: Any) -> None:
+    """A model object stays where it is: refuse a device / dtype that differs from its own instead of moving it."""
+    if device is None and dtype is None:
+        return
+    from posprobe.devices import input_device, model_dtype, resolve_dtype
+
+    torch_model = model.torch_model() if isinstance(model, ModelAccess) else \
+        (getattr(model, "_module", None) or model)  # an nnsight model wraps the HF module as `_module`
+    here, precision = input_device(torch_model), model_dtype(torch_model)
+    if device is not None and str(device) != "auto":
+        wanted = torch.device(device)
+        same = wanted.type == here.type and (wanted.index is None or wanted.index == (here.index or 0))
+        if not same:
+            raise InputError(f"device={str(device)!r} was given with a model object that is on {here}. posprobe "
+                             f"never moves a model you pass; move it yourself (model.to({str(device)!r})) or drop "
+                             f"device=.")
+    if dtype is not None and resolve_dtype(dtype, here) != precision:
+        raise InputError(f"dtype={str(dtype)!r} was given with a model object whose weights are "
+                         f"{str(precision).removeprefix('torch.')}. posprobe never casts a model you pass; cast it "
+                         f"yourself (model.to(torch.bfloat16)) or drop dtype=.")
 
 
 def wrap(model: Any, *, tokenizer: Any = None, backend: str | None = None, name: str | None = None) -> ModelAccess:

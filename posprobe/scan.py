@@ -26,7 +26,7 @@ import pandas as pd
 
 from posprobe._io import check_output_dir, replace_dir
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
-from posprobe.errors import ProbeError, ScanFormatError, UnknownNameError
+from posprobe.errors import InputError, ProbeError, ScanFormatError, UnknownNameError
 from posprobe.probes import get_probe, list_probes
 from posprobe.probes.base import CURVE_COLUMNS, Budget, ProbeResult, ScanContext, TextSample, get_budget
 from posprobe.tasks.text import SOURCE_NAME as TEXT_SOURCE
@@ -244,6 +244,35 @@ def shared_texts(access: ModelAccess, budget: Budget, seed: int) -> list[TextSam
     return samples
 
 
+def _remote_access(access: ModelAccess, remote: bool | str) -> ModelAccess:
+    """The nnsight access whose passes run remotely (True: NDIF; "local": nnsight's serialising dry run)."""
+    if access.backend != "nnsight":
+        raise InputError(f"remote={remote!r} runs passes through nnsight's remote execution (NDIF), but the model "
+                         f"was wrapped by the {access.backend!r} adapter. Pass an nnsight model (nnsight."
+                         f"TransformersModel / LanguageModel of the hub id NDIF serves) or backend='nnsight'.")
+    return access.remote_view(remote)
+
+
+def batch_texts(texts: Sequence[TextSample], batch_size: int) -> list[TextSample]:
+    """Consecutive samples of equal length stacked `batch_size` at a time into one [b, n] sample (its `index` is
+    the first sample's; `indices` lists them all). Equal lengths need no padding, so a batch is exact."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer (sequences per forward pass); got {batch_size!r}.")
+    import torch
+
+    batches: list[TextSample] = []
+    group: list[TextSample] = []
+    for sample in [*texts, None]:
+        if group and (sample is None or len(group) == batch_size or sample.context_length != group[0].context_length
+                      or sample.index != group[-1].index + 1):
+            batches.append(TextSample(torch.cat([s.input_ids for s in group]), group[0].context_length,
+                                      group[0].index))
+            group = []
+        if sample is not None:
+            group.append(sample)
+    return batches
+
+
 def _resolve(names: str | Sequence[str] | None, info: ModelInfo, configs: dict[str, Any]) -> tuple[list, dict]:
     chosen = list_probes() if names is None else ([names] if isinstance(names, str) else list(names))
     probes, skipped = [], {}
@@ -271,6 +300,10 @@ def scan(
     tokenizer: Any = None,
     backend: str | None = None,
     progress: bool | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    batch_size: int = 1,
+    remote: bool | str = False,
 ) -> Scan:
     """Run probes over a model and return a `Scan`.
 
@@ -278,11 +311,19 @@ def scan(
     (default: every probe that applies; a probe that does not apply, e.g. a RoPE probe on a NoPE model, is
     skipped with its reason recorded in `meta["skipped"]`). budget: "quick", "standard", "full" or a `Budget`.
     configs: probe name -> that probe's Config instance, to override defaults.
+    device / dtype: for models loaded by name or path (see `load_model`); a model object stays where it is.
+    batch_size: sequences per forward pass for the shared text passes (equal lengths, exact) and the task probes
+    (left-padded); results equal batch_size=1. remote: an nnsight model's passes run on NDIF (True) or through
+    nnsight's serialising dry run ("local"); each shared pass then returns per-head reductions only.
+    Provenance: `meta["hardware"]` (devices, dtype, accelerate device map, batch size, remote).
     """
     from posprobe.models import load_model
 
     started = time.time()
-    access = load_model(model, tokenizer=tokenizer, backend=backend)
+    texts_batch = batch_texts([], batch_size)  # batch_size is checked before the model is loaded
+    access = load_model(model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype)
+    if remote:
+        access = _remote_access(access, remote)
     budget = get_budget(budget)
     configs = dict(configs or {})
     unknown = [name for name in configs if name not in list_probes()]
@@ -296,16 +337,20 @@ def scan(
     streaming = [(p, c) for p, c in chosen if p.streaming]
     texts: list[TextSample] = shared_texts(access, budget, seed) if streaming else []
     ctx = ScanContext(access=access, budget=budget, seed=seed, texts=texts, text_source=TEXT_SOURCE, progress=bar)
+    ctx.batch_size = batch_size
     if streaming:
         t0 = time.time()
         reducers = [(p, p.reducer(ctx, c)) for p, c in streaming]
         taps = frozenset().union(*(r.taps for _, r in reducers))
+        texts_batch = batch_texts(texts, batch_size)
+        longest = max(texts_batch, key=lambda s: s.input_ids.numel())
+        access.check_memory(longest.input_ids.shape[1], longest.input_ids.shape[0], taps=taps)  # before any pass
 
         def dispatch(capture: LayerCapture) -> None:
             for _, reducer in reducers:
                 reducer.on_layer(capture)
 
-        for sample in bar(texts, "shared text passes"):
+        for sample in bar(texts_batch, "shared text passes"):
             for _, reducer in reducers:
                 reducer.begin(sample)
             access.run(sample.input_ids, taps=taps, on_layer=dispatch)
@@ -342,6 +387,8 @@ def scan(
         "seed": seed,
         "text_source": ctx.text_source if streaming else None,
         "versions": _versions(),
+        "hardware": {**access.placement(), "batch_size": batch_size, "shared_passes": len(texts_batch),
+                     "remote": remote},
         "timings_s": timings,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

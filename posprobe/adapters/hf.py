@@ -308,6 +308,7 @@ class HFAccess(ModelAccess):
     """ModelAccess over an HF `PreTrainedModel` causal LM (the default backend), any decoder family."""
 
     backend = "hf"
+    supports_attention_mask = True  # padded batches: the mask reaches the attention function (AttentionCall.mask)
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None) -> None:
         super().__init__()
@@ -550,13 +551,16 @@ class HFAccess(ModelAccess):
         on_layer: LayerCallback | None,
         logit_positions: Tensor | None,
         edits: Sequence[Edit],
+        attention_mask: Tensor | None = None,
     ) -> Tensor | None:
         with self._session(position_ids, taps, on_layer, edits):
             if logit_positions is None:
-                self.base(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+                self.base(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                          use_cache=False)
                 return None
             out = self.model(
-                input_ids=input_ids, position_ids=position_ids, use_cache=False, logits_to_keep=logit_positions
+                input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
+                logits_to_keep=logit_positions
             )
             return out.logits
 
@@ -574,8 +578,8 @@ class HFAccess(ModelAccess):
             return self._greedy_last_query(ids, max_new_tokens, stop_ids, all_edits)
         cache = DynamicCache(config=self.model.config)
         new: list[Tensor] = []
-        step_ids, pos = ids, torch.arange(n)[None].expand(ids.shape[0], -1)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long)
+        step_ids, pos = ids, torch.arange(n, device=ids.device)[None].expand(ids.shape[0], -1)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         with torch.inference_mode(), self._session(pos, frozenset(), None, all_edits):
             for _ in range(max_new_tokens):
                 out = self.model(
@@ -606,11 +610,11 @@ class HFAccess(ModelAccess):
                   else e for e in edits]
         b, n = ids.shape
         cache = DynamicCache(config=self.model.config)
-        stop = torch.tensor(list(stop_ids), dtype=torch.long)
+        stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         new: list[Tensor] = []
 
         def step(tokens: Tensor, start: int, chosen: Sequence[Edit], kv: Any, logits: bool) -> Tensor | None:
-            pos = torch.arange(start, start + tokens.shape[1])[None].expand(b, -1)
+            pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None].expand(b, -1)
             with self._session(pos, frozenset(), None, chosen):
                 if not logits:  # the decoder alone: no lm_head over the vocabulary
                     self.base(input_ids=tokens, position_ids=pos, **cache_kwargs(self.base, kv), use_cache=True)

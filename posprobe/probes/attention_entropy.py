@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.devices import accumulator_dtype
 from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
 
 
@@ -56,33 +57,55 @@ class _Reducer:
                                    torch.zeros(info.n_layers, dtype=torch.float64))
 
     def on_layer(self, cap: LayerCapture) -> None:
+        """Reduce one layer where it lives (any device, any dtype); its sums go to the CPU once, at the end.
+        Every row of a batch counts as its own text (sums over rows; counts are rows x queries)."""
         cfg, layer, window = self.config, cap.layer, cap.info.sliding_window
         queries = self.ctx.query_sample(cap.n_tokens)
-        pos_sum, pos_n = self.by_pos[self.sample.context_length]
-        len_sum, len_n = self.by_len[self.sample.context_length]
+        acc = accumulator_dtype(cap.device)
+        nb = self._nb
+        local: dict[str, torch.Tensor] = {}
+
+        def add(name: str, value: torch.Tensor) -> None:
+            local[name] = value if name not in local else local[name] + value
+
         for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
-            terms = torch.special.entr(probs)  # [b, H, cq, n] float32, summed in float64 below
-            h = terms.sum(-1, dtype=torch.float64)  # [b, H, cq]
-            visible = (qidx + 1).double() if window is None else (qidx + 1).clamp(max=window).double()
+            b = probs.shape[0]
+            terms = torch.special.entr(probs)  # [b, H, cq, n] in the pattern's dtype (float32+), summed in `acc`
+            h = terms.sum(-1, dtype=acc)  # [b, H, cq]
+            visible = (qidx + 1).to(acc) if window is None else (qidx + 1).clamp(max=window).to(acc)
             hn = h / torch.log(visible)
-            self.sums["raw"][layer] += h.mean(0).sum(-1)
-            self.sums["norm"][layer] += hn.mean(0).sum(-1)
-            self.counts["raw"][layer] += len(qidx)
+            add("raw", h.sum((0, 2)))
+            add("norm", hn.sum((0, 2)))
+            add("n_raw", torch.tensor(float(b * len(qidx)), dtype=acc))
             keep = qidx >= cfg.n_sink
             if keep.any():
                 # entropy of rest / Z with rest = keys >= n_sink: (sum entr(rest)) / Z + log Z, no copy of the rows
-                rest_terms = (h - terms[..., : cfg.n_sink].sum(-1, dtype=torch.float64))[:, :, keep]
-                z = probs[..., cfg.n_sink :].sum(-1, dtype=torch.float64)[:, :, keep]
+                rest_terms = (h - terms[..., : cfg.n_sink].sum(-1, dtype=acc))[:, :, keep]
+                z = probs[..., cfg.n_sink :].sum(-1, dtype=acc)[:, :, keep]
                 # rows with (almost) no mass outside the sink have no defined remainder: entropy 0, as a pure sink
                 h_rest = torch.where(z > 1e-6, rest_terms / z.clamp(min=1e-6) + torch.log(z.clamp(min=1e-6)), 0.0)
-                self.sums["nosink"][layer] += h_rest.mean(0).sum(-1)
-                self.counts["nosink"][layer] += int(keep.sum())
-            buckets = torch.floor(torch.log2(qidx.double())).long().clamp(0, self._nb - 1)
-            hm = h.mean(0)  # [H, cq]
-            pos_sum[layer].index_add_(1, buckets, hm)
-            pos_n[layer].index_add_(0, buckets, torch.ones(len(qidx), dtype=torch.float64))
-            len_sum[layer] += hm.sum(-1)
-            len_n[layer] += len(qidx)
+                add("nosink", h_rest.sum((0, 2)))
+                add("n_nosink", (b * keep.sum()).to(acc))
+            buckets = torch.floor(torch.log2(qidx.to(acc))).long().clamp(0, nb - 1)
+            hm = h.sum(0)  # [H, cq]
+            add("pos_sum", torch.zeros(hm.shape[0], nb, dtype=acc, device=hm.device).index_add_(1, buckets, hm))
+            add("pos_n", torch.zeros(nb, dtype=acc, device=hm.device).index_add_(
+                0, buckets, torch.full((len(qidx),), float(b), dtype=acc, device=hm.device)))
+        if not local:
+            return
+        host = {name: value.cpu().double() for name, value in local.items()}  # one transfer per layer
+        pos_sum, pos_n = self.by_pos[self.sample.context_length]
+        len_sum, len_n = self.by_len[self.sample.context_length]
+        self.sums["raw"][layer] += host["raw"]
+        self.sums["norm"][layer] += host["norm"]
+        self.counts["raw"][layer] += host["n_raw"]
+        if "nosink" in host:
+            self.sums["nosink"][layer] += host["nosink"]
+            self.counts["nosink"][layer] += host["n_nosink"]
+        pos_sum[layer] += host["pos_sum"]
+        pos_n[layer] += host["pos_n"]
+        len_sum[layer] += host["raw"]
+        len_n[layer] += host["n_raw"]
 
     def finish(self) -> ProbeResult:
         info: ModelInfo = self.ctx.info

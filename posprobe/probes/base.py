@@ -87,11 +87,19 @@ def curve_frame(rows: Iterable[dict[str, Any]] | pd.DataFrame, probe: str) -> pd
 
 @dataclass(frozen=True)
 class TextSample:
-    """One shared text pass: token ids [1, n], its context length and index among samples of that length."""
+    """One shared text pass: token ids [b, n] (b consecutive samples of one length when `scan(batch_size=b)`), the
+    context length and the index of its first sample among samples of that length (`indices`: all of them).
+
+    Reducers treat every row as its own sample (sums over rows, counts of rows x queries), so results do not depend
+    on the batch size."""
 
     input_ids: Tensor
     context_length: int
     index: int
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(range(self.index, self.index + int(self.input_ids.shape[0])))
 
 
 @dataclass
@@ -104,6 +112,7 @@ class ScanContext:
     texts: Sequence[TextSample] = ()
     text_source: str = ""
     progress: Callable[[Iterable[Any], str], Iterable[Any]] = lambda it, desc: it
+    batch_size: int = 1  # sequences per forward pass (scan(batch_size=)); task probes left-pad prompts to batch them
 
     @property
     def info(self) -> ModelInfo:

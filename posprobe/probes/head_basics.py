@@ -17,6 +17,7 @@ import torch
 from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.devices import accumulator_dtype
 from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
 
 
@@ -45,11 +46,12 @@ def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_b
     """Per query, the attention mass and number of visible keys in each distance bin, from prefix sums.
 
     p: [H, cq, n] probabilities of queries `qidx`. Keys before `first_key` (the sink) are excluded.
-    Returns (mass [H, cq, n_bins] float64, count [cq, n_bins] float64). O(cq * n) for the prefix sum only.
+    Returns (mass [H, cq, n_bins], count [cq, n_bins]) in float64 (float32 on MPS), on p's device. O(cq * n).
     """
-    cs = p.new_zeros(*p.shape[:-1], p.shape[-1] + 1, dtype=torch.float64)  # cs[..., j] = sum_{t < j} p_t, written
-    torch.cumsum(p, dim=-1, dtype=torch.float64, out=cs[..., 1:])  # in place: no float64 copy of p, no padded copy
-    i = qidx[:, None].double()
+    acc = accumulator_dtype(p.device)
+    cs = p.new_zeros(*p.shape[:-1], p.shape[-1] + 1, dtype=acc)  # cs[..., j] = sum_{t < j} p_t, written
+    torch.cumsum(p, dim=-1, dtype=acc, out=cs[..., 1:])  # in place: no float64 copy of p, no padded copy
+    i = qidx[:, None].to(acc)
     lows, highs = [], []
     for lo, hi in bin_edges(n_bins):
         start = i - (hi if hi != float("inf") else 1e18)  # smallest key of the bin
@@ -82,43 +84,68 @@ class _Reducer:
         self.dist_sum = torch.zeros(*shape, config.n_distance_bins, dtype=torch.float64)
         self.dist_n = torch.zeros(config.n_distance_bins, dtype=torch.float64).repeat(shape[0], 1)
         self.pairs: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {l: [] for l in range(info.n_layers)}
-        self.generator = torch.Generator().manual_seed(ctx.seed)
         self.sample: TextSample | None = None
 
     def begin(self, sample: TextSample) -> None:
         self.sample = sample
 
     def on_layer(self, cap: LayerCapture) -> None:
+        """Reduce one layer where it lives (any device, any dtype); its sums go to the CPU once, at the end."""
         cfg, layer, window = self.config, cap.layer, cap.info.sliding_window
         queries = self.ctx.query_sample(cap.n_tokens)
         per_query = max(1, -(-cfg.pairs_per_sample // len(queries)))
-        values, logd = [], []
+        acc = accumulator_dtype(cap.device)
+        sink = prev = dist_sum = dist_n = None
+        count = 0
+        values: list[torch.Tensor] = []
+        logd: list[torch.Tensor] = []
+        rows_index = self.sample.indices if self.sample is not None else (0,)
+        generators = [torch.Generator().manual_seed(self._pair_seed(index, layer)) for index in rows_index]
         for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
-            p = probs.mean(0)  # [H, cq, n] (a batch of identical-length texts is averaged)
-            rows = torch.arange(len(qidx))
-            self.sink[layer] += p[:, :, 0].double().sum(-1)
-            self.prev[layer] += p[:, rows, qidx - 1].double().sum(-1)
-            self.count[layer] += len(qidx)
-            mass, count = binned_key_sums(p, qidx, window, cfg.n_distance_bins)
-            self.dist_sum[layer] += mass.sum(1)
-            self.dist_n[layer] += count.sum(0)
-            # Spearman pairs: `per_query` keys drawn uniformly from each query's visible non-sink keys
+            b = probs.shape[0]  # every row of a batch is its own text: sums over rows, counts of rows x queries
+            rows = torch.arange(len(qidx), device=qidx.device)
+            chunk_sink = probs[:, :, :, 0].sum((0, 2), dtype=acc)
+            chunk_prev = probs[:, :, rows, qidx - 1].sum((0, 2), dtype=acc)
+            mass, n_keys = binned_key_sums(probs.sum(0, dtype=acc) if b > 1 else probs[0], qidx, window,
+                                           cfg.n_distance_bins)
+            sink = chunk_sink if sink is None else sink + chunk_sink
+            prev = chunk_prev if prev is None else prev + chunk_prev
+            dist_sum = mass.sum(1) if dist_sum is None else dist_sum + mass.sum(1)
+            dist_n = b * n_keys.sum(0) if dist_n is None else dist_n + b * n_keys.sum(0)
+            count += b * len(qidx)
+            # Spearman pairs: `per_query` keys drawn uniformly from each query's visible non-sink keys, per row
             low = torch.ones_like(qidx) if window is None else (qidx - window + 1).clamp(min=1)
             span = (qidx - low + 1).clamp(min=0)
             ok = span > 0
-            if not ok.any():
+            n_ok = int(ok.sum())
+            if not n_ok:
                 continue
-            u = torch.rand(int(ok.sum()), per_query, generator=self.generator)
-            keys = low[ok, None] + (u * span[ok, None]).long()
-            n_visible = (span[ok] + 1).double()  # k_i with the sink
-            a = p[:, ok].gather(-1, keys[None].expand(p.shape[0], -1, -1)).double()
-            if cfg.relative_to_uniform:
-                a = a * n_visible[None, :, None]
-                a = torch.round(a, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
-            values.append(a.reshape(p.shape[0], -1))
-            logd.append(torch.log1p((qidx[ok, None] - keys).double()).reshape(-1))
+            n_visible = (span[ok] + 1).to(acc)  # k_i with the sink
+            for r in range(b):
+                u = torch.rand(n_ok, per_query, generator=generators[r], dtype=torch.float64).to(qidx.device)
+                keys = low[ok, None] + (u * span[ok, None]).long()
+                p = probs[r, :, ok]  # [H, n_ok, n]
+                a = p.gather(-1, keys[None].expand(p.shape[0], -1, -1)).to(acc)
+                if cfg.relative_to_uniform:
+                    a = a * n_visible[None, :, None]
+                    a = torch.round(a, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
+                values.append(a.reshape(p.shape[0], -1))
+                logd.append(torch.log1p((qidx[ok, None] - keys).to(acc)).reshape(-1))
+        if sink is None:
+            return
+        self.sink[layer] += sink.cpu().double()
+        self.prev[layer] += prev.cpu().double()
+        self.count[layer] += count
+        self.dist_sum[layer] += dist_sum.cpu().double()
+        self.dist_n[layer] += dist_n.cpu().double()
         if values:
-            self.pairs[layer].append((torch.cat(values, dim=1).numpy(), torch.cat(logd).numpy()))
+            self.pairs[layer].append((torch.cat(values, dim=1).cpu().numpy(), torch.cat(logd).cpu().numpy()))
+
+    def _pair_seed(self, index: int, layer: int) -> int:
+        """A seed per (scan seed, context length, text, layer): the pairs drawn for a text do not depend on which
+        batch it ran in or on the order of layers and texts."""
+        length = self.sample.context_length if self.sample is not None else 0
+        return (self.ctx.seed * 1_000_003 + length * 7_919 + index * 131 + layer) % (2**63)
 
     def finish(self) -> ProbeResult:
         info: ModelInfo = self.ctx.info

@@ -179,28 +179,34 @@ class _Collector:
         if cap.resid_post is None or cap.attn_out is None:
             raise ProbeError(f"Layer {cap.layer} handed no resid_post / attn_out; implicit_position needs both taps.")
         layer = cap.layer
-        resid = cap.resid_post[0].detach().float()  # [n, D]; batch of one sequence
+        resid = cap.resid_post[0].detach().float()  # [n, D] on the layer's device; batch of one sequence
         attn = cap.attn_out[0].detach().float()
         resid_var = resid.var(-1, unbiased=False)
         attn_var = attn.var(-1, unbiased=False)
         resid_norm = resid.norm(dim=-1)
         attn_norm = attn.norm(dim=-1)
-        self.resid_var[layer] += resid_var.double().numpy()
-        self.attn_var[layer] += attn_var.double().numpy()
-        idx = torch.as_tensor(self.sample)
-        rows = slice(self.index * self.k, self.index * self.k + len(idx))
-        self.hidden[layer, rows] = resid[idx].numpy()
-        self.scale[layer, rows] = torch.stack([
+        idx = torch.as_tensor(self.sample, device=resid.device)
+        scale = torch.stack([
             resid_var[idx].clamp(min=_TINY).log(), resid_norm[idx].clamp(min=_TINY).log(),
             attn_var[idx].clamp(min=_TINY).log(), attn_norm[idx].clamp(min=_TINY).log(),
-        ], dim=-1).double().numpy()
+        ], dim=-1)
         # cos(h_i, h_{i+delta}) for anchors i >= 1 (BOS excluded: its norm is extreme in real models): one matmul
         unit = resid / resid_norm[:, None].clamp(min=_TINY)
-        gram = unit[self.anchors] @ unit.T  # [anchors, n]
-        partner = self.anchors[:, None] + self.offset_index[None, :]  # [anchors, offsets]
+        anchors = self.anchors.to(resid.device)
+        gram = unit[anchors] @ unit.T  # [anchors, n]
+        partner = anchors[:, None] + self.offset_index.to(resid.device)[None, :]  # [anchors, offsets]
         valid = partner < self.n_tokens
         values = gram.gather(1, partner.clamp(max=self.n_tokens - 1)) * valid
-        self.similarity[layer] += (values.sum(0) / valid.sum(0).clamp(min=1)).double().numpy()
+        similarity = values.sum(0) / valid.sum(0).clamp(min=1)
+        rows = slice(self.index * self.k, self.index * self.k + len(idx))
+        # to the CPU once per layer: the sampled rows and per-position / per-offset vectors, never [n, D] sums
+        hidden, scale, resid_var, attn_var, similarity = (t.cpu() for t in (resid[idx], scale, resid_var, attn_var,
+                                                                              similarity))
+        self.resid_var[layer] += resid_var.double().numpy()
+        self.attn_var[layer] += attn_var.double().numpy()
+        self.hidden[layer, rows] = hidden.numpy()
+        self.scale[layer, rows] = scale.double().numpy()
+        self.similarity[layer] += similarity.double().numpy()
         self.seen[layer] += 1
 
 

@@ -87,7 +87,7 @@ class _Reducer:
         d = self.distance(cap.n_tokens)
         long = layer_long_range(cap, self.ctx.query_sample(cap.n_tokens), d, pattern_chunk=self.config.pattern_chunk,
                                 exclude_sink=self.config.exclude_sink)
-        signed, weight = long.signed, long.mass
+        signed, weight = long.signed.cpu().double(), long.mass.cpu().double()  # to the CPU once per layer
         if layer not in self.long_signed:
             self.long_signed[layer] = torch.zeros_like(signed)
             self.long_weight[layer] = torch.zeros_like(weight)

@@ -1,0 +1,236 @@
+"""Hardware: which device and dtype a model runs in, where its inputs go, and whether a pass fits in memory.
+
+Owns the defaults of `load_model(device=, dtype=)` / `scan(device=, dtype=)` ("cuda" when available, else "cpu";
+float32 on CPU, bfloat16 on CUDA), the parsing of device / dtype arguments, the input device of a model (where its
+embedding runs: accelerate's execution device for dispatched models), the placement record a scan keeps as
+provenance (devices, dtypes, accelerate device map), and the memory estimate made before every pass (weights plus
+the largest per-layer working set of the statistics path at that length and batch), which raises
+`MemoryBudgetError` naming the knob to turn instead of letting the pass die out of memory.
+
+Nothing here moves a model: models the user passes stay where they are (ARCHITECTURE.md, "Devices and dtypes belong
+to the user's model").
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posprobe.errors import InputError, MemoryBudgetError
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")  # what the CLI offers (float64 works through the API)
+
+
+def default_device() -> torch.device:
+    """"cuda" when a CUDA device is visible, else "cpu"."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float32 on CPU (and anything that is not CUDA), bfloat16 on CUDA."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A device argument (None = the default) as a `torch.device`; an unavailable CUDA device is refused here."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device={device!r} is not a torch device ({exc}). Use 'cpu', 'cuda', 'cuda:1' or 'mps'.") \
+            from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={device!r} was asked for, but torch sees no CUDA device (torch {torch.__version__}, "
+                         f"built {'with' if torch.version.cuda else 'without'} CUDA). Use device='cpu', or install a "
+                         f"CUDA build of torch on a machine with a GPU.")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise InputError(f"device={device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                         f"(cuda:0..cuda:{torch.cuda.device_count() - 1}).")
+    if resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise InputError(f"device={device!r} was asked for, but MPS is not available here. Use device='cpu'.")
+    return resolved
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """A dtype argument (None = the default for `device`; names like "bf16" / "bfloat16") as a `torch.dtype`."""
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise InputError(f"dtype={dtype} is not a floating-point dtype; use one of {', '.join(DTYPE_CHOICES)}.")
+        return dtype
+    name = str(dtype).lower().removeprefix("torch.")
+    if name not in _DTYPES:
+        raise InputError(f"dtype={dtype!r} is not a dtype posprobe knows; use one of {', '.join(DTYPE_CHOICES)} "
+                         f"(or float64).")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Where a model lives
+
+
+def _execution_device(module: Any) -> torch.device | None:
+    """accelerate's execution device of a dispatched module (its AlignDevicesHook), if any."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is None:
+        return None
+    return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+
+
+def input_device(model: Any) -> torch.device:
+    """The device a model's input ids must be on: that of its input embedding (accelerate's execution device when
+    the embedding is dispatched or offloaded), else its first non-meta parameter, else the CPU."""
+    if model is None:
+        return torch.device("cpu")
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is not None:
+        hooked = _execution_device(embedding)
+        if hooked is not None:
+            return hooked
+        weight = getattr(embedding, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            return weight.device
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.device.type != "meta":
+                return p.device
+    return torch.device("cpu")
+
+
+def placement(model: Any) -> dict[str, Any]:
+    """Where a model's weights are, for a scan's provenance: input device, devices and dtypes of the parameters
+    (offloaded parameters show as "meta"), and accelerate's `hf_device_map` when the model was dispatched."""
+    out: dict[str, Any] = {"input_device": str(input_device(model))}
+    if isinstance(model, torch.nn.Module):
+        devices: dict[str, int] = {}
+        dtypes: dict[str, int] = {}
+        for p in model.parameters():
+            devices[str(p.device)] = devices.get(str(p.device), 0) + p.numel()
+            dtypes[dtype_name(p.dtype)] = dtypes.get(dtype_name(p.dtype), 0) + p.numel()
+        out["devices"] = sorted(devices)
+        out["dtype"] = max(dtypes, key=dtypes.get) if dtypes else None
+        out["dtypes"] = sorted(dtypes)
+    device_map = getattr(model, "hf_device_map", None)
+    out["device_map"] = {str(k): str(v) for k, v in device_map.items()} if device_map else None
+    return out
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """The dtype of most of a model's floating-point parameters (float32 when it has none)."""
+    counts: dict[torch.dtype, int] = {}
+    if isinstance(model, torch.nn.Module):
+        for p in model.parameters():
+            if p.dtype.is_floating_point:
+                counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one pass needs on its device beyond what is already allocated there (weights are resident)."""
+
+    weights: int  # resident weights on the device (already allocated: reported, not added to `needed`)
+    activations: int  # hidden states, q/k/v, MLP intermediates of one layer at this batch and length
+    statistics: int  # the largest per-layer working set of the streaming statistics (one query chunk of patterns)
+    logits: int  # the LM head's output at the kept positions
+    n_tokens: int
+    batch: int
+
+    @property
+    def needed(self) -> int:
+        return self.activations + self.statistics + self.logits
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def estimate_pass_memory(
+    info: Any, n_tokens: int, batch: int, dtype: torch.dtype, *, reads_attention: bool, n_logits: int,
+    query_chunk: int = 256, weights: int = 0, pattern_memo_bytes: int = 256 * 2**20,
+) -> MemoryEstimate:
+    """Estimate of one pass's working set. info: `ModelInfo`; n_logits: positions whose logits are computed.
+
+    Activations: ~6 residual-sized and 3 MLP-sized ([b, n, 4 D] assumed) tensors per layer in the model dtype, plus
+    q/k/v. Statistics (only when attention is read): one query chunk of float32 scores / probabilities / entropy
+    terms [b, H, chunk, n] (x4), a float64 prefix sum of it (x2), and the pattern memo (bounded, see
+    `LayerCapture.PATTERN_MEMO_BYTES`). Logits are float32 [b, n_logits, vocab].
+    """
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    d, d_model = info.head_dim, info.d_model
+    activations = batch * n_tokens * itemsize * (6 * d_model + 3 * 4 * d_model
+                                                 + (info.n_heads + 2 * info.n_kv_heads) * d)
+    statistics = 0
+    if reads_attention:
+        chunk = min(query_chunk, n_tokens)
+        pattern = batch * info.n_heads * chunk * n_tokens * 4
+        statistics = 6 * pattern + min(pattern_memo_bytes, pattern * max(1, -(-n_tokens // chunk)))
+    logits = batch * n_logits * info.vocab_size * 4
+    return MemoryEstimate(weights=weights, activations=activations, statistics=statistics, logits=logits,
+                          n_tokens=n_tokens, batch=batch)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` now (CUDA: the driver's free memory; CPU: the OS's available memory), None if
+    unknown. `POSPROBE_MEMORY_LIMIT` (bytes) caps it, for shared machines and for tests."""
+    free: int | None = None
+    if device.type == "cuda" and torch.cuda.is_available():
+        free = int(torch.cuda.mem_get_info(device)[0])
+    elif device.type == "cpu":
+        try:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        except ImportError:  # pragma: no cover - psutil ships with the dependencies
+            free = None
+    limit = os.environ.get("POSPROBE_MEMORY_LIMIT")
+    if limit:
+        free = int(float(limit)) if free is None else min(free, int(float(limit)))
+    return free
+
+
+def check_memory(estimate: MemoryEstimate, devices: Iterable[torch.device], *, dtype: torch.dtype,
+                 model_name: str = "the model", headroom: float = 0.9) -> None:
+    """Raise `MemoryBudgetError` when the estimated working set exceeds `headroom` x the free memory of a device
+    the pass runs on (the smallest such device decides: a dispatched model's layers each need their working set)."""
+    for device in devices:
+        if device.type == "meta":
+            continue
+        free = available_memory(device)
+        if free is None or estimate.needed <= headroom * free:
+            continue
+        parts = (f"activations {_gib(estimate.activations)}, attention statistics {_gib(estimate.statistics)}, "
+                 f"logits {_gib(estimate.logits)}; weights already resident {_gib(estimate.weights)}")
+        raise MemoryBudgetError(
+            f"A pass over {estimate.batch} x {estimate.n_tokens} tokens of {model_name} in {dtype_name(dtype)} needs "
+            f"about {_gib(estimate.needed)} on {device} ({parts}), but only {_gib(free)} is free there. Nothing was "
+            f"run. Turn one of these knobs: a smaller batch (batch_size= / --batch-size), fewer sampled queries or a "
+            f"shorter context (Budget.max_queries / context_lengths, --budget quick), a smaller dtype "
+            f"(dtype='bfloat16' / --dtype bfloat16), or a device with more memory (device= / --device).")
+
+
+def accumulator_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype statistics are summed in on `device`: float64, except on MPS (no float64 there: float32)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
