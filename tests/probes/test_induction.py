@@ -242,7 +242,7 @@ INDUCTION_HEAD = (1, 2)
 PREVIOUS_HEAD = (0, 0)
 
 
-def induction_model(amplitude: float = 25.0, content_gain: float = 2.0, seed: int = 0):
+def induction_model(amplitude: float = 25.0, content_gain: float = 2.0, seed: int = 0, window: int | None = None):
     """A tiny SmolLM3 (layer 0 RoPE, layer 1 NoPE, GQA 4 heads / 2 KV heads) wired as a two-layer induction circuit.
 
     Residual = [token subspace A (dims 0-127) | previous-token subspace B (dims 128-255)]. Embeddings are random
@@ -251,6 +251,7 @@ def induction_model(amplitude: float = 25.0, content_gain: float = 2.0, seed: in
     output writes them into B, so B at position j holds token j-1. Layer 1 head 2 (NoPE) matches its query (A: the
     current token) against keys read from B (the token before each key): it attends to the token after each earlier
     copy of the current token. MLPs and every other layer-0 output are zero; other heads keep their random init.
+    `window`: layer 1 becomes a sliding-window layer of that many keys (the induction head cannot reach further).
     """
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
@@ -263,7 +264,9 @@ def induction_model(amplitude: float = 25.0, content_gain: float = 2.0, seed: in
                            num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=hd,
                            max_position_embeddings=2048, attention_bias=True, no_rope_layers=[1, 0],
                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=1,
-                           eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+                           eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+                           use_sliding_window=window is not None, sliding_window=window,
+                           layer_types=["full_attention", "sliding_attention" if window else "full_attention"])
     model = SmolLM3ForCausalLM(config).eval()
     model.config._attn_implementation = "sdpa"
     A, B = slice(0, hd), slice(hd, d)
@@ -322,6 +325,19 @@ def test_hand_wired_induction_head_scores_one_and_others_zero(wired):
     assert _value(scan, "induction_score_text", INDUCTION_HEAD[1], INDUCTION_HEAD[0]) > 0.9
 
 
+def test_distance_curve_shows_how_far_a_sliding_window_head_reaches():
+    """Layer 1 limited to a 50-key window: the token after the twin (distance L - 1) is visible up to L = 50."""
+    from posprobe.models import wrap
+
+    model, tok = induction_model(window=50)
+    cfg = InductionConfig(block_length=32, distances=(8, 50, 51, 120), natural_text=False, sink_n_texts=1)
+    scan = posprobe.scan(wrap(model, tokenizer=tok), probes=["induction"], budget=TINY, configs={"induction": cfg},
+                         progress=False)
+    curve = scan.curve("induction_by_distance", *INDUCTION_HEAD).set_index("x").y
+    assert curve[8.0] > 0.97 and curve[50.0] > 0.97
+    assert curve[51.0] == 0.0 and curve[120.0] == 0.0
+
+
 class TokensView:
     """A TransformerLens model as `detect_head` sees it, tokenizing every prompt to the given ids.
 
@@ -366,3 +382,20 @@ def test_parity_with_transformer_lens_detect_head(wired):
     tl = tl_detect(bridge, ids, "induction_head").reshape(-1)
     assert np.allclose(scan.heads.induction_score * 24 / len(ids), tl, atol=2e-5)
     assert spearmanr(scan.heads.induction_score, tl).statistic == pytest.approx(1.0)
+
+
+@pytest.mark.real_model
+def test_gemma_induction_heads_match_transformer_lens_detect_head(gemma):
+    """Gemma 3 270M: the same repeated block through posprobe (SDPA model, chunked patterns) and a TL bridge."""
+    from posprobe.adapters.transformer_lens import TransformerLensAccess
+
+    cfg = InductionConfig(block_length=64, distances=(64,), n_sequences=1, max_queries=64, natural_text=False,
+                          sink_n_texts=4)
+    scan = posprobe.scan(gemma, probes=["induction"], budget="quick", configs={"induction": cfg}, progress=False)
+    ids = repeated_random_tokens(gemma, 64, 1, seed=0)[0]
+    tl = tl_detect(TransformerLensAccess.from_hf(gemma.model, gemma.tokenizer).bridge, ids, "induction_head")
+    ours = scan.heads.induction_score.to_numpy()
+    assert np.allclose(ours * 64 / len(ids), tl.reshape(-1), atol=1e-4)
+    assert spearmanr(ours, tl.reshape(-1)).statistic > 0.99
+    top = scan.rank("induction_score", top=3)
+    assert (5, 1) in set(zip(top.layer, top["head"]))  # BACKENDS.md: L5H1 ~.9 on this construction
