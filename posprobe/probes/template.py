@@ -110,6 +110,8 @@ class TemplateScores:
 
     def add(self, layer: int, query_index: QueryIndex, probs: Pattern, rows: Tensor) -> None:
         """Add one chunk: probs [b, H, cq, n] of queries `query_index`, template rows [b, cq, n] (or [cq, n])."""
+        if probs.dtype in (torch.float16, torch.bfloat16):  # products in float32 at least (a chunk-sized copy)
+            probs = probs.float()
         rows = rows.to(probs.device, probs.dtype)
         if rows.dim() == 2:
             rows = rows.expand(probs.shape[0], -1, -1)
@@ -124,7 +126,7 @@ class TemplateScores:
             if self.exclude_bos:
                 keep[:, 0] = 0
             if self.exclude_current_token:
-                keep[torch.arange(len(query_index)), query_index.to(probs.device)] = 0
+                keep[torch.arange(len(query_index), device=probs.device), query_index.to(probs.device)] = 0
             probs, t = probs * keep, t * keep
             hit = (probs * t).sum(-1, dtype=torch.float64)
         else:
