@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from posprobe.errors import InputError
+from posprobe.errors import ContextLengthError, InputError, InterventionError
 from posprobe.types import KeyMask, Pattern, QueryIndex, Scores
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -423,6 +423,51 @@ class RotaryEdit:
 Edit = AttentionEdit | ProjectionInputEdit | RotaryEdit
 
 
+def validate_edits(info: ModelInfo, edits: Sequence[Edit]) -> None:
+    """Raise `InterventionError` for an edit `info`'s model cannot honour exactly (nothing is applied half-way).
+
+    Checked: the edit type; the layer; AttentionEdit's stage, a callable fn and, when the fn declares `heads`
+    (query-head indices it edits, as `mask_heads` does), those heads; ProjectionInputEdit's dims (of the d_model
+    residual stream), a finite factor and its `queries` mode; RotaryEdit's layer has a rotary embedding.
+    """
+    if isinstance(edits, (AttentionEdit, ProjectionInputEdit, RotaryEdit)):
+        raise InterventionError(f"edits must be a list of edits; got a single {type(edits).__name__}. "
+                                f"Write edits=[edit].")
+    for edit in edits:
+        if not isinstance(edit, (AttentionEdit, ProjectionInputEdit, RotaryEdit)):
+            raise InterventionError(f"{edit!r} is not an edit: use AttentionEdit, ProjectionInputEdit or RotaryEdit "
+                                    f"from posprobe.access (interventions build them for you).")
+        layer, kind = edit.layer, type(edit).__name__
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < info.n_layers:
+            raise InterventionError(f"Edit {kind} targets layer {layer!r}, but {info.name} has layers "
+                                    f"0..{info.n_layers - 1}. Choose a layer in that range.")
+        if isinstance(edit, AttentionEdit):
+            if edit.stage not in ("scores", "probs"):
+                raise InterventionError(f"AttentionEdit stage must be 'scores' or 'probs'; got {edit.stage!r}.")
+            if not callable(edit.fn):
+                raise InterventionError(f"AttentionEdit fn must be a callable (tensor, EditContext) -> tensor; got "
+                                        f"{type(edit.fn).__name__}.")
+            bad = [h for h in getattr(edit.fn, "heads", None) or () if not 0 <= int(h) < info.n_heads]
+            if bad:
+                raise InterventionError(f"AttentionEdit on layer {layer} edits query heads {bad}, but {info.name} "
+                                        f"has heads 0..{info.n_heads - 1} per layer; the edit would change nothing.")
+        elif isinstance(edit, ProjectionInputEdit):
+            bad = [d for d in edit.dims if not 0 <= int(d) < info.d_model]
+            if not edit.dims or bad:
+                raise InterventionError(f"ProjectionInputEdit on layer {layer} scales dimensions {list(edit.dims)}, "
+                                        f"but {info.name}'s residual stream has dimensions 0..{info.d_model - 1}; "
+                                        f"give at least one in that range.")
+            if not math.isfinite(float(edit.factor)):
+                raise InterventionError(f"ProjectionInputEdit factor must be finite; got {edit.factor!r}.")
+            if edit.queries not in ("all", "last", "none"):
+                raise InterventionError(f"ProjectionInputEdit queries must be 'all', 'last' or 'none'; got "
+                                        f"{edit.queries!r}.")
+        elif not info.layers[layer].has_rope:
+            raise InterventionError(f"RotaryEdit on layer {layer}: that layer of {info.name} has no rotary embedding "
+                                    f"(no RoPE: {info.layers[layer].positional.value}), so there is nothing to "
+                                    f"replace.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The interface
 
@@ -533,6 +578,8 @@ class ModelAccess(abc.ABC):
         extra: dict[str, Any] = {}
         if attention_mask is not None:
             extra["attention_mask"] = self._check_attention_mask(ids, attention_mask)
+        if edits:
+            self._validate_edits(edits)
         self.check_memory(ids.shape[1], ids.shape[0], taps=taps, n_logits=0 if keep is None else len(keep))
         with torch.inference_mode():
             out = self._forward(ids, pos, frozenset(Tap(t) for t in taps), on_layer, keep, [*self._edits, *edits],
@@ -562,6 +609,7 @@ class ModelAccess(abc.ABC):
         backend); adapters may override with a KV-cached version.
         """
         ids = self._check_ids(input_ids)
+        self._validate_edits(edits)
         new: list[Tensor] = []
         for _ in range(max_new_tokens):
             logits = self.run(ids, logits="last", edits=edits).logits[:, -1]
@@ -585,12 +633,9 @@ class ModelAccess(abc.ABC):
             del self._edits[n_before:]
 
     def _validate_edits(self, edits: Sequence[Edit]) -> None:
-        for edit in edits:
-            if not 0 <= edit.layer < self.info.n_layers:
-                raise InputError(
-                    f"Edit {type(edit).__name__} targets layer {edit.layer}, but the model has layers "
-                    f"0..{self.info.n_layers - 1}. Choose a layer in that range."
-                )
+        """Refuse edits that would match nothing or fail mid-pass: every adapter calls this where edits enter
+        (`run`, `greedy`, `editing`), so an out-of-range layer, head or dimension raises before any work."""
+        validate_edits(self.info, edits)
 
     # --- tokenizer helpers --------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:
@@ -642,7 +687,7 @@ class ModelAccess(abc.ABC):
             )
         limit = self.info.max_positions
         if limit is not None and ids.shape[1] > limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"The sequence has {ids.shape[1]} tokens but {self.info.name} supports at most {limit} positions "
                 f"(max_position_embeddings). Use a shorter context (e.g. a smaller budget or context length)."
             )
@@ -661,7 +706,7 @@ class ModelAccess(abc.ABC):
             )
         limit = self.info.max_positions
         if limit is not None and int(pos.max()) >= limit:
-            raise InputError(
+            raise ContextLengthError(
                 f"position_ids go up to {int(pos.max())} but {self.info.name} supports positions < {limit}."
             )
         return pos

@@ -67,3 +67,11 @@ class OutputPathError(PosprobeError, ValueError):
 
 class MemoryBudgetError(PosprobeError, MemoryError):
     """A pass would not fit in the free memory of its device (estimated before running it; nothing was run)."""
+
+
+class ContextLengthError(InputError):
+    """A sequence (prompt plus generated tokens) is longer than the model supports.
+
+    Raised by the access while running that sequence; `evaluate_positions` records it for the one trial whose
+    prompt is too long and goes on (unlike other posprobe errors, which stop the run).
+    """

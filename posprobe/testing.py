@@ -24,6 +24,7 @@ from posprobe.access import (
     Positional,
     Tap,
 )
+from posprobe.errors import InterventionError
 
 
 def planted_info(n_layers: int = 2, n_heads: int = 4, n_kv_heads: int | None = None, head_dim: int = 16,
@@ -88,7 +89,8 @@ class PlantedAccess(ModelAccess):
 
     patterns(layer, input_ids) -> [b, H, n, n] attention probabilities; optional tensors(layer, input_ids) ->
     dict of other capture fields (q, k, q_pre, k_pre, resid_pre, resid_post, attn_out, attn_in); optional
-    logits(input_ids) -> [b, n, V].
+    logits(input_ids) -> [b, n, V]. Edits raise `InterventionError`: nothing here is computed from attention, so
+    no edit could be honoured.
     """
 
     backend = "planted"
@@ -109,6 +111,11 @@ class PlantedAccess(ModelAccess):
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor, taps: frozenset[Tap],
                  on_layer: LayerCallback | None, logit_positions: Tensor | None, edits: Sequence[Edit]) -> Tensor | None:
+        if edits:
+            raise InterventionError(
+                f"PlantedAccess cannot apply {type(edits[0]).__name__} (layer {edits[0].layer}): its patterns and "
+                f"logits are planted by hand, not computed by attention, so an edit would silently change nothing. "
+                f"Test interventions on a tiny random model (AutoModelForCausalLM.from_config) instead.")
         self.calls += 1
         for layer in range(self.info.n_layers):
             cap = LayerCapture(layer=layer, info=self.info.layers[layer], model=self.info, position_ids=position_ids)

@@ -1,30 +1,47 @@
-"""Interventions: context managers that edit a model through the access interface and restore it exactly.
+"""Interventions: frozen specs applied by whoever runs the model, restored exactly on exit (METRICS.md section 7).
 
-Owns the public intervention names (METRICS.md section 7). Each intervention lives in its own module.
+Owns the public intervention names. The protocol (`Intervention`, `LayerRange`, the registry) lives in `spec.py`;
+each intervention lives in its own module and registers itself there. Built-in registrations, in one block:
 """
 
-from posprobe.interventions.disable_rope import disable_rope, rope_layers, rotary_edits
-from posprobe.interventions.mask_heads import mask_heads, mask_heads_edits
-from posprobe.interventions.found_in_the_middle import FoundInTheMiddle, FoundInTheMiddleConfig, found_in_the_middle
+from posprobe.interventions.disable_rope import (
+    DisableRope,
+    disable_rope,
+    rope_layers,
+    rotary_edits,
+)
+from posprobe.interventions.found_in_the_middle import (
+    FoundInTheMiddle,
+    FoundInTheMiddleConfig,
+    found_in_the_middle,
+)
+from posprobe.interventions.mask_heads import MaskHeads, mask_heads, mask_heads_edits
 from posprobe.interventions.positional_dimension import (
+    PositionalDimension,
     find_positional_dimensions,
     positional_dimension,
     scale_dimension,
 )
+from posprobe.interventions.spec import (
+    Bound,
+    Intervention,
+    LayerRange,
+    get_class,
+    list_interventions,
+    parameters,
+    parse,
+    register,
+)
 
-# --- interventions accepted by name (those with a sensible default configuration) --------------------------------
-_BY_NAME = {"found_in_the_middle": found_in_the_middle, "positional_dimension": positional_dimension}
+
+def get_intervention(name: str, model: object = None, **settings: object) -> object:
+    """The intervention `name` with its default settings (keyword settings override them); bound to `model` when
+    one (a ModelAccess) is given. Same as `parse(name)` / `get_class(name).build(**settings)`."""
+    spec = get_class(name).build(**settings)
+    return spec if model is None else spec.bind(model)
 
 
-def list_interventions() -> list[str]:
-    """Names `get_intervention` accepts."""
-    return sorted(_BY_NAME)
-
-
-def get_intervention(name: str, model: object = None, **options: object) -> object:
-    """The intervention `name` with its default configuration (keyword options override it), for `model`."""
-    from posprobe.errors import UnknownNameError
-
-    if name not in _BY_NAME:
-        raise UnknownNameError("intervention", name, _BY_NAME, hint="mask_heads needs heads: call it directly.")
-    return _BY_NAME[name](model, **options)
+__all__ = ["Bound", "DisableRope", "FoundInTheMiddle", "FoundInTheMiddleConfig", "Intervention", "LayerRange",
+           "MaskHeads", "PositionalDimension", "disable_rope", "find_positional_dimensions", "found_in_the_middle",
+           "get_class", "get_intervention", "list_interventions", "mask_heads", "mask_heads_edits", "parameters",
+           "parse", "positional_dimension", "register", "rope_layers", "rotary_edits", "scale_dimension"]

@@ -1,14 +1,15 @@
 """Found-in-the-Middle calibration of positional attention bias (Hsieh et al. 2024; METRICS.md section 7, with the
 document-level Attn(doc_k) of section 4).
 
-Owns `found_in_the_middle(model, ...)` and the `FoundInTheMiddle` intervention it returns, the slot-bias estimate
+Owns the `FoundInTheMiddle` intervention spec (registered as "found_in_the_middle"; `found_in_the_middle(...)` builds
+it and binds it to an access and user spans), the slot-bias estimate
 (`estimate_slot_bias`: attention a dummy document receives at each slot) and the probs-stage edit that rescales
 attention to documents (`DocumentCalibration`). Definitions (choices that the paper leaves open are config fields):
 
 - Attn(doc_k) = mean attention per token from a query to the tokens of document k, per layer and query head.
 - bias_k = Attn(dummy at slot k): the dummy text replaces document k of a calibration prompt (once per slot, averaged
   over `calibration_trials` prompts of the task, measured at the answer-predicting query, unedited model).
-- rel_k = Attn(doc_k) - bias_k; alpha = softmax(rel / t); in the calibrated layers [l0, l1) (default: last half)
+- rel_k = Attn(doc_k) - bias_k; alpha = softmax(rel / t); in the calibrated layers (a LayerRange; default: last half)
   every key of document k is multiplied by c * alpha_k / Attn(doc_k), with c chosen so the total attention to
   documents is unchanged (so document k's share of that total is n_k alpha_k / sum_k' n_k' alpha_k'); keys outside
   documents are untouched and rows still sum to 1.
@@ -21,78 +22,53 @@ attention to documents (`DocumentCalibration`). Definitions (choices that the pa
 
 Document spans come from structured task prompts (`posprobe.tasks.Prompt.spans`, handed over per generation batch by
 `evaluate_positions(..., intervention=fitm)` through `prompt_context`), or from the user: token spans with
-`input_ids`, or character spans of a text. The intervention is a context manager; leaving it removes the edits, so
-logits are bit-for-bit what they were before.
+`input_ids`, or character spans of a text. The slot bias is estimated once per access and settings it depends on
+(cached on the access, recorded in provenance). Leaving a block removes the edits, so logits are bit-for-bit what
+they were before.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from posprobe.access import AttentionEdit, EditContext, LayerCapture, ModelAccess, ModelInfo, Tap
+from posprobe.access import (
+    AttentionEdit,
+    EditContext,
+    LayerCapture,
+    ModelAccess,
+    ModelInfo,
+    Tap,
+)
 from posprobe.errors import InterventionError, UnknownNameError
+from posprobe.interventions.spec import (
+    Bound,
+    Intervention,
+    LayerRange,
+    calibrated,
+    check_access,
+    layer_range_of,
+    register,
+)
 from posprobe.tasks.base import Prompt, Task
-
-
-@dataclass(frozen=True)
-class FoundInTheMiddleConfig:
-    """How Found-in-the-Middle calibrates. Defaults tuned on Gemma 3 270M (see analyses/calibration.py)."""
-
-    # t of alpha = softmax(rel / t). Tuned on Gemma 3 270M, kv_words 20 pairs, tuning seeds (1 * 1_000_003 + t,
-    # 12 trials x 7 gold positions), lowest teacher-forced answer loss; with the last half of the layers:
-    # t = 0.1 / 0.3 / 1 / 3 / 10 -> loss 0.441 / 0.376 / 0.408 / 0.496 / 1.072 (no calibration: 0.501),
-    # answer accuracy 0.48 / 0.58 / 0.46 / 0.39 / 0.14 (0.35); analyses/calibration.py records the sweep
-    temperature: float = 0.3
-    # calibrated layers [l0, l1); None = the last half (Gemma 3 270M: 9-17), best in the same sweep (layers 13-17:
-    # loss 0.550 at t = 0.3, barely changed; layers 5-17: 0.407)
-    layers: tuple[int, int] | None = None
-    # "head": per (layer, head) Attn(doc_k) and bias; "layer": pooled over the heads of a layer (tuning: 0.411)
-    granularity: Literal["head", "layer"] = "head"
-    # rel is divided by t * mean_k Attn(doc_k) of the query (scale-free t); False: t in raw attention units
-    relative_temperature: bool = True
-    # "answer": the answer-predicting query and every generated token; "after_documents": also the question tokens
-    queries: Literal["answer", "after_documents"] = "answer"
-    # the dummy document whose attention at each slot is the positional bias; shaped like a kv_words item so the
-    # bias measures position, not an odd-looking line (pass a sentence for document tasks such as multidoc)
-    dummy_text: str = "dummy: 0000"
-    # task prompts the slot bias is averaged over (one pass per prompt and slot, unedited model)
-    calibration_trials: int = 8
-    # base seed of the calibration prompts: task seeds 977 * 1_000_003 + t, disjoint from evaluation seeds 0..100
-    calibration_seed: int = 977
-    # rows per forward pass while estimating the bias
-    batch_rows: int = 8
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layers, spans and document membership
 
 
-def calibrated_layers(info: ModelInfo, config: FoundInTheMiddleConfig) -> list[int]:
-    """The layers whose attention is rescaled: config.layers = [l0, l1), default the last half."""
+def calibrated_layers(info: ModelInfo, config: FoundInTheMiddle) -> list[int]:
+    """The layers whose attention is rescaled: config.layers (a LayerRange), default the last half."""
     n = info.n_layers
     if config.layers is None:
         return list(range(n // 2, n))
-    try:
-        l0, l1 = (int(x) for x in config.layers)
-    except (TypeError, ValueError):
-        raise InterventionError(f"FoundInTheMiddleConfig.layers must be a (start, stop) pair of layer indices, e.g. "
-                                f"({n // 2}, {n}); got {config.layers!r}.") from None
-    if not 0 <= l0 < l1 <= n:
-        raise InterventionError(f"FoundInTheMiddleConfig.layers = ({l0}, {l1}) is not a range of {info.name}'s layers: "
-                                f"need 0 <= start < stop <= {n} (stop exclusive), e.g. ({n // 2}, {n}).")
-    return list(range(l0, l1))
+    return config.layers.indices(n, info.name)
 
 
 def check_spans(spans: Any, n_tokens: int, what: str = "spans") -> tuple[tuple[int, int], ...]:
@@ -301,88 +277,92 @@ def _resolve_task(task: str | Task | None) -> Task | None:
     return get_task(task)
 
 
-class FoundInTheMiddle:
-    """Found-in-the-Middle calibration as a reusable intervention (see the module docstring for the definitions).
+def _prompts_key(prompts: Sequence[Prompt]) -> str:
+    """A fingerprint of calibration prompts (ids and spans), for the calibration cache."""
+    import hashlib
 
-    Three ways to use it:
-    - `evaluate_positions(access, intervention=fitm)`: each generation batch is calibrated with its own prompts'
-      document spans (`prompt_context(access, prompts)`); the slot bias comes from task prompts of calibration seeds.
+    digest = hashlib.sha1()
+    for p in prompts:
+        digest.update(repr((p.input_ids, p.spans)).encode())
+    return f"prompts:{len(prompts)}:{digest.hexdigest()[:16]}"
+
+
+@register
+@dataclass(frozen=True)
+class FoundInTheMiddle(Intervention):
+    """Found-in-the-Middle calibration as an intervention spec (see the module docstring for the definitions).
+
+    It edits each prompt by its document spans (`per_prompt`), so it is applied per generation batch:
+    - `evaluate_positions(access, "kv_words", intervention=FoundInTheMiddle())`: every batch is calibrated with its
+      own prompts' spans; the slot bias comes from task prompts of calibration seeds, estimated once per access
+      (cached on it, recorded in the table's provenance).
     - `with fitm.prompt_context(access, prompts): access.run(...)` for any structured prompts of one length.
-    - `with found_in_the_middle(access, spans, input_ids=ids) as model: model.greedy(ids, 8)` for user-given spans.
+    - `with found_in_the_middle(access, spans, input_ids=ids) as model: model.greedy(ids, 8)` for user spans.
     """
 
-    name = "found_in_the_middle"
+    name: ClassVar[str] = "found_in_the_middle"
+    summary: ClassVar[str] = "rescale attention to documents by their slot's positional bias (Hsieh et al. 2024)"
+    per_prompt: ClassVar[bool] = True
 
-    def __init__(self, model: Any = None, *, config: FoundInTheMiddleConfig | None = None,
-                 task: str | Task | None = None, prompt: Prompt | None = None,
-                 calibration_prompts: Sequence[Prompt] | None = None, tokenizer: Any = None,
-                 backend: str | None = None) -> None:
-        self.config = config or FoundInTheMiddleConfig()
-        self._check_config()
-        self._model, self._tokenizer, self._backend = model, tokenizer, backend
-        self._access: ModelAccess | None = model if isinstance(model, ModelAccess) else None
-        self.task = task
-        self.prompt = prompt
-        self.calibration_prompts = list(calibration_prompts) if calibration_prompts is not None else None
-        self._bias: dict[tuple[int, int], np.ndarray] = {}
-        self._stacks: list[contextlib.ExitStack] = []
-        self._sink: dict[int, tuple[Tensor, Tensor]] | None = None
+    # t of alpha = softmax(rel / t). Tuned on Gemma 3 270M, kv_words 20 pairs, tuning seeds (1 * 1_000_003 + t,
+    # 12 trials x 7 gold positions), lowest teacher-forced answer loss; with the last half of the layers:
+    # t = 0.1 / 0.3 / 1 / 3 / 10 -> loss 0.441 / 0.376 / 0.408 / 0.496 / 1.072 (no calibration: 0.501),
+    # answer accuracy 0.48 / 0.58 / 0.46 / 0.39 / 0.14 (0.35); analyses/calibration.py records the sweep
+    temperature: float | int = field(default=0.3, metadata={"help": "t of alpha = softmax(rel / t)"})
+    # calibrated layers; None = the last half (Gemma 3 270M: 9:18), best in the same sweep (layers 13:18:
+    # loss 0.550 at t = 0.3, barely changed; layers 5:18: 0.407)
+    layers: LayerRange | str | range | None = field(default=None, metadata={
+        "help": "START:STOP (stop exclusive); none = the last half"})
+    # "head": per (layer, head) Attn(doc_k) and bias; "layer": pooled over the heads of a layer (tuning: 0.411)
+    granularity: Literal["head", "layer"] = field(default="head", metadata={"help": "head | layer"})
+    # rel is divided by t * mean_k Attn(doc_k) of the query (scale-free t); False: t in raw attention units
+    relative_temperature: bool = True
+    # "answer": the answer-predicting query and every generated token; "after_documents": also the question tokens
+    queries: Literal["answer", "after_documents"] = field(default="answer", metadata={
+        "help": "answer | after_documents: which queries are calibrated"})
+    # the dummy document whose attention at each slot is the positional bias; shaped like a kv_words item so the
+    # bias measures position, not an odd-looking line (pass a sentence for document tasks such as multidoc)
+    dummy_text: str = "dummy: 0000"
+    # task prompts the slot bias is averaged over (one pass per prompt and slot, unedited model)
+    calibration_trials: int = field(default=8, metadata={"help": "task prompts the slot bias is averaged over"})
+    # base seed of the calibration prompts: task seeds 977 * 1_000_003 + t, disjoint from evaluation seeds 0..100
+    calibration_seed: int = 977
+    # rows per forward pass while estimating the bias
+    batch_rows: int = 8
+    # task of the calibration prompts: None = the task of the prompts being calibrated (user prompts without a
+    # task: those prompts themselves)
+    task: str | Task | None = field(default=None, metadata={
+        "help": "calibration task; none = the evaluated prompts' task"})
 
-    def _check_config(self) -> None:
-        c = self.config
-        if not (isinstance(c.temperature, (int, float)) and c.temperature > 0 and math.isfinite(c.temperature)):
-            raise InterventionError(f"FoundInTheMiddleConfig.temperature must be a positive number; got {c.temperature!r}.")
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", LayerRange.coerce(self.layers, "found_in_the_middle layers"))
+        c = self
+        if isinstance(c.temperature, bool) or not (isinstance(c.temperature, (int, float)) and c.temperature > 0
+                                                   and math.isfinite(c.temperature)):
+            raise InterventionError(f"found_in_the_middle temperature must be a positive number; got "
+                                    f"{c.temperature!r}.")
+        object.__setattr__(self, "temperature", float(c.temperature))
         if c.granularity not in ("head", "layer"):
             raise UnknownNameError("granularity", str(c.granularity), ["head", "layer"])
         if c.queries not in ("answer", "after_documents"):
             raise UnknownNameError("queries mode", str(c.queries), ["answer", "after_documents"])
-        if c.calibration_trials < 1:
-            raise InterventionError(f"FoundInTheMiddleConfig.calibration_trials must be >= 1; got {c.calibration_trials}.")
+        for name in ("calibration_trials", "batch_rows"):
+            value = getattr(c, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InterventionError(f"found_in_the_middle {name} must be an integer >= 1; got {value!r}.")
 
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.config.to_dict().items())
-        task = getattr(self.task, "name", self.task)
-        return f"FoundInTheMiddle({fields}, task={task!r})"
-
-    # --- model -------------------------------------------------------------------------------------------------
     @property
-    def access(self) -> ModelAccess:
-        if self._access is None:
-            from posprobe.models import load_model
+    def config(self) -> FoundInTheMiddle:
+        """The settings (this object itself; FoundInTheMiddleConfig was merged into the spec)."""
+        return self
 
-            self._access = load_model(self._model, tokenizer=self._tokenizer, backend=self._backend)
-        return self._access
+    def layers_of(self, info: ModelInfo) -> list[int]:
+        return calibrated_layers(info, self)
 
-    def layers(self, info: ModelInfo | None = None) -> list[int]:
-        return calibrated_layers(info or self.access.info, self.config)
-
-    def replace(self, **changes: Any) -> FoundInTheMiddle:
-        """A copy with config fields changed (temperature=..., layers=...). It shares the slot-bias estimates when
-        the fields they depend on (dummy_text, calibration_trials, calibration_seed) are unchanged, so a sweep over
-        temperatures or layer ranges calibrates once."""
-        names = [f.name for f in dataclasses.fields(FoundInTheMiddleConfig)]
-        bad = next((k for k in changes if k not in names), None)
-        if bad is not None:
-            raise UnknownNameError("found_in_the_middle option", bad, names)
-        other = FoundInTheMiddle(self._access if self._access is not None else self._model,
-                                 config=dataclasses.replace(self.config, **changes), task=self.task, prompt=self.prompt,
-                                 calibration_prompts=self.calibration_prompts, tokenizer=self._tokenizer,
-                                 backend=self._backend)
-        if not {"dummy_text", "calibration_trials", "calibration_seed"} & set(changes):
-            other._bias = self._bias
-        return other
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        return {"layers": layer_range_of(self.layers_of(access.info))}
 
     # --- the slot bias -------------------------------------------------------------------------------------------
-    def calibrate(self, prompts: Sequence[Prompt], access: ModelAccess | None = None) -> np.ndarray:
-        """Estimate (and keep) the slot bias [L, H, K] from `prompts` (dummy at each slot); returns it."""
-        access = access or self.access
-        prompts = list(prompts)
-        if not prompts:
-            raise InterventionError("calibrate() needs at least one prompt.")
-        bias = estimate_slot_bias(access, prompts, self.config.dummy_text, batch_rows=self.config.batch_rows)
-        self._bias[(id(access), prompts[0].n_items)] = bias
-        return bias
-
     def calibration_set(self, access: ModelAccess, n_slots: int, task: str | Task | None = None) -> list[Prompt]:
         """The task prompts the slot bias for `n_slots` documents is estimated on (calibration seeds)."""
         from posprobe.tasks.evaluate import trial_seed
@@ -390,76 +370,67 @@ class FoundInTheMiddle:
         task_obj = _resolve_task(task if task is not None else self.task)
         if task_obj is None:
             raise InterventionError(
-                f"Found-in-the-Middle has no slot bias for {n_slots} documents and no task to build calibration "
-                f"prompts from. Pass task='kv_words' (or the Task object), calibration_prompts=[...], or call "
-                f"fitm.calibrate(prompts) first.")
-        c = self.config
-        return [task_obj.make(access, n_slots, (7 * t) % n_slots, trial_seed(c.calibration_seed, t))
-                for t in range(c.calibration_trials)]
+                f"Found-in-the-Middle has no task to build calibration prompts for {n_slots} documents from. Pass "
+                f"task='kv_words' (FoundInTheMiddle(task=...)), or calibrate on structured task prompts.")
+        return [task_obj.make(access, n_slots, (7 * t) % n_slots, trial_seed(self.calibration_seed, t))
+                for t in range(self.calibration_trials)]
 
-    def slot_bias(self, n_slots: int, access: ModelAccess | None = None, *, task: str | Task | None = None,
-                  fallback: Sequence[Prompt] | None = None) -> np.ndarray:
-        """The slot bias [L, H, K] for prompts of `n_slots` documents (estimated once, then reused)."""
-        access = access or self.access
-        key = (id(access), n_slots)
-        if key in self._bias:
-            return self._bias[key]
-        if self.calibration_prompts is not None:
-            matching = [p for p in self.calibration_prompts if p.n_items == n_slots]
-            if matching:
-                return self.calibrate(matching, access)
-        if self.task is not None or task is not None:
-            return self.calibrate(self.calibration_set(access, n_slots, task), access)
-        if fallback:
-            return self.calibrate(fallback, access)
-        return self.calibrate(self.calibration_set(access, n_slots), access)  # raises the explanatory error
+    def slot_bias(self, access: ModelAccess, n_slots: int, *, task: str | Task | None = None,
+                  prompts: Sequence[Prompt] | None = None) -> np.ndarray:
+        """The slot bias [L, H, K] for prompts of `n_slots` documents on `access`, estimated once and cached there.
+
+        Calibration prompts: the spec's `task`, else `task`, else `prompts` themselves (user prompts)."""
+        check_access(access, "Found-in-the-Middle")
+        chosen = self.task if self.task is not None else task
+        source = repr(_resolve_task(chosen)) if chosen is not None else None
+        if source is None:
+            if not prompts:
+                self.calibration_set(access, n_slots)  # raises the explanatory error
+            source = _prompts_key(prompts)
+        key = (self.name, "slot_bias", self.dummy_text, self.calibration_trials, self.calibration_seed, source, n_slots)
+
+        def compute() -> np.ndarray:
+            calibration = self.calibration_set(access, n_slots, chosen) if chosen is not None else list(prompts)
+            return estimate_slot_bias(access, calibration, self.dummy_text, batch_rows=self.batch_rows)
+
+        def record(bias: np.ndarray) -> dict[str, Any]:
+            return {"n_slots": n_slots, "calibration": str(chosen) if chosen is not None else source,
+                    "calibration_trials": self.calibration_trials, "calibration_seed": self.calibration_seed,
+                    "dummy_text": self.dummy_text, "bias_by_slot": [float(x) for x in bias.mean((0, 1))]}
+
+        return calibrated(access, key, compute, record)
 
     # --- edits -----------------------------------------------------------------------------------------------------
-    def edits(self, prompts: Sequence[Prompt], access: ModelAccess | None = None) -> list[AttentionEdit]:
-        """The `AttentionEdit`s that calibrate a batch of equal-length prompts (row r = prompts[r])."""
-        access = access or self.access
+    def prompt_edits(self, access: ModelAccess, prompts: Sequence[Prompt],
+                     sink: dict[int, tuple[Tensor, Tensor]] | None = None) -> list[AttentionEdit]:
+        """The `AttentionEdit`s that calibrate a batch of equal-length prompts (row r = prompts[r]); `sink`: a dict
+        that receives {layer: (before, after)} attention rows of the answer-predicting query."""
         prompts = list(prompts)
         _check_batch(prompts)
-        inferred = prompts[0].task if self.task is None and prompts[0].task not in ("", "user") else None
-        fallback = prompts if prompts[0].task in ("", "user") else None
-        bias = self.slot_bias(prompts[0].n_items, access, task=inferred, fallback=fallback)
+        inferred = prompts[0].task if prompts[0].task not in ("", "user") else None
+        bias = self.slot_bias(access, prompts[0].n_items, task=inferred, prompts=prompts)
         member, _ = membership(prompts)
-        if self.config.queries == "answer":
+        if self.queries == "answer":
             q_start = prompts[0].n_tokens - 1
         else:
             q_start = max(stop for p in prompts for _, stop in p.spans)
         edits = []
-        for layer in self.layers(access.info):
-            fn = DocumentCalibration(layer, member, torch.as_tensor(bias[layer]), q_start, self.config.temperature,
-                                     self.config.relative_temperature, self.config.granularity)
-            fn.sink = self._sink
+        for layer in self.layers_of(access.info):
+            fn = DocumentCalibration(layer, member, torch.as_tensor(bias[layer]), q_start, self.temperature,
+                                     self.relative_temperature, self.granularity)
+            fn.sink = sink
             edits.append(AttentionEdit(layer, fn, stage="probs"))
         return edits
 
     @contextlib.contextmanager
     def prompt_context(self, access: ModelAccess, prompts: Sequence[Prompt]) -> Iterator[ModelAccess]:
         """Calibrate every pass inside the block for these prompts (the evaluate_positions per-batch protocol)."""
-        if self._access is None:
-            self._access = access
-        edits = self.edits(prompts, access)
-        with access.editing(edits):
+        with access.editing(self.prompt_edits(access, prompts)):
             yield access
 
-    @contextlib.contextmanager
-    def recording(self) -> Iterator[dict[int, tuple[Tensor, Tensor]]]:
-        """Inside the block, edits built by this object record {layer: (before, after)} attention rows [b, H, n] of
-        the answer-predicting query (the attention the model actually used is `after`)."""
-        sink: dict[int, tuple[Tensor, Tensor]] = {}
-        previous, self._sink = self._sink, sink
-        try:
-            yield sink
-        finally:
-            self._sink = previous
-
-    def answer_attention(self, prompts: Sequence[Prompt], access: ModelAccess | None = None) -> np.ndarray:
+    def answer_attention(self, access: ModelAccess, prompts: Sequence[Prompt]) -> np.ndarray:
         """Attention rows [b, L, H, n] of the answer-predicting query as the calibrated model uses them: edited rows
         in the calibrated layers, the (unedited) pattern elsewhere. One forward pass."""
-        access = access or self.access
         prompts = list(prompts)
         info = access.info
         n = prompts[0].n_tokens
@@ -470,31 +441,15 @@ class FoundInTheMiddle:
             out[:, cap.layer] = cap.pattern(query)[:, :, 0].double().numpy()
 
         ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
-        with self.recording() as sink, self.prompt_context(access, prompts):
+        sink: dict[int, tuple[Tensor, Tensor]] = {}
+        with access.editing(self.prompt_edits(access, prompts, sink=sink)):
             access.run(ids, taps={Tap.PATTERN}, on_layer=on_layer)
         for layer, (_, after) in sink.items():
             out[:, layer] = after.double().numpy()
         return out
 
-    # --- direct use ------------------------------------------------------------------------------------------------
-    def __enter__(self) -> ModelAccess:
-        if self.prompt is None:
-            raise InterventionError(
-                "Found-in-the-Middle needs the document spans of the prompt it calibrates, and none were given. "
-                "Pass them: found_in_the_middle(model, spans=[(start, stop), ...], input_ids=ids) or "
-                "found_in_the_middle(model, text=text, char_spans=[...]); or hand the intervention to "
-                "evaluate_positions(..., intervention=fitm), which gives it each task prompt's spans.")
-        stack = contextlib.ExitStack()
-        try:
-            access = stack.enter_context(self.prompt_context(self.access, [self.prompt]))
-        except BaseException:
-            stack.close()
-            raise
-        self._stacks.append(stack)
-        return access
 
-    def __exit__(self, *exc: object) -> None:
-        self._stacks.pop().close()
+FoundInTheMiddleConfig = FoundInTheMiddle  # the settings' name before specs (issue 16): one class now
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -546,35 +501,36 @@ def char_to_token_spans(access: ModelAccess, text: str, char_spans: Any) -> tupl
 
 
 def found_in_the_middle(model: Any = None, spans: Any = None, *, input_ids: Any = None, text: str | None = None,
-                        char_spans: Any = None, prompt: Prompt | None = None, task: str | Task | None = None,
-                        calibration_prompts: Sequence[Prompt] | None = None,
-                        config: FoundInTheMiddleConfig | None = None, tokenizer: Any = None,
-                        backend: str | None = None, **overrides: Any) -> FoundInTheMiddle:
-    """Found-in-the-Middle calibration of `model` (anything `posprobe.load_model` accepts, or a ModelAccess).
+                        char_spans: Any = None, prompt: Prompt | None = None, config: FoundInTheMiddle | None = None,
+                        **settings: Any) -> FoundInTheMiddle | Bound:
+    """Found-in-the-Middle: the spec (model None), or the spec bound to a ModelAccess (and to user spans).
 
-    Structured prompts: `evaluate_positions(access, "kv_words", intervention=found_in_the_middle(access))` (the task
-    of the prompts builds the calibration set). User spans: `spans` (token ranges) with `input_ids` or `text`, or
-    `char_spans` of `text`, or a `prompt`; then `with fitm as model: model.greedy(ids, n)` (the slot bias is then
-    measured on that prompt itself unless `task` / `calibration_prompts` are given). Keyword overrides replace
-    `FoundInTheMiddleConfig` fields (temperature=..., layers=(l0, l1), ...).
+    Structured prompts: `evaluate_positions(access, "kv_words", intervention=found_in_the_middle(task="kv_words"))`.
+    User spans: `spans` (token ranges) with `input_ids` or `text`, or `char_spans` of `text`, or a `prompt`; then
+    `with found_in_the_middle(access, spans, input_ids=ids) as model: model.greedy(ids, n)` (the slot bias is then
+    measured on that prompt itself unless `task` is given). Keyword settings replace fields of the spec
+    (temperature=..., layers=LayerRange(9, 18) or "9:18", task=...). A model name raises: the intervention never loads
+    a model of its own.
     """
-    config = config or FoundInTheMiddleConfig()
-    if overrides:
-        names = [f.name for f in dataclasses.fields(FoundInTheMiddleConfig)]
-        bad = next((k for k in overrides if k not in names), None)
-        if bad is not None:
-            raise UnknownNameError("found_in_the_middle option", bad, names)
-        config = dataclasses.replace(config, **overrides)
-    fitm = FoundInTheMiddle(model, config=config, task=task, prompt=prompt, calibration_prompts=calibration_prompts,
-                            tokenizer=tokenizer, backend=backend)
+    if "layers" in settings:
+        settings["layers"] = LayerRange.coerce(settings["layers"], "found_in_the_middle layers")
+    spec = (config or FoundInTheMiddle()).replace(**settings) if settings else (config or FoundInTheMiddle())
+    wants_prompt = prompt is not None or spans is not None or char_spans is not None
+    if model is None and not wants_prompt:
+        if input_ids is not None or text is not None:
+            raise InterventionError("input_ids / text were given without document spans: pass spans=[(start, stop), "
+                                    "...] (token ranges) or char_spans=[...] (character ranges of text).")
+        return spec
+    access = check_access(model, "found_in_the_middle")
     if prompt is not None:
         check_spans(prompt.spans, prompt.n_tokens)
-    elif spans is not None or char_spans is not None:
-        fitm.prompt = _user_prompt(fitm.access, spans, input_ids, text, char_spans)
-    elif input_ids is not None or text is not None:
+        return spec.bind(access, [prompt])
+    if wants_prompt:
+        return spec.bind(access, [_user_prompt(access, spans, input_ids, text, char_spans)])
+    if input_ids is not None or text is not None:
         raise InterventionError("input_ids / text were given without document spans: pass spans=[(start, stop), ...] "
                                 "(token ranges) or char_spans=[...] (character ranges of text).")
-    return fitm
+    return spec.bind(access)
 
 
 __all__ = ["DocumentCalibration", "FoundInTheMiddle", "FoundInTheMiddleConfig", "calibrated_layers",

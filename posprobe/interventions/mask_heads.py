@@ -1,25 +1,33 @@
 """Head masking: chosen heads attend uniformly (METRICS.md sections 5 and 7; the ablation of Wu et al. 2024).
 
-Owns `mask_heads(model, heads)` (a context manager that yields the `ModelAccess` with the heads masked) and
-`mask_heads_edits(info, heads)` (the underlying `AttentionEdit`s, for `access.run(..., edits=...)` or
-`access.greedy(..., edits=...)`). A masked head's attention probabilities are replaced by the uniform distribution
-over the keys its query can see: the causal prefix, cut to the layer's sliding window where it has one. Its value
-vectors and output projection are untouched, so the head still writes, but it no longer selects (Wu et al. mask
-retrieval heads this way and needle retrieval fails). Leaving the block removes the edits; the model is unchanged.
+Owns the `MaskHeads(heads=...)` intervention spec (registered as "mask_heads"), `mask_heads(access, heads)` (the spec
+bound to an access: a context manager that yields it with the heads masked) and `mask_heads_edits(info, heads)` (the
+underlying `AttentionEdit`s, for `access.run(..., edits=...)` or `access.greedy(..., edits=...)`). A masked head's
+attention probabilities are replaced by the uniform distribution over the keys its query can see: the causal prefix,
+cut to the layer's sliding window where it has one. Its value vectors and output projection are untouched, so the head
+still writes, but it no longer selects (Wu et al. mask retrieval heads this way and needle retrieval fails). Leaving
+the block removes the edits; the model is unchanged.
 """
 
 from __future__ import annotations
 
-import contextlib
 import numbers
-from collections.abc import Iterable, Iterator
-from typing import Any
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-import torch
 from torch import Tensor
 
-from posprobe.access import AttentionEdit, EditContext, ModelAccess, ModelInfo, causal_key_mask
+from posprobe.access import (
+    AttentionEdit,
+    EditContext,
+    ModelAccess,
+    ModelInfo,
+    causal_key_mask,
+)
 from posprobe.errors import InterventionError
+from posprobe.interventions.spec import Bound, Intervention, register
 
 
 class UniformHeads:
@@ -40,26 +48,14 @@ class UniformHeads:
 
 
 def _normalise(info: ModelInfo, heads: Any) -> dict[int, tuple[int, ...]]:
-    """(layer, head) pairs -> {layer: sorted heads}, validated against the model's shape."""
-    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
-        raise InterventionError(f"heads must be an iterable of (layer, head) pairs, e.g. [(5, 0), (11, 3)]; got "
-                                f"{heads!r}.")
-    by_layer: dict[int, set[int]] = {}
-    for pair in heads:
-        try:
-            layer, head = pair
-        except (TypeError, ValueError):
-            raise InterventionError(f"Each head must be a (layer, head) pair of integers; got {pair!r}. Write "
-                                    f"heads as e.g. [(5, 0), (11, 3)].") from None
-        if isinstance(layer, bool) or isinstance(head, bool) or not isinstance(layer, numbers.Integral) \
-                or not isinstance(head, numbers.Integral):
-            raise InterventionError(f"Each head must be a (layer, head) pair of integers; got {pair!r}.")
-        layer, head = int(layer), int(head)
+    """(layer, head) pairs (or their text) -> {layer: sorted heads}, validated against the model's shape."""
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in _parse_heads(heads):
         if not 0 <= layer < info.n_layers or not 0 <= head < info.n_heads:
             raise InterventionError(f"Head ({layer}, {head}) does not exist in {info.name}: it has layers "
                                     f"0..{info.n_layers - 1} and query heads 0..{info.n_heads - 1} per layer.")
-        by_layer.setdefault(layer, set()).add(head)
-    return {layer: tuple(sorted(hs)) for layer, hs in sorted(by_layer.items())}
+        by_layer.setdefault(layer, []).append(head)
+    return {layer: tuple(hs) for layer, hs in sorted(by_layer.items())}
 
 
 def mask_heads_edits(info: ModelInfo, heads: Iterable[Any]) -> list[AttentionEdit]:
@@ -68,22 +64,72 @@ def mask_heads_edits(info: ModelInfo, heads: Iterable[Any]) -> list[AttentionEdi
             for layer, hs in _normalise(info, heads).items()]
 
 
-@contextlib.contextmanager
-def mask_heads(model: Any, heads: Iterable[Any], *, tokenizer: Any = None,
-               backend: str | None = None) -> Iterator[ModelAccess]:
-    """Mask `heads` ((layer, head) pairs) for every pass and generation inside the block; yields the access.
+def _parse_heads(value: Any) -> tuple[tuple[int, int], ...]:
+    """Text "L5H1,L11H2" (or "5.1,11.2") or (layer, head) pairs -> sorted unique pairs (range checked per model)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        pairs = []
+        for item in (x.strip() for x in value.split(",") if x.strip()):
+            match = re.fullmatch(r"[Ll](\d+)[Hh](\d+)|(\d+)\.(\d+)", item)
+            if match is None:
+                raise InterventionError(f"Cannot read head {item!r}: write heads as L<layer>H<head>, e.g. "
+                                        f"heads=L5H1,L11H2.")
+            groups = [g for g in match.groups() if g is not None]
+            pairs.append((int(groups[0]), int(groups[1])))
+        value = pairs
+    if isinstance(value, bytes) or not isinstance(value, Iterable):
+        raise InterventionError(f"heads must be (layer, head) pairs, e.g. [(5, 0), (11, 3)], or text \"L5H0,L11H3\"; "
+                                f"got {value!r}.")
+    out = set()
+    for pair in value:
+        try:
+            layer, head = pair
+        except (TypeError, ValueError):
+            raise InterventionError(f"Each head must be a (layer, head) pair of integers; got {pair!r}. Write "
+                                    f"heads as e.g. [(5, 0), (11, 3)].") from None
+        if isinstance(layer, bool) or isinstance(head, bool) or not isinstance(layer, numbers.Integral) \
+                or not isinstance(head, numbers.Integral) or layer < 0 or head < 0:
+            raise InterventionError(f"Each head must be a (layer, head) pair of non-negative integers; got {pair!r}.")
+        out.add((int(layer), int(head)))
+    return tuple(sorted(out))
 
-    model: anything `posprobe.load_model` accepts, or a `ModelAccess`. Use the yielded access inside the block:
+
+@register
+@dataclass(frozen=True)
+class MaskHeads(Intervention):
+    """Chosen heads attend uniformly over the keys they can see (see the module docstring)."""
+
+    name: ClassVar[str] = "mask_heads"
+    summary: ClassVar[str] = "chosen heads attend uniformly over their visible keys (Wu et al. 2024 ablation)"
+
+    heads: Sequence[Any] | str | None = field(  # stored as sorted (layer, head) pairs
+        default=(), metadata={"help": "(layer, head) pairs; text L5H1,L11H2; none = no head (a no-op)"})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", _parse_heads(self.heads))
+
+    def edits(self, access: ModelAccess) -> list[AttentionEdit]:
+        return mask_heads_edits(access.info, self.heads)
+
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        return {"heads": [f"L{layer}H{head}" for layer, head in self.heads]}
+
+    def __str__(self) -> str:
+        return self.name + (":heads=" + ",".join(f"L{l}H{h}" for l, h in self.heads) if self.heads else "")
+
+
+def mask_heads(model: Any, heads: Iterable[Any]) -> MaskHeads | Bound:
+    """`MaskHeads(heads)` bound to `model` (a ModelAccess): a context manager yielding the access.
 
         with mask_heads(access, [(11, 2), (5, 0)]) as masked:
             masked.greedy(ids, 8)
+
+    model None gives the unbound spec (for `evaluate_positions(model, intervention=...)`); a model name raises:
+    the intervention never loads a model of its own.
     """
-    from posprobe.models import load_model
-
-    access = load_model(model, tokenizer=tokenizer, backend=backend)
-    edits = mask_heads_edits(access.info, heads)
-    with access.editing(edits):
-        yield access
+    spec = MaskHeads(heads=heads)
+    return spec if model is None else spec.bind(model)
 
 
-__all__ = ["UniformHeads", "mask_heads", "mask_heads_edits"]
+__all__ = ["MaskHeads", "UniformHeads", "mask_heads", "mask_heads_edits"]

@@ -1,9 +1,9 @@
 """Single-dimension scaling against position bias (Yu et al. 2024, "Mitigate Position Bias in Large Language Models
 via Scaling a Single Dimension"; METRICS.md section 7).
 
-Owns the search for positional hidden dimensions (`find_positional_dimensions`), the scaling intervention
-(`scale_dimension`, and `positional_dimension` with the dimension recorded for the embedded model), and the task-loss
-measurement the search validates with (`answer_loss`).
+Owns the search for positional hidden dimensions (`find_positional_dimensions`), the scaling intervention spec
+`PositionalDimension` (registered as "positional_dimension"; `scale_dimension` / `positional_dimension` build it and
+bind it to an access), and the task-loss measurement the search validates with (`answer_loss`).
 
 Search (after the paper's reference code; the numbers are config fields):
 1. residual stream (`resid_post` of every layer) averaged over seeded random-character sequences -> [L, n, D];
@@ -26,30 +26,45 @@ Leaving the block removes the edits: logits are bit-for-bit what they were befor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import math
 import random
 import string
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
 
-from posprobe.access import LayerCapture, ModelAccess, ModelInfo, ProjectionInputEdit, Tap
+from posprobe.access import (
+    LayerCapture,
+    ModelAccess,
+    ModelInfo,
+    ProjectionInputEdit,
+    Tap,
+)
 from posprobe.errors import InterventionError, UnknownNameError
+from posprobe.interventions.spec import (
+    Bound,
+    Intervention,
+    LayerRange,
+    calibrated,
+    layer_range_of,
+    register,
+    runner_contexts,
+)
 from posprobe.tasks.base import Prompt, Task
 
 # The dimension the search finds on the embedded model, with the factor and layers tuned on kv_words (20 pairs,
 # tuning seeds 1 * 1_000_003 + t; analyses/calibration.py); used when positional_dimension() is called without dim.
 # Gemma 3 270M: dim 558 is decreasing in position and monotonic in 14 of the 15 searched layers (3-16), by far the
 # smoothest (0.040; next 0.157), and zeroing it lowers the validation answer loss most (0.565 -> 0.484). Factor sweep
-# in layers 9-17 (stepwise answer loss; none: 0.501): 0.5 -> 0.437, 0 -> 0.386, -0.5 -> 0.346, -1 -> 0.324,
-# -2 -> 0.355; in the reference-like layers 6-16 the same grid gives 0.451 / 0.416 / 0.394 / 0.385.
-# name -> (dim, factor, (first layer, last layer) inclusive)
-KNOWN_DIMENSIONS: dict[str, tuple[int, float, tuple[int, int]]] = {"gemma-3-270m": (558, -1.0, (9, 17))}
+# in layers 9:18 (stepwise answer loss; none: 0.501): 0.5 -> 0.437, 0 -> 0.386, -0.5 -> 0.346, -1 -> 0.324,
+# -2 -> 0.355; in the reference-like layers 6:17 the same grid gives 0.451 / 0.416 / 0.394 / 0.385.
+# name -> (dim, factor, layers)
+KNOWN_DIMENSIONS: dict[str, tuple[int, float, LayerRange]] = {"gemma-3-270m": (558, -1.0, LayerRange(9, 18))}
 
 
 @dataclass(frozen=True)
@@ -65,7 +80,7 @@ class PositionalDimensionSearchConfig:
     smooth_skip: float = 0.2  # share left out of the smoothness measure (reference: 200 of 1000)
     smooth_window: int = 11  # Savitzky-Golay window (odd; reference 10) with polyorder 3
     min_layer_share: float = 0.25  # keep dims monotonic in more than this share of the layers (reference: L // 4)
-    search_layers: tuple[int, int] | None = None  # [start, stop) of layers tested; None: 2 .. L-1 (reference)
+    search_layers: LayerRange | str | range | None = None  # layers tested; None: 2:L-1 (reference)
     top_k: int = 5  # smoothest candidates validated by task loss (reference: 10 by smoothness, 3 by loss)
     validate: bool = True  # run the task-loss validation (needs separate q/k projections, e.g. Llama, Gemma)
     validation_task: str = "kv_words"  # task of the held-out validation split
@@ -74,10 +89,18 @@ class PositionalDimensionSearchConfig:
     validation_trials: int = 6  # trials per gold position
     validation_seed: int = 4242  # base seed: task seeds 4242 * 1_000_003 + t, disjoint from evaluation seeds 0..100
     validation_factor: float = 0.0  # the scaling used while validating (reference: 0)
-    validation_layers: tuple[int, int] | None = None  # inclusive (first, last); None: default_layers(info)
+    validation_layers: LayerRange | str | range | None = None  # scaled while validating; None: default_layers
+
+    def __post_init__(self) -> None:
+        for name in ("search_layers", "validation_layers"):
+            layers = LayerRange.coerce(getattr(self, name), f"PositionalDimensionSearchConfig.{name}")
+            object.__setattr__(self, name, layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for name in ("search_layers", "validation_layers"):
+            d[name] = None if getattr(self, name) is None else str(getattr(self, name))
+        return d
 
 
 def default_layers(info: ModelInfo) -> list[int]:
@@ -88,134 +111,137 @@ def default_layers(info: ModelInfo) -> list[int]:
     return list(range(first, last + 1))
 
 
-def _layer_list(info: ModelInfo, layers: Any) -> list[int]:
+def _layer_list(info: ModelInfo, layers: LayerRange | str | None) -> list[int]:
     if layers is None:
         return default_layers(info)
-    if isinstance(layers, tuple) and len(layers) == 2 and all(isinstance(x, (int, np.integer)) for x in layers) \
-            and layers[1] > layers[0]:
-        chosen = list(range(int(layers[0]), int(layers[1]) + 1))  # (first, last) inclusive, as METRICS [l0, l1]
-    else:
-        try:
-            chosen = sorted({int(x) for x in ([layers] if isinstance(layers, (int, np.integer)) else layers)})
-        except (TypeError, ValueError):
-            raise InterventionError(f"layers must be a list of layer indices, a (first, last) pair (inclusive) or "
-                                    f"None; got {layers!r}.") from None
-    if not chosen:
-        raise InterventionError("scale_dimension got an empty list of layers; pass None for the default layers.")
-    bad = [x for x in chosen if not 0 <= x < info.n_layers]
-    if bad:
-        raise InterventionError(f"Layers {bad} do not exist: {info.name} has layers 0..{info.n_layers - 1}.")
-    return chosen
+    return LayerRange.coerce(layers, "positional_dimension layers").indices(info.n_layers, info.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Scaling
 
 
-class ScaleDimension:
-    """Scale residual dimension(s) `dims` of the attention input for keys (all positions) and the last query.
+def _dims(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [x for x in value.split(",") if x.strip()]
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        value = [value]
+    try:
+        dims = tuple(sorted({int(d) for d in value}))
+    except (TypeError, ValueError):
+        raise InterventionError(f"dims must be residual dimension indices (an int, a list, or text \"558\"); got "
+                                f"{value!r}.") from None
+    if any(d < 0 for d in dims):
+        raise InterventionError(f"dims must be non-negative residual dimension indices; got {list(dims)}.")
+    return dims
 
-    A context manager yielding the access with the edits active; re-enterable; also an `evaluate_positions`
-    intervention (entered around all trials).
+
+@register
+@dataclass(frozen=True)
+class PositionalDimension(Intervention):
+    """Scale residual dimension(s) of the attention input for keys (all positions) and the last query.
+
+    Unset settings resolve on the access it is applied to: the dimension, factor and layers recorded for the model
+    (KNOWN_DIMENSIONS); for a model without a record the dimension comes from `find_positional_dimensions` run on
+    that access (once, cached on it, recorded in provenance), the factor is 0 (the paper's) and the layers
+    `default_layers`.
     """
 
-    name = "positional_dimension"
+    name: ClassVar[str] = "positional_dimension"
+    summary: ClassVar[str] = "scale a positional residual dimension for keys and the last query (Yu et al. 2024)"
 
-    def __init__(self, model: Any, dims: Sequence[int], factor: float, layers: Any = None, *,
-                 tokenizer: Any = None, backend: str | None = None) -> None:
-        from posprobe.models import load_model
+    dims: int | Sequence[int] | str | None = field(default=(), metadata={  # stored as a sorted tuple
+        "help": "residual dimensions; none = recorded for the model, else found by the search on it"})
+    factor: float | int | None = field(default=None, metadata={"help": "multiplier; none = recorded, else 0"})
+    layers: LayerRange | str | range | None = field(default=None, metadata={
+        "help": "START:STOP (stop exclusive); none = recorded, else 0.36L to 0.93L"})
+    search_sequences: int = field(default=24, metadata={
+        "help": "random strings averaged when the dimension must be searched"})
 
-        self.access = load_model(model, tokenizer=tokenizer, backend=backend)
-        info = self.access.info
-        self.dims = tuple(sorted({int(d) for d in dims}))
-        if not self.dims:
-            raise InterventionError("scale_dimension needs at least one dimension.")
-        bad = [d for d in self.dims if not 0 <= d < info.d_model]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dims", _dims(self.dims))
+        object.__setattr__(self, "layers", LayerRange.coerce(self.layers, "positional_dimension layers"))
+        if self.factor is not None:
+            try:
+                factor = float(self.factor)
+            except (TypeError, ValueError):
+                factor = math.nan
+            if not math.isfinite(factor):
+                raise InterventionError(f"factor must be a finite number (the paper's grid: 0.5, 0, -0.5, -1); got "
+                                        f"{self.factor!r}.")
+            object.__setattr__(self, "factor", factor)
+
+    def settings(self, access: ModelAccess) -> tuple[tuple[int, ...], float, list[int], str]:
+        """(dims, factor, layers, source of the dimension) on `access`; searches once per access when needed."""
+        info = access.info
+        known = KNOWN_DIMENSIONS.get(info.name)
+        dims, factor, layers, source = self.dims, self.factor, self.layers, "given"
+        if not dims:
+            if known is not None:
+                dims, source = (known[0],), "recorded (KNOWN_DIMENSIONS)"
+                factor = known[1] if factor is None else factor
+                layers = known[2] if layers is None else layers
+            else:
+                dims, source = (self._searched(access),), "find_positional_dimensions on this model"
+        bad = [d for d in dims if not 0 <= d < info.d_model]
         if bad:
             raise InterventionError(f"Dimensions {bad} do not exist: {info.name}'s residual stream has d_model = "
                                     f"{info.d_model} dimensions (0..{info.d_model - 1}).")
-        if not np.isfinite(float(factor)):
-            raise InterventionError(f"factor must be a finite number (the paper's grid: 0.5, 0, -0.5, -1); got {factor!r}.")
-        self.factor = float(factor)
-        self.layers = _layer_list(info, layers)
-        self._stacks: list[contextlib.ExitStack] = []
-        self._checked = False
+        return dims, 0.0 if factor is None else float(factor), _layer_list(info, layers), source
 
-    def __repr__(self) -> str:
-        return f"ScaleDimension(dims={list(self.dims)}, factor={self.factor}, layers={self.layers})"
+    def _searched(self, access: ModelAccess) -> int:
+        config = PositionalDimensionSearchConfig(n_sequences=self.search_sequences)
 
-    def edits(self) -> list[ProjectionInputEdit]:
-        return [ProjectionInputEdit(layer, self.dims, self.factor, keys=True, queries="last") for layer in self.layers]
+        def search() -> PositionalDimensionSearch:
+            return find_positional_dimensions(access, config)
 
-    def _check_support(self) -> None:
-        """Surface an adapter that cannot scale projection inputs now, not in the middle of an evaluation."""
-        if self._checked:
-            return
-        probe = self.access.encode("a b", add_bos=True)[:2] or [0]
-        try:
-            self.access.run(probe, edits=self.edits())
+        def record(found: PositionalDimensionSearch) -> dict[str, Any]:
+            return {"search_config": config.to_dict(), "best": found.best,
+                    "candidates": found.candidates.head(5).to_dict("records"), "baseline": found.baseline}
+
+        return calibrated(access, (self.name, "search", *config.to_dict().items()), search, record).best
+
+    def edits(self, access: ModelAccess) -> list[ProjectionInputEdit]:
+        dims, factor, layers, _ = self.settings(access)
+        edits = [ProjectionInputEdit(layer, dims, factor, keys=True, queries="last") for layer in layers]
+        probe = access.encode("a b", add_bos=True)[:2] or [0]
+        try:  # surface an adapter that cannot scale projection inputs now, not in the middle of an evaluation
+            access.run(probe, edits=edits)
         except InterventionError as exc:
-            raise InterventionError(f"scale_dimension cannot run on {self.access.info.name}: {exc}") from None
-        self._checked = True
+            raise InterventionError(f"positional_dimension cannot run on {access.info.name}: {exc}") from None
+        return edits
 
-    def __enter__(self) -> ModelAccess:
-        self._check_support()
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.access.editing(self.edits()))
-        self._stacks.append(stack)
-        return self.access
-
-    def __exit__(self, *exc: object) -> None:
-        self._stacks.pop().close()
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        dims, factor, layers, source = self.settings(access)
+        return {"dims": list(dims), "factor": factor, "layers": layer_range_of(layers), "source": source}
 
 
-def scale_dimension(model: Any, dim: int | Sequence[int], factor: float, layers: Any = None, *,
-                    tokenizer: Any = None, backend: str | None = None) -> ScaleDimension:
+ScaleDimension = PositionalDimension  # the name of the class before specs (issue 16)
+
+
+def scale_dimension(model: Any, dim: int | Sequence[int], factor: float | int, layers: Any = None
+                    ) -> PositionalDimension | Bound:
     """Scale residual dimension `dim` (or several) by `factor` in `layers` when computing keys (all positions) and
-    the query of the last position (Yu et al. 2024). layers: indices, an inclusive (first, last) pair, or None for
-    `default_layers`. Use as `with scale_dimension(access, 297, 0.0) as model: ...` or pass it to
-    `evaluate_positions(..., intervention=...)`."""
-    dims = [dim] if isinstance(dim, (int, np.integer)) else list(dim)
-    return ScaleDimension(model, dims, factor, layers, tokenizer=tokenizer, backend=backend)
+    the query of the last position (Yu et al. 2024). layers: a LayerRange / "9:18" (stop exclusive) or None for
+    `default_layers`. model: a ModelAccess (returns the spec bound to it: `with scale_dimension(access, 297, 0.0)
+    as model: ...`) or None (the spec, for `evaluate_positions(model, intervention=...)`)."""
+    spec = PositionalDimension(dims=dim, factor=factor, layers=LayerRange.coerce(layers, "scale_dimension layers"))
+    return spec if model is None else spec.bind(model)
 
 
-def positional_dimension(model: Any = None, dim: int | None = None, factor: float | None = None, layers: Any = None,
-                         *, tokenizer: Any = None, backend: str | None = None) -> ScaleDimension:
-    """`scale_dimension` with defaults: the recorded positional dimension, factor and layers of the embedded model
-    (KNOWN_DIMENSIONS); for other models pass dim (find it with `find_positional_dimensions`)."""
-    from posprobe.models import load_model
-
-    access = load_model(model, tokenizer=tokenizer, backend=backend)
-    known = KNOWN_DIMENSIONS.get(access.info.name)
-    if dim is None:
-        if known is None:
-            raise InterventionError(
-                f"No positional dimension is recorded for {access.info.name}. Find one with "
-                f"posprobe.interventions.find_positional_dimensions(model) and pass it: "
-                f"positional_dimension(model, dim=<dim>, factor=0.0).")
-        dim = known[0]
-        factor = known[1] if factor is None else factor
-        layers = known[2] if layers is None else layers
-    return ScaleDimension(access, [dim], 0.0 if factor is None else factor, layers)
+def positional_dimension(model: Any = None, dim: int | None = None, factor: float | int | None = None,
+                         layers: Any = None) -> PositionalDimension | Bound:
+    """The `PositionalDimension` spec with the model's recorded defaults for whatever is not given (KNOWN_DIMENSIONS;
+    for other models the search runs on the access it is applied to). model: a ModelAccess (bound) or None."""
+    spec = PositionalDimension(dims=() if dim is None else dim, factor=factor,
+                               layers=LayerRange.coerce(layers, "positional_dimension layers"))
+    return spec if model is None else spec.bind(model)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Task loss (validation of the search; also the tuning measure of analyses/calibration.py)
-
-
-def _intervention_contexts(intervention: Any, access: ModelAccess
-                           ) -> tuple[contextlib.AbstractContextManager[Any], Callable[[list[Prompt]], Any]]:
-    """(context around everything, per-batch context factory) for the intervention forms evaluate_positions takes."""
-    if intervention is None:
-        return contextlib.nullcontext(), lambda prompts: contextlib.nullcontext()
-    if hasattr(intervention, "prompt_context"):
-        return contextlib.nullcontext(), lambda prompts: intervention.prompt_context(access, prompts)
-    if hasattr(intervention, "__enter__") and hasattr(intervention, "__exit__"):
-        return intervention, lambda prompts: contextlib.nullcontext()
-    if callable(intervention):
-        return intervention(access), lambda prompts: contextlib.nullcontext()
-    raise InterventionError(f"intervention must be None, a context manager, a callable access -> context manager, or "
-                            f"an object with prompt_context(access, prompts); got {type(intervention).__name__}.")
 
 
 def answer_loss(access: ModelAccess, prompts: Sequence[Prompt], *, intervention: Any = None,
@@ -227,7 +253,7 @@ def answer_loss(access: ModelAccess, prompts: Sequence[Prompt], *, intervention:
     stepwise=True: one pass per answer token with the logits of the last position, exactly what greedy decoding with
     full recomputation computes (needed for edits defined on "the last position", such as `scale_dimension`).
     """
-    outer, per_batch = _intervention_contexts(intervention, access)
+    outer, per_batch, _ = runner_contexts(intervention, access, runner="answer_loss")
     groups: dict[tuple[int, int], list[int]] = {}
     for i, p in enumerate(prompts):
         if not p.answer_ids:
@@ -398,11 +424,7 @@ def smoothness(curve: np.ndarray, window: int = 11) -> np.ndarray:
 
 def _search_layers(info: ModelInfo, config: PositionalDimensionSearchConfig) -> list[int]:
     if config.search_layers is not None:
-        start, stop = config.search_layers
-        if not 0 <= start < stop <= info.n_layers:
-            raise InterventionError(f"search_layers {config.search_layers} is not a [start, stop) range of "
-                                    f"{info.name}'s {info.n_layers} layers.")
-        return list(range(start, stop))
+        return config.search_layers.indices(info.n_layers, info.name)
     return list(range(2, info.n_layers - 1)) if info.n_layers >= 6 else list(range(info.n_layers))
 
 
@@ -449,7 +471,7 @@ def validate_dimensions(access: ModelAccess, dims: Sequence[int], config: Positi
     rows = []
     iterator: Iterable[int] = dims if progress is None else progress(list(dims), "validating dimensions")
     for dim in iterator:
-        scaled = ScaleDimension(access, [dim], config.validation_factor, layers)
+        scaled = PositionalDimension(dims=dim, factor=config.validation_factor, layers=layer_range_of(layers))
         df = answer_loss(access, prompts, intervention=scaled, stepwise=True)
         rows.append({"dim": int(dim), "validation_loss": float(df["loss"].mean()),
                      "validation_accuracy": float(df["correct"].mean()),
@@ -503,7 +525,8 @@ def find_positional_dimensions(model: Any = None, config: PositionalDimensionSea
                                      monotonic_counts=counts)
 
 
-__all__ = ["KNOWN_DIMENSIONS", "PositionalDimensionSearch", "PositionalDimensionSearchConfig", "ScaleDimension",
+__all__ = ["KNOWN_DIMENSIONS", "PositionalDimension", "PositionalDimensionSearch", "PositionalDimensionSearchConfig",
+           "ScaleDimension",
            "answer_loss", "default_layers", "find_positional_dimensions", "mean_hidden_states",
            "monotonic_directions", "positional_dimension", "random_string_ids", "rank_dimensions", "scale_dimension",
            "smoothness", "task_prompts", "validate_dimensions"]

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from posprobe.access import Edit, ModelAccess
-from posprobe.errors import InterventionError, UnknownNameError
+from posprobe.errors import InputError, InterventionError, UnknownNameError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Layer ranges
@@ -159,6 +159,9 @@ class Intervention:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line for `posprobe interventions`
+    # True: the edits depend on each prompt's structure (document spans), so runners apply it per generation batch
+    # through `prompt_context` only, and `applied(access)` alone raises (it could not edit anything)
+    per_prompt: ClassVar[bool] = False
 
     # --- what subclasses implement ------------------------------------------------------------------------------
     def edits(self, access: ModelAccess) -> list[Edit]:
@@ -175,14 +178,19 @@ class Intervention:
 
     # --- applying -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def applied(self, access: ModelAccess) -> Iterator[ModelAccess]:
+    def applied(self, access: ModelAccess | Any) -> Iterator[ModelAccess]:
         """Apply to `access` inside the block (yields it); on exit the edits are removed and the model is exact."""
         access = check_access(access, f"{type(self).__name__}")
+        if self.per_prompt:
+            raise InterventionError(
+                f"{self.name} edits each prompt by its document spans, so it cannot be applied to a model as a "
+                f"whole. Give it to a runner that has structured prompts (posprobe.evaluate_positions(access, task, "
+                f"intervention=spec)), or bind it to your prompt: `with spec.bind(access, [prompt]): ...`.")
         edits = self.edits(access)
         with access.editing(edits):
             yield access
 
-    def bind(self, access: ModelAccess, prompts: Sequence[Any] | None = None) -> Bound:
+    def bind(self, access: ModelAccess | Any, prompts: Sequence[Any] | None = None) -> Bound:
         """This spec tied to `access` (a reusable context manager); `prompts`: a per-prompt context too."""
         return Bound(self, check_access(access, type(self).__name__), prompts)
 
@@ -265,20 +273,28 @@ class Bound:
     def describe(self, access: ModelAccess | None = None) -> dict[str, Any]:
         return self.spec.describe(access or self.access)
 
-    def for_access(self, access: ModelAccess) -> Intervention:
-        """The spec, after checking that `access` is the one this object is bound to."""
+    def for_access(self, access: ModelAccess | Any) -> Intervention:
+        """The spec, after checking that `access` is the one this object is bound to. Runners call it with the
+        model they were given before loading anything: a name or another object would load another copy."""
         if access is not self.access:
+            if isinstance(access, ModelAccess):
+                running = f"{access.info.name}, object {id(access):#x}"
+            else:
+                running = f"{access!r}, which the runner would load as a new model" if access is not None else \
+                    "None: the default model, which the runner would load anew"
             raise InterventionError(
                 f"This {self.spec.name} intervention is bound to another model access ({self.access.info.name}, "
-                f"object {id(self.access):#x}) than the one being run ({access.info.name}, object {id(access):#x}); "
-                f"its edits would change a model nobody evaluates. Pass the spec itself, which the runner applies to "
-                f"its own model: intervention={type(self.spec).__name__}(...) or the text form {str(self.spec)!r}.")
+                f"object {id(self.access):#x}) than the one being run ({running}); its edits would change a model "
+                f"nobody evaluates. Pass the spec itself, which the runner applies to its own model: "
+                f"intervention={type(self.spec).__name__}(...) or the text form {str(self.spec)!r}, or run the "
+                f"access it is bound to.")
         return self.spec
 
     def __enter__(self) -> ModelAccess:
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(self.spec.applied(self.access))
+            if not self.spec.per_prompt or self.prompts is None:
+                stack.enter_context(self.spec.applied(self.access))  # raises for a per-prompt spec without prompts
             if self.prompts is not None:
                 stack.enter_context(self.spec.prompt_context(self.access, self.prompts))
         except BaseException:
@@ -291,10 +307,12 @@ class Bound:
         self._stacks.pop().close()
 
 
-def resolve(intervention: Any, access: ModelAccess) -> Intervention | None:
+def resolve(intervention: Any, access: ModelAccess | Any) -> Intervention | None:
     """What a runner applies: a spec from a spec, its text / dict form, or a Bound (checked against `access`).
 
     Returns None for None and for objects that are not posprobe interventions (the runner handles those itself).
+    Runners call it once with the `model` argument before loading (bad text, a Bound to another model: raise
+    before minutes of work) and again with the loaded access.
     """
     if intervention is None:
         return None
@@ -307,6 +325,48 @@ def resolve(intervention: Any, access: ModelAccess) -> Intervention | None:
     if isinstance(intervention, dict) and "name" in intervention:
         return Intervention.from_dict(intervention)
     return None
+
+
+def runner_contexts(intervention: Any, access: ModelAccess, *, prompts_available: bool = True,
+                    runner: str = "this runner"
+                    ) -> tuple[contextlib.AbstractContextManager[Any], Callable[[list[Any]], Any], Intervention | None]:
+    """How a runner applies `intervention` to its own `access`: (context around the whole run, per-batch context
+    factory `prompts -> context manager`, the spec or None).
+
+    Accepted: None; a spec, its text or dict form, or a Bound (checked against `access`); and the user's own forms:
+    a context manager (entered once), a callable `access -> context manager`, or an object with
+    `prompt_context(access, prompts)`. `prompts_available=False` (a runner without structured prompts, such as scan)
+    refuses per-prompt interventions up front.
+    """
+    spec = resolve(intervention, access)
+    nothing: Callable[[list[Any]], Any] = lambda prompts: contextlib.nullcontext()
+    if spec is not None:
+        if spec.per_prompt:
+            if not prompts_available:
+                raise InterventionError(f"{spec.name} edits each prompt by its document spans, and {runner} runs no "
+                                        f"structured prompts. Use it with posprobe.evaluate_positions(...).")
+            return contextlib.nullcontext(), lambda prompts: spec.prompt_context(access, prompts), spec
+        return spec.applied(access), nothing, spec
+    if intervention is None:
+        return contextlib.nullcontext(), nothing, None
+    if hasattr(intervention, "prompt_context"):
+        if not prompts_available:
+            raise InterventionError(f"{type(intervention).__name__} works per prompt (prompt_context), and {runner} "
+                                    f"runs no structured prompts.")
+        return contextlib.nullcontext(), lambda prompts: intervention.prompt_context(access, prompts), None
+    if hasattr(intervention, "__enter__") and hasattr(intervention, "__exit__"):
+        return intervention, nothing, None
+    if callable(intervention):
+        manager = intervention(access)
+        if not (hasattr(manager, "__enter__") and hasattr(manager, "__exit__")):
+            raise InputError(f"intervention(access) returned a {type(manager).__name__}, not a context manager. "
+                             f"Return an object with __enter__/__exit__ (e.g. `access.editing(edits)`).")
+        return manager, nothing, None
+    raise InputError(
+        f"intervention must be an Intervention spec (e.g. MaskHeads(heads=[(5, 1)]) or the text "
+        f"\"mask_heads:heads=L5H1\"; `posprobe interventions` lists them), a context manager, a callable access -> "
+        f"context manager, or an object with a prompt_context(access, prompts) method; got "
+        f"{type(intervention).__name__}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -416,14 +476,16 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
-    return value
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    return repr(value)  # e.g. a Task object given instead of a task name
 
 
 def _text(value: Any) -> str:
     if isinstance(value, (list, tuple)):
-        return ",".join(_text(v) for v in value)
+        return ",".join(_text(v) for v in value) if value else "none"
     return "none" if value is None else str(value)
 
 
 __all__ = ["Bound", "Intervention", "LayerRange", "calibrated", "calibrations", "check_access", "get_class",
-           "layer_range_of", "list_interventions", "parameters", "parse", "register", "resolve"]
+           "layer_range_of", "list_interventions", "parameters", "parse", "register", "resolve", "runner_contexts"]

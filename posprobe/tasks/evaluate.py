@@ -3,8 +3,9 @@
 Owns `evaluate_positions` (METRICS.md section 4, task level, on the tasks of section 8; after Liu et al. 2023):
 for every trial seed the same items are laid out once per gold position (gold moved, distractor order fixed),
 answered greedily with the access's KV-cached `greedy`, scored by the task's exact-match rule, and summarised per
-gold position with Wilson binomial intervals. Trials that raise are counted in `n_errors` and listed in the
-per-trial records, never dropped silently. Also owns `summarize_trials` and `wilson_interval`.
+gold position with Wilson binomial intervals. A trial whose prompt the model cannot run (too long, out of memory:
+`trial_errors`) is counted in `n_errors` and listed in the per-trial records, never dropped silently; any other
+error (a misconfigured intervention, a bug) raises at once. Also owns `summarize_trials` and `wilson_interval`.
 
 Batching: prompts of one trial have the same length by construction (see `posprobe.tasks.base`), so they run as
 one batch of equal-length rows (no padding, which the access does not support); a trial whose prompts differ in
@@ -14,19 +15,19 @@ as one-at-a-time generation.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from posprobe.errors import InputError
+from posprobe.errors import ContextLengthError, InputError
+from posprobe.interventions.spec import resolve, runner_contexts
 from posprobe.tasks.base import Prompt, Task
 
 TRIAL_COLUMNS = ["task", "n_items", "gold_position", "relative_position", "trial", "seed", "n_tokens", "correct",
@@ -62,36 +63,8 @@ def even_positions(n_items: int, count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_items - 1, count)})
 
 
-# --- interventions --------------------------------------------------------------------------------------------------
-
-
-def _is_context_manager(obj: Any) -> bool:
-    return hasattr(obj, "__enter__") and hasattr(obj, "__exit__")
-
-
-def _run_context(intervention: Any, access: Any) -> contextlib.AbstractContextManager[Any]:
-    """The context entered once around every trial."""
-    if intervention is None or hasattr(intervention, "prompt_context"):
-        return contextlib.nullcontext()
-    if _is_context_manager(intervention):
-        return intervention
-    if callable(intervention):
-        manager = intervention(access)
-        if not _is_context_manager(manager):
-            raise InputError(f"intervention(access) returned a {type(manager).__name__}, not a context manager. "
-                             f"Return an object with __enter__/__exit__ (e.g. `access.editing(edits)`).")
-        return manager
-    raise InputError(
-        f"intervention must be a context manager, a callable access -> context manager, or an object with a "
-        f"prompt_context(access, prompts) method; got {type(intervention).__name__}."
-    )
-
-
-def _batch_context(intervention: Any, access: Any, prompts: Sequence[Prompt]) -> contextlib.AbstractContextManager[Any]:
-    """The context entered around one generation batch (row r of the batch is prompts[r])."""
-    if intervention is not None and hasattr(intervention, "prompt_context"):
-        return intervention.prompt_context(access, list(prompts))
-    return contextlib.nullcontext()
+# --- interventions ---------------------------------------------------------------------------------------------------
+# How an intervention reaches the access: posprobe.interventions.spec.runner_contexts (one place for every runner).
 
 
 def _describe(obj: Any) -> Any:
@@ -128,11 +101,11 @@ def _cut(row: list[int], stop: set[int]) -> list[int]:
 
 
 def _generate(access: Any, prompts: Sequence[Prompt], max_new_tokens: int, stop: list[int],
-              intervention: Any) -> list[list[int]]:
+              per_batch: Callable[[list[Prompt]], Any]) -> list[list[int]]:
     import torch
 
     ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
-    with _batch_context(intervention, access, prompts):
+    with per_batch(list(prompts)):
         new = access.greedy(ids, max_new_tokens, stop_ids=stop)
     stop_set = set(stop)
     return [_cut([int(t) for t in row], stop_set) for row in new.tolist()]
@@ -170,23 +143,29 @@ def evaluate_positions(
     (default 5, first and last included). n_trials: trials per (n_items, gold position); trial t uses task seed
     `seed * 1_000_003 + t`, the same items for every gold position.
 
-    intervention: None; a context manager (entered once around all trials, e.g. `access.editing(edits)`); a
-    callable `access -> context manager` (called and entered once); or an object with a
+    intervention: None; an intervention spec (`posprobe.interventions`, e.g. `MaskHeads(heads=[(5, 1)])`), its
+    text form (`"mask_heads:heads=L5H1"`) or a spec bound to this same access (`mask_heads(access, heads)`),
+    applied to the access this function runs, per generation batch for per-prompt specs (Found-in-the-Middle); a
+    spec bound to another access raises. Also the user's own forms: a context manager (entered once around all
+    trials, e.g. `access.editing(edits)`); a callable `access -> context manager`; or an object with a
     `prompt_context(access, prompts) -> context manager` method, entered around every generation batch with the
-    batch's prompts (row r is prompts[r]; their `spans` locate each document), for per-prompt interventions
-    such as Found-in-the-Middle calibration.
+    batch's prompts (row r is prompts[r]; their `spans` locate each document).
 
     batch_size: rows per greedy call (default: all gold positions of one trial). Returns one row per
     (n_items, gold_position): `task, n_items, gold_position, relative_position, n, n_correct, n_errors, accuracy,
-    ci_low, ci_high` (accuracy over the trials that ran; `n` counts them; trials that raised are in `n_errors`).
+    ci_low, ci_high` (accuracy over the trials that ran; `n` counts them; trials the model could not run are in
+    `n_errors`).
     `table.attrs` holds provenance and speed (`tokens_per_second`, `prompt_tokens`, `generated_tokens`,
-    `seconds`, `n_errors`, `model`, `seed`, `task_config`, `intervention`) and `trials`: per-trial records
+    `seconds`, `n_errors`, `model`, `seed`, `task_config`, `intervention`: the spec's settings, what they resolved
+    to and its calibrations) and `trials`: per-trial records
     (`pd.DataFrame(table.attrs["trials"])`: completion, correct, error, ...).
     """
     from posprobe.models import load_model
     from posprobe.tasks.registry import get_task
 
+    resolve(intervention, model)  # a malformed spec, or one bound to another model, raises before loading
     access = load_model(model, tokenizer=tokenizer)
+    outer, per_batch, spec = runner_contexts(intervention, access, runner="evaluate_positions")
     task_obj = get_task(task)
     sizes = [task_obj.default_items] if n_items is None else ([n_items] if isinstance(n_items, int) else
                                                               list(n_items))
@@ -205,7 +184,7 @@ def evaluate_positions(
     prompt_tokens = generated_tokens = 0
     gen_seconds = 0.0
     started = time.time()
-    with _run_context(intervention, access), tqdm(total=total, disable=not show, desc=f"{task_obj.name} trials",
+    with outer, tqdm(total=total, disable=not show, desc=f"{task_obj.name} trials",
                                                   file=sys.stderr, leave=False) as bar:
         for size, positions in plan:
             for trial in range(n_trials):
@@ -213,7 +192,7 @@ def evaluate_positions(
                 prompts = [task_obj.make(access, size, g, t_seed) for g in positions]
                 for batch in _batches(prompts, batch_size or len(prompts)):
                     t0 = time.time()
-                    outputs = _generate_or_errors(access, batch, steps, stop, intervention)
+                    outputs = _generate_or_errors(access, batch, steps, stop, per_batch)
                     gen_seconds += time.time() - t0
                     for prompt, (row, error) in zip(batch, outputs):
                         completion = access.decode(row) if error is None else ""
@@ -242,7 +221,7 @@ def evaluate_positions(
         "seed": seed,
         "n_trials": n_trials,
         "max_new_tokens": steps,
-        "intervention": _describe(intervention),
+        "intervention": spec.describe(access) if spec is not None else _describe(intervention),
         "prompt_tokens": prompt_tokens,
         "generated_tokens": generated_tokens,
         "seconds": time.time() - started,
@@ -271,19 +250,30 @@ def _positions(n_items: int, gold_positions: int | Sequence[int] | None) -> list
     return sorted(set(out))
 
 
+def trial_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that come from running the model on one prompt and are recorded for that trial alone: a prompt
+    longer than the model supports, out of memory. Everything else (posprobe errors of a misconfigured
+    intervention, TypeError / AttributeError bugs, ...) raises at once with its traceback."""
+    import torch
+
+    return ContextLengthError, torch.OutOfMemoryError, MemoryError
+
+
 def _generate_or_errors(access: Any, batch: list[Prompt], steps: int, stop: list[int],
-                        intervention: Any) -> list[tuple[list[int], str | None]]:
-    """Generate a batch; if it raises, retry row by row so one bad prompt costs only its own trial."""
+                        per_batch: Callable[[list[Prompt]], Any]) -> list[tuple[list[int], str | None]]:
+    """Generate a batch; if running it fails (see `trial_errors`), retry row by row so one prompt that is too long
+    or too big costs only its own trial."""
+    recorded = trial_errors()
     try:
-        return [(row, None) for row in _generate(access, batch, steps, stop, intervention)]
-    except Exception as exc:  # noqa: BLE001 - recorded per trial, never dropped
+        return [(row, None) for row in _generate(access, batch, steps, stop, per_batch)]
+    except recorded as exc:
         if len(batch) == 1:
             return [([], f"{type(exc).__name__}: {exc}")]
     out: list[tuple[list[int], str | None]] = []
     for prompt in batch:
         try:
-            out.append((_generate(access, [prompt], steps, stop, intervention)[0], None))
-        except Exception as exc:  # noqa: BLE001
+            out.append((_generate(access, [prompt], steps, stop, per_batch)[0], None))
+        except recorded as exc:
             out.append(([], f"{type(exc).__name__}: {exc}"))
     return out
 

@@ -8,7 +8,7 @@ import torch
 
 from posprobe.access import Tap
 from posprobe.errors import InterventionError
-from posprobe.interventions import disable_rope, rope_layers, rotary_edits
+from posprobe.interventions import DisableRope, LayerRange, disable_rope, rope_layers, rotary_edits
 from posprobe.models import tiny_model, wrap
 
 IDS = torch.tensor([[1, 40, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100, 33, 10, 65, 66, 67]])
@@ -60,10 +60,15 @@ def test_rotary_edit_specs(tiny_rope):
     assert [e.layer for e in rotary_edits(tiny_rope.info, [1, 1])] == [1]
 
 
-def test_accepts_a_model_name():
-    with disable_rope("tiny-rope", layers=[1]) as access:
-        assert access.info.name == "tiny-rope"
-        assert access.run(IDS, logits="last").logits.shape[1] == 1
+def test_refuses_a_model_name_and_takes_layer_ranges(tiny_rope):
+    with pytest.raises(InterventionError, match="never loads a model of its own"):
+        disable_rope("tiny-rope", layers=[1])
+    assert [e.layer for e in DisableRope(layers="1:").edits(tiny_rope)] == [1]
+    assert [e.layer for e in DisableRope(layers=LayerRange(0, 2)).edits(tiny_rope)] == [0, 1]
+    assert [e.layer for e in DisableRope(layers="1,0").edits(tiny_rope)] == [0, 1]
+    assert DisableRope(layers="0:2").describe(tiny_rope)["resolved"] == {"layers": "0:2"}
+    with pytest.raises(InterventionError, match="does not fit"):
+        DisableRope(layers="1:3").edits(tiny_rope)
 
 
 def test_errors(tiny_rope, tiny_nope):

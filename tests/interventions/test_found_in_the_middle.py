@@ -13,12 +13,14 @@ from posprobe.access import EditContext, ModelAccess
 from posprobe.errors import InterventionError, UnknownNameError
 from posprobe.interventions.found_in_the_middle import (
     DocumentCalibration,
+    FoundInTheMiddle,
     FoundInTheMiddleConfig,
     calibrated_layers,
     estimate_slot_bias,
     found_in_the_middle,
     membership,
 )
+from posprobe.interventions.spec import LayerRange, calibrations
 from posprobe.tasks import evaluate_positions, get_task
 from posprobe.tasks.base import Prompt
 from posprobe.testing import PlantedAccess, planted_info
@@ -143,7 +145,7 @@ def test_exit_restores_logits_bit_for_bit_and_edits_only_answer_rows(tiny_rope):
     prompts = _kv_prompts(tiny_rope)
     ids = torch.tensor([p.input_ids for p in prompts])
     before = tiny_rope.run(ids, logits="all").logits
-    fitm = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=2, layers=(0, 2))
+    fitm = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=2, layers="0:2")
     with fitm.prompt_context(tiny_rope, prompts):
         edited = tiny_rope.run(ids, logits="all").logits
     after = tiny_rope.run(ids, logits="all").logits
@@ -157,7 +159,7 @@ def test_generation_is_calibrated_at_every_step(tiny_rope):
     step-by-step ones: the edit sees every decoding step the same way."""
     prompts = _kv_prompts(tiny_rope)
     ids = torch.tensor([p.input_ids for p in prompts])
-    fitm = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=2, temperature=0.05, layers=(0, 2))
+    fitm = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=2, temperature=0.05, layers="0:2")
     with fitm.prompt_context(tiny_rope, prompts):
         cached = tiny_rope.greedy(ids, 4)
         recomputed = ModelAccess.greedy(tiny_rope, ids, 4)
@@ -171,30 +173,35 @@ def test_generation_is_calibrated_at_every_step(tiny_rope):
     assert (plain - forced)[:, 1:].abs().max() > 1e-5  # generated tokens' queries are calibrated too
 
 
-def test_evaluate_positions_hands_each_batch_its_spans(tiny_rope):
-    fitm = found_in_the_middle(tiny_rope, calibration_trials=1, layers=(1, 2))
+def test_evaluate_positions_hands_each_batch_its_spans(tiny_rope, monkeypatch):
+    fitm = FoundInTheMiddle(calibration_trials=1, layers="1:2", dummy_text="spy: 0000")
     seen = []
-    original = fitm.edits
+    original = FoundInTheMiddle.prompt_edits
 
-    def spy(prompts, access=None):
+    def spy(self, access, prompts, sink=None):
         seen.append([p.spans for p in prompts])
-        return original(prompts, access)
+        return original(self, access, prompts, sink)
 
-    fitm.edits = spy
+    monkeypatch.setattr(FoundInTheMiddle, "prompt_edits", spy)
     table = evaluate_positions(tiny_rope, "kv_words", n_items=4, gold_positions=[0, 3], n_trials=2,
                                intervention=fitm, progress=False)
     assert int(table["n_errors"].sum()) == 0 and int(table["n"].sum()) == 4
     assert len(seen) == 2 and all(len(batch) == 2 for batch in seen)
-    assert (id(tiny_rope), 4) in fitm._bias  # the slot bias came from the prompts' own task (kv_words)
+    record = table.attrs["intervention"]
+    assert record["name"] == "found_in_the_middle" and record["resolved"] == {"layers": "1:2"}
+    mine = [c for c in record["calibrations"] if c["dummy_text"] == "spy: 0000"]
+    assert len(mine) == 1 and mine[0]["n_slots"] == 4  # once, from the prompts' own task
+    assert "kv_words" in mine[0]["calibration"] and len(mine[0]["bias_by_slot"]) == 4
 
 
 def test_user_token_and_character_spans(tiny_rope):
     text = "Intro. [first doc here] and [second doc] then [third one]. Q:"
     char_spans = [(text.index("["), text.index("]") + 1), (text.index("[second"), text.index("doc]") + 4),
                   (text.index("[third"), text.index("one]") + 4)]
-    fitm = found_in_the_middle(tiny_rope, text=text, char_spans=char_spans, layers=(0, 2))
-    ids = list(fitm.prompt.input_ids)
-    for (a, b), (s, e) in zip(char_spans, fitm.prompt.spans):
+    fitm = found_in_the_middle(tiny_rope, text=text, char_spans=char_spans, layers="0:2")
+    prompt = fitm.prompts[0]
+    ids = list(prompt.input_ids)
+    for (a, b), (s, e) in zip(char_spans, prompt.spans):
         assert tiny_rope.decode(ids[s:e]) == text[a:b]
     before = tiny_rope.run(ids, logits="last").logits
     with fitm as model:
@@ -204,15 +211,17 @@ def test_user_token_and_character_spans(tiny_rope):
     assert (inside - before).abs().max() > 0
     assert torch.equal(tiny_rope.run(ids, logits="last").logits, before)
     assert generated.shape == (1, 3)
-    with found_in_the_middle(tiny_rope, spans=fitm.prompt.spans, input_ids=ids, layers=(0, 2)):
+    with found_in_the_middle(tiny_rope, spans=prompt.spans, input_ids=ids, layers="0:2"):
         again = tiny_rope.run(ids, logits="last").logits
     assert torch.allclose(again, inside)  # token spans and character spans describe the same documents
 
 
 def test_missing_structure_raises_clear_errors(tiny_rope):
-    with pytest.raises(InterventionError, match="needs the document spans"):
+    with pytest.raises(InterventionError, match="by its document spans"):
         with found_in_the_middle(tiny_rope):
             pass
+    with pytest.raises(InterventionError, match="never loads a model of its own"):
+        found_in_the_middle("tiny-rope", task="kv_words")
     ids = tiny_rope.encode("one two three four five six")
     with pytest.raises(InterventionError, match="outside"):
         found_in_the_middle(tiny_rope, spans=[(1, 3), (4, 400)], input_ids=ids)
@@ -228,29 +237,32 @@ def test_missing_structure_raises_clear_errors(tiny_rope):
         found_in_the_middle(tiny_rope, temperature=0.0)
     with pytest.raises(UnknownNameError):
         found_in_the_middle(tiny_rope, temprature=1.0)
-    with pytest.raises(InterventionError, match="not a range"):
-        calibrated_layers(tiny_rope.info, FoundInTheMiddleConfig(layers=(1, 5)))
+    with pytest.raises(InterventionError, match="does not fit"):
+        calibrated_layers(tiny_rope.info, FoundInTheMiddleConfig(layers="1:5"))
+    with pytest.raises(InterventionError, match="ambiguous"):
+        found_in_the_middle(tiny_rope, layers=(0, 2))
     fitm = found_in_the_middle(tiny_rope, spans=[(1, 3), (4, 8)], input_ids=ids)
     with fitm:
         with pytest.raises(InterventionError, match="reach token 8"):
             tiny_rope.run(ids[:5], logits="last")
     # a prompt with no task to calibrate from and no fallback
     with pytest.raises(InterventionError, match="no task"):
-        found_in_the_middle(tiny_rope).calibration_set(tiny_rope, 3)
+        found_in_the_middle().calibration_set(tiny_rope, 3)
 
 
 def test_default_layers_are_the_last_half(tiny_rope):
     assert calibrated_layers(tiny_rope.info, FoundInTheMiddleConfig()) == [1]
-    assert calibrated_layers(tiny_rope.info, FoundInTheMiddleConfig(layers=(0, 2))) == [0, 1]
+    assert calibrated_layers(tiny_rope.info, FoundInTheMiddleConfig(layers="0:2")) == [0, 1]
+    assert calibrated_layers(tiny_rope.info, FoundInTheMiddle(layers=LayerRange(1))) == [1]
 
 
 @pytest.mark.real_model
 def test_gemma_calibration_restores_and_moves_attention(gemma):
     prompts = _kv_prompts(gemma, n_items=6, seed=3)[2:3]
-    fitm = found_in_the_middle(gemma, task="kv_words", calibration_trials=1)
+    fitm = FoundInTheMiddle(task="kv_words", calibration_trials=1)
     ids = prompts[0].ids()
     before = gemma.run(ids, logits="last").logits
-    rows = fitm.answer_attention(prompts)  # [1, L, H, n] as used by the calibrated model
+    rows = fitm.answer_attention(gemma, prompts)  # [1, L, H, n] as used by the calibrated model
     after = gemma.run(ids, logits="last").logits
     assert torch.equal(before, after)
     assert np.allclose(rows.sum(-1), 1.0, atol=1e-4)
@@ -259,16 +271,18 @@ def test_gemma_calibration_restores_and_moves_attention(gemma):
     assert (edited - before).abs().max() > 1e-3
 
 
-def test_replace_shares_the_slot_bias_only_when_calibration_is_unchanged(tiny_rope):
+def test_calibration_is_cached_on_the_access_and_shared_only_when_it_still_applies(tiny_rope, tiny_nope):
     prompts = _kv_prompts(tiny_rope)
-    base = found_in_the_middle(tiny_rope, task="kv_words", calibration_trials=1)
-    bias = base.slot_bias(4)
-    hotter = base.replace(temperature=3.0, layers=(0, 2))
-    assert hotter.config.temperature == 3.0 and hotter.layers() == [0, 1]
-    assert hotter.slot_bias(4) is bias  # no new calibration passes
+    base = FoundInTheMiddle(task="kv_words", calibration_trials=1, calibration_seed=31)
+    bias = base.slot_bias(tiny_rope, 4)
+    hotter = base.replace(temperature=3.0, layers="0:2")
+    assert hotter.config.temperature == 3.0 and hotter.layers_of(tiny_rope.info) == [0, 1]
+    assert hotter.slot_bias(tiny_rope, 4) is bias  # no new calibration passes
+    assert base.slot_bias(tiny_nope, 4) is not bias  # another access calibrates on its own model
     other = base.replace(dummy_text="zzz: 9999")
-    assert (id(tiny_rope), 4) not in other._bias
-    assert not np.allclose(other.slot_bias(4), bias)
+    assert not np.allclose(other.slot_bias(tiny_rope, 4), bias)
+    seeded = [c for c in calibrations(tiny_rope, "found_in_the_middle") if c["calibration_seed"] == 31]
+    assert len(seeded) == 2  # base (shared with hotter) and other
     with pytest.raises(UnknownNameError):
         base.replace(temp=1.0)
     with hotter.prompt_context(tiny_rope, prompts):
@@ -280,6 +294,10 @@ def test_accepted_by_name(tiny_rope):
 
     assert {"found_in_the_middle", "positional_dimension"} <= set(posprobe.interventions.list_interventions())
     fitm = posprobe.interventions.get_intervention("found_in_the_middle", tiny_rope, temperature=1.0)
-    assert isinstance(fitm, posprobe.interventions.FoundInTheMiddle) and fitm.config.temperature == 1.0
+    assert isinstance(fitm.spec, posprobe.interventions.FoundInTheMiddle) and fitm.config.temperature == 1.0
+    spec = posprobe.interventions.parse("found_in_the_middle:temperature=1,layers=1:,task=kv_words")
+    assert spec == FoundInTheMiddle(temperature=1.0, layers=LayerRange(1), task="kv_words") == fitm.spec.replace(
+        layers="1:", task="kv_words")
+    assert FoundInTheMiddle.from_dict(spec.to_dict()) == spec and spec.to_dict()["layers"] == "1:"
     with pytest.raises(UnknownNameError, match="found_in_the_middle"):
         posprobe.interventions.get_intervention("found_in_middle", tiny_rope)

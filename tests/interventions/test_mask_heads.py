@@ -9,7 +9,7 @@ import torch
 
 from posprobe.access import AttentionEdit, EditContext
 from posprobe.errors import InterventionError
-from posprobe.interventions.mask_heads import UniformHeads, mask_heads, mask_heads_edits
+from posprobe.interventions.mask_heads import MaskHeads, UniformHeads, mask_heads, mask_heads_edits
 
 TEXT = "The old farmer carried a wooden chair near the harbour. A young teacher found the blue lantern."
 
@@ -106,14 +106,19 @@ def test_kv_cached_greedy_under_mask_matches_recompute(which, request):
     assert torch.equal(cached, recomputed)
 
 
-def test_accepts_a_model_name_and_numpy_ints():
+def test_refuses_a_model_name_and_accepts_numpy_ints_and_text(tiny_rope):
     import numpy as np
 
+    with pytest.raises(InterventionError, match="never loads a model of its own"):
+        mask_heads("tiny-rope", [(0, 1)])  # it would edit a copy nobody evaluates
     heads = [(np.int64(0), np.int64(1))]
-    with mask_heads("tiny-rope", heads) as access:
+    with mask_heads(tiny_rope, heads) as access:
         inside = access.run(access.encode(TEXT), logits="last").logits
-    outside = access.run(access.encode(TEXT), logits="last").logits
-    assert not torch.allclose(inside, outside, atol=1e-5)
+    outside = tiny_rope.run(tiny_rope.encode(TEXT), logits="last").logits
+    assert access is tiny_rope and not torch.allclose(inside, outside, atol=1e-5)
+    with MaskHeads(heads="L0H1").applied(tiny_rope):
+        assert torch.equal(tiny_rope.run(tiny_rope.encode(TEXT), logits="last").logits, inside)
+    assert MaskHeads(heads="L1H2,L0H1").heads == ((0, 1), (1, 2)) == MaskHeads(heads=[(1, 2), (0, 1)]).heads
 
 
 def test_no_heads_is_a_no_op(tiny_rope):
@@ -128,7 +133,7 @@ def test_no_heads_is_a_no_op(tiny_rope):
     ([(0, 4)], r"query heads 0\.\.3"),
     ([(0,)], "pair"),
     ([(0.5, 1)], "integers"),
-    ("0,1", "iterable"),
+    ("0,1", "L<layer>H<head>"),
 ])
 def test_bad_heads_are_intervention_errors(tiny_rope, heads, match):
     with pytest.raises(InterventionError, match=match):

@@ -13,6 +13,7 @@ from posprobe.access import ModelAccess, ProjectionInputEdit
 from posprobe.adapters.hf import HFAccess
 from posprobe.errors import InterventionError, UnknownNameError
 from posprobe.interventions.positional_dimension import (
+    PositionalDimension,
     PositionalDimensionSearchConfig,
     answer_loss,
     default_layers,
@@ -24,6 +25,7 @@ from posprobe.interventions.positional_dimension import (
     smoothness,
     task_prompts,
 )
+from posprobe.interventions.spec import LayerRange, calibrations, layer_range_of
 from posprobe.models import tiny_model
 from posprobe.tasks import evaluate_positions
 
@@ -96,7 +98,7 @@ def test_rank_dimensions_threshold_and_order():
 def test_scaling_is_the_projection_input_edit_and_exit_restores(tiny_rope):
     ids = tiny_rope.encode(TEXT)
     before = tiny_rope.run(ids, logits="all").logits
-    scaled = scale_dimension(tiny_rope, 7, -0.5, layers=[0, 1])
+    scaled = scale_dimension(tiny_rope, 7, -0.5, layers="0:2")
     with scaled as model:
         assert model is tiny_rope
         inside = model.run(ids, logits="all").logits
@@ -106,14 +108,52 @@ def test_scaling_is_the_projection_input_edit_and_exit_restores(tiny_rope):
                                                                             queries="last") for layer in (0, 1)]).logits
     assert torch.equal(inside, reference)
     assert (inside - before).abs().max() > 1e-5
-    with scale_dimension(tiny_rope, 7, 1.0, layers=[0, 1]):  # factor 1 is the identity
+    with scale_dimension(tiny_rope, 7, 1.0, layers=LayerRange(0, 2)):  # factor 1 is the identity
         assert torch.allclose(tiny_rope.run(ids, logits="all").logits, before, atol=1e-6)
-    assert scale_dimension(tiny_rope, 3, 0.0, layers=(0, 1)).layers == [0, 1]  # (first, last) inclusive
+    assert PositionalDimension(dims=3, factor=0, layers="0:").resolved(tiny_rope)["layers"] == "0:2"
+    with pytest.raises(InterventionError, match="ambiguous"):  # (first, last) inclusive or [start, stop)?
+        scale_dimension(tiny_rope, 3, 0.0, layers=(0, 1))
+
+
+def _weight_edited_reference(access: HFAccess, ids: list[int], dim: int, factor: float,
+                             layers: list[int]) -> torch.Tensor:
+    """Last-token logits of the scaling definition computed with no hooks and no posprobe edit: two copies of the
+    model with edited weights. Column `dim` of W_k (input side) is multiplied by `factor` in `layers` in both copies
+    (keys of every position); W_q too, in the second copy only. The prefix runs through the first copy; its KV cache
+    and the last token go through the second, so only the last position's query sees the scaled input."""
+    import copy
+    import inspect
+
+    keys_only, keys_and_query = copy.deepcopy(access.model), copy.deepcopy(access.model)
+    with torch.no_grad():
+        for model, projections in ((keys_only, ("k_proj",)), (keys_and_query, ("k_proj", "q_proj"))):
+            for layer in layers:
+                attention = model.model.layers[layer].self_attn
+                for name in projections:
+                    getattr(attention, name).weight[:, dim] *= factor
+        row = torch.tensor([ids])
+        prefix = keys_only(input_ids=row[:, :-1], use_cache=True)
+        cache = "cache" if "cache" in inspect.signature(keys_and_query.forward).parameters else "past_key_values"
+        last = keys_and_query(input_ids=row[:, -1:], use_cache=True, **{cache: prefix.past_key_values})
+    return last.logits[:, -1]
+
+
+@pytest.mark.parametrize("dim, factor, layers", [(7, -0.5, [0, 1]), (30, 0.0, [1]), (2, 3.0, [0])])
+def test_scaling_equals_the_weight_edited_reference(tiny_rope, dim, factor, layers):
+    """Issue 16 item 4: the intervention against an independent truth (edited weight copies, no hooks)."""
+    ids = tiny_rope.encode(TEXT)
+    spec = PositionalDimension(dims=dim, factor=factor, layers=layer_range_of(layers))
+    with spec.applied(tiny_rope):
+        scaled = tiny_rope.run(ids, logits="last").logits[:, -1]
+    reference = _weight_edited_reference(tiny_rope, ids, dim, factor, layers)
+    plain = tiny_rope.run(ids, logits="last").logits[:, -1]
+    assert (reference - plain).abs().max() > 1e-4  # the edit matters, so agreement is evidence
+    torch.testing.assert_close(scaled, reference, atol=1e-5, rtol=0)
 
 
 def test_generation_under_scaling_is_stepwise_recomputation(tiny_rope):
     ids = torch.tensor([tiny_rope.encode(TEXT)])
-    with scale_dimension(tiny_rope, 11, 0.0, layers=[1]):
+    with scale_dimension(tiny_rope, 11, 0.0, layers="1:2"):
         generated = tiny_rope.greedy(ids, 4)
         manual = ModelAccess.greedy(tiny_rope, ids, 4)
     assert torch.equal(generated, manual)
@@ -125,7 +165,7 @@ def test_kv_cached_last_query_greedy_equals_recomputation_under_strong_edits(tin
     actually change the generation (else the comparison proves nothing)."""
     ids = torch.tensor([tiny_rope.encode(TEXT)] * 2)
     ids[1, 3] = ids[0, 5]  # two different rows
-    dims, layers = list(range(0, tiny_rope.info.d_model, 2)), list(range(tiny_rope.info.n_layers))
+    dims, layers = list(range(0, tiny_rope.info.d_model, 2)), LayerRange(0)
     plain = tiny_rope.greedy(ids, 12)
     with scale_dimension(tiny_rope, dims, -20.0, layers=layers):  # strong enough that a cache keeping each
         cached = tiny_rope.greedy(ids, 12)  # token's states from when it was last gives other tokens (checked)
@@ -154,23 +194,41 @@ def test_answer_loss_modes_agree_without_edits_and_validation_ranks_by_loss(tiny
 
 def test_evaluate_positions_accepts_scaling(tiny_rope):
     table = evaluate_positions(tiny_rope, "kv_words", n_items=4, gold_positions=[0, 3], n_trials=2,
-                               intervention=scale_dimension(tiny_rope, 2, 0.0, layers=[1]), progress=False)
+                               intervention=scale_dimension(tiny_rope, 2, 0.0, layers="1:2"), progress=False)
     assert int(table["n_errors"].sum()) == 0 and int(table["n"].sum()) == 4
+    spec = table.attrs["intervention"]
+    assert spec["name"] == "positional_dimension" and spec["resolved"] == {"dims": [2], "factor": 0.0,
+                                                                           "layers": "1:2", "source": "given"}
+
+
+def test_unrecorded_model_searches_once_on_the_access_it_is_applied_to(tiny_rope):
+    spec = PositionalDimension(search_sequences=2)
+    first = spec.edits(tiny_rope)
+    again = PositionalDimension(search_sequences=2, factor=0.5).edits(tiny_rope)  # same search: reused
+    records = [r for r in calibrations(tiny_rope, "positional_dimension") if r.get("search_config", {}).get(
+        "n_sequences") == 2]
+    assert len(records) == 1 and first[0].dims == again[0].dims == (records[0]["best"],)
+    assert [e.layer for e in first] == default_layers(tiny_rope.info) and again[0].factor == 0.5
+    found = spec.describe(tiny_rope)
+    assert found["resolved"]["source"] == "find_positional_dimensions on this model" and found["calibrations"]
 
 
 def test_missing_structure_raises_clear_errors(tiny_rope):
     gpt2 = _planted_gpt2(None, n_layers=2)
     with pytest.raises(InterventionError, match="fused QKV"):
-        with scale_dimension(gpt2, 3, 0.0, layers=[0]):
+        with scale_dimension(gpt2, 3, 0.0, layers="0:1"):
             pass
     with pytest.raises(InterventionError, match="d_model"):
-        scale_dimension(tiny_rope, 64, 0.0)
-    with pytest.raises(InterventionError, match="do not exist"):
-        scale_dimension(tiny_rope, 3, 0.0, layers=[5])
+        with scale_dimension(tiny_rope, 64, 0.0):
+            pass
+    with pytest.raises(InterventionError, match="does not fit"):
+        with scale_dimension(tiny_rope, 3, 0.0, layers="5:6"):
+            pass
     with pytest.raises(InterventionError, match="finite"):
         scale_dimension(tiny_rope, 3, float("nan"))
-    with pytest.raises(InterventionError, match="No positional dimension is recorded"):
-        positional_dimension(tiny_rope)
+    with pytest.raises(InterventionError, match="never loads a model"):
+        positional_dimension("tiny-rope")
+    assert tiny_rope._edits == []
     with pytest.raises(UnknownNameError):
         find_positional_dimensions(tiny_rope, n_sequence=3)
     assert default_layers(tiny_rope.info) == [1]
@@ -189,7 +247,8 @@ def test_gemma_cached_greedy_under_the_recorded_dimension_equals_recomputation(g
 @pytest.mark.real_model
 def test_gemma_recorded_dimension_scales_and_restores_bit_for_bit(gemma):
     scaled = positional_dimension(gemma)
-    assert scaled.dims == (558,) and scaled.factor == -1.0 and scaled.layers == list(range(9, 18))
+    assert scaled.spec.resolved(gemma) == {"dims": [558], "factor": -1.0, "layers": "9:18",
+                                           "source": "recorded (KNOWN_DIMENSIONS)"}
     ids = gemma.encode(TEXT)
     before = gemma.run(ids, logits="last").logits
     with scaled:

@@ -1,4 +1,5 @@
-"""evaluate_positions: the behavioural U-curve from a scripted model with a known answer, errors, interventions."""
+"""evaluate_positions: the behavioural U-curve from a scripted model with a known answer, per-trial errors (only
+prompts the model cannot run) versus errors that raise, interventions applied to the runner's own access."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import torch
 from scipy.stats import binomtest
 
 import posprobe
-from posprobe.errors import InputError
-from posprobe.tasks import evaluate_positions, wilson_interval
+from posprobe.access import AttentionEdit
+from posprobe.errors import InputError, InterventionError
+from posprobe.interventions import Intervention, PositionalDimension, mask_heads
+from posprobe.tasks import evaluate_positions, get_task, wilson_interval
 from posprobe.testing import PlantedAccess, planted_info
 
 
@@ -24,8 +27,8 @@ class LostInTheMiddle(PlantedAccess):
     `fail_at`: gold slots whose prompts make greedy raise (to check error accounting).
     """
 
-    def __init__(self, fail_at: tuple[int, ...] = ()) -> None:
-        super().__init__(planted_info())
+    def __init__(self, fail_at: tuple[int, ...] = (), max_positions: int = 8192) -> None:
+        super().__init__(planted_info(max_positions=max_positions))
         self.fail_at = fail_at
         self.batch_sizes: list[int] = []
 
@@ -86,16 +89,84 @@ def test_same_seed_same_table_and_prompts():
     assert sorted(a["n_items"].unique()) == [5, 8]
 
 
-def test_errors_are_counted_never_dropped():
+def test_too_long_prompts_are_counted_per_trial_never_dropped():
+    probe = LostInTheMiddle()
+    short = get_task("kv_words").make(probe, 3, 0, 0).n_tokens
+    long = get_task("kv_words").make(probe, 6, 0, 0).n_tokens
+    assert short < long
+    access = LostInTheMiddle(max_positions=short + 1)  # 3-item prompts fit, 6-item prompts do not
     with pytest.warns(RuntimeWarning, match="raised"):
-        table = evaluate_positions(LostInTheMiddle(fail_at=(2,)), "kv_words", 5, [0, 2, 4], n_trials=3,
-                                   progress=False)
-    row = table.set_index("gold_position").loc[2]
-    assert row["n_errors"] == 3 and row["n"] == 0 and math.isnan(row["accuracy"])
-    assert table.set_index("gold_position").loc[0, "accuracy"] == 1.0  # the batch fell back to single rows
+        table = evaluate_positions(access, "kv_words", [3, 6], [0, -1], n_trials=3, progress=False)
+    by_size = table.set_index(["n_items", "gold_position"])
+    assert (by_size.loc[6, "n_errors"] == 3).all() and (by_size.loc[6, "n"] == 0).all()
+    assert (by_size.loc[3, "accuracy"] == 1.0).all() and (by_size.loc[3, "n_errors"] == 0).all()
     trials = pd.DataFrame(table.attrs["trials"])
-    assert (trials["error"] != "").sum() == 3 and table.attrs["n_errors"] == 3
-    assert trials.loc[trials["error"] != "", "error"].str.contains("planted failure").all()
+    assert (trials["error"] != "").sum() == 6 and table.attrs["n_errors"] == 6
+    assert trials.loc[trials["error"] != "", "error"].str.startswith("ContextLengthError").all()
+
+
+def test_other_errors_raise_at_once_with_their_traceback(tiny_rope):
+    """Issue 21 item 6: only failures of running the model on a prompt are per-trial; bugs and posprobe errors
+    of a misconfigured intervention stop the run."""
+    with pytest.raises(RuntimeError, match="planted failure"):
+        evaluate_positions(LostInTheMiddle(fail_at=(2,)), "kv_words", 5, [0, 2, 4], n_trials=3, progress=False)
+
+    def buggy(probs, ctx):
+        return probs.no_such_method()  # an AttributeError inside an edit
+
+    class TypeErrorInside(Intervention):
+        name = "type_error_inside"
+
+        def edits(self, access):
+            raise TypeError("a bug inside the intervention")
+
+    with pytest.raises(TypeError, match="a bug inside the intervention"):
+        evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, intervention=TypeErrorInside(), progress=False)
+    with pytest.raises(AttributeError, match="no_such_method"):
+        evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, progress=False,
+                           intervention=tiny_rope.editing([AttentionEdit(1, buggy)]))
+    with pytest.raises(InterventionError, match="does not exist"):
+        evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, intervention="mask_heads:heads=L7H0",
+                           progress=False)
+    assert tiny_rope._edits == []
+
+
+def test_a_spec_is_applied_to_the_access_being_run(tiny_rope):
+    base = evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, progress=False)
+    dims = list(range(0, tiny_rope.info.d_model, 2))
+    spec = PositionalDimension(dims=dims, factor=-20.0, layers="0:")  # strong enough to change greedy answers
+    edited = evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, intervention=spec, progress=False)
+    by_text = evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, progress=False, intervention=(
+        "positional_dimension:dims=" + ",".join(map(str, dims)) + ",factor=-20,layers=0:"))
+    bound = evaluate_positions(tiny_rope, "kv_words", 4, 2, n_trials=2, progress=False,
+                               intervention=spec.bind(tiny_rope))
+    completions = [[r["completion"] for r in t.attrs["trials"]] for t in (base, edited, by_text, bound)]
+    assert completions[1] == completions[2] == completions[3] != completions[0]
+    assert edited.attrs["intervention"]["name"] == "positional_dimension"
+    assert edited.attrs["intervention"]["resolved"]["layers"] == "0:2"
+    assert tiny_rope._edits == []
+
+
+def test_a_name_with_an_intervention_on_another_model_raises_before_loading(tiny_rope, monkeypatch):
+    """Issue 16: evaluate_positions by name with an intervention made on another copy used to report the unedited
+    baseline as the intervention's effect. Now the bound intervention raises, before any model is loaded."""
+    import posprobe.models
+
+    loads = []
+    monkeypatch.setattr(posprobe.models, "load_model", lambda *a, **k: loads.append(a) or tiny_rope)
+    with pytest.raises(InterventionError, match="bound to another model access"):
+        evaluate_positions("tiny-rope", "kv_words", 4, 2, n_trials=1, progress=False,
+                           intervention=mask_heads(tiny_rope, [(0, 1)]))
+    assert loads == []
+    with pytest.raises(InterventionError, match="never loads a model of its own"):
+        mask_heads("tiny-rope", [(0, 1)])
+    other = posprobe.models.wrap(tiny_rope.model, tokenizer=tiny_rope.tokenizer)
+    try:
+        with pytest.raises(InterventionError, match="bound to another model access"):
+            evaluate_positions(other, "kv_words", 4, 2, n_trials=1, progress=False,
+                               intervention=mask_heads(tiny_rope, [(0, 1)]))
+    finally:
+        other.close()
 
 
 def test_intervention_protocols():
@@ -127,7 +198,7 @@ def test_intervention_protocols():
     per = PerPrompt()
     evaluate_positions(LostInTheMiddle(), "kv_words", 4, 2, n_trials=3, intervention=per, progress=False)
     assert per.calls == [[0, 3]] * 3
-    with pytest.raises(InputError, match="context manager"):
+    with pytest.raises(InputError, match="Intervention spec"):
         evaluate_positions(LostInTheMiddle(), "kv_words", 4, 2, n_trials=1, intervention=42, progress=False)
 
 
