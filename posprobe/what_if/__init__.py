@@ -6,14 +6,23 @@ are (`scan(model, intervention=...)`, `evaluate_positions(..., intervention=...)
 
 - RoPE rescaling through transformers' own rope functions (`rope_scaling`): pi, ntk, dynamic, yarn, longrope,
   llama3, proportional.
-- Position remapping at the attention scores (`remap`): string, self_extend, ms_poe, logn (query temperature).
-- Masks (`masks`): streaming_llm (sink + window), lm_infinite (Lambda mask + distance cap).
+- At the attention logits (`remap`): string, self_extend, ms_poe, logn (query temperature), and the masks
+  streaming_llm (sink + window) and lm_infinite (Lambda mask + distance cap).
 
 Each docstring gives the formula and the paper; `posprobe interventions` lists the settings and defaults. HF
 backend only (they change the rotary embedding / attention of a transformers model).
 """
 
 from posprobe.what_if.base import WhatIf
+from posprobe.what_if.remap import (
+    STRING,
+    LMInfinite,
+    LogNTemperature,
+    MsPoE,
+    PairwiseAttention,
+    SelfExtend,
+    StreamingLLM,
+)
 from posprobe.what_if.rope_scaling import (
     DynamicNTK,
     Llama3,
@@ -25,5 +34,6 @@ from posprobe.what_if.rope_scaling import (
     YaRN,
 )
 
-__all__ = ["DynamicNTK", "Llama3", "LongRoPE", "NTKAware", "PositionInterpolation", "ProportionalRoPE",
-           "RopeRescaling", "WhatIf", "YaRN"]
+__all__ = ["STRING", "DynamicNTK", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE", "NTKAware",
+           "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE", "RopeRescaling", "SelfExtend",
+           "StreamingLLM", "WhatIf", "YaRN"]

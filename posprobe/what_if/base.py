@@ -42,6 +42,14 @@ def hf_parts(access: ModelAccess, what: str) -> tuple[nn.Module, nn.Module]:
     return model, base
 
 
+def native_length(access: ModelAccess) -> int | None:
+    """The model's trained length (its config's max_position_embeddings), also while a what-if lifts the access's
+    limit (`access.info.max_positions` is then the lifted one)."""
+    model, _ = hf_parts(access, "native_length")
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def rotary_module(access: ModelAccess, what: str) -> nn.Module:
     """The model's rotary-embedding module (computes (cos, sin) once per pass from the position ids)."""
     _, base = hf_parts(access, what)
@@ -142,7 +150,7 @@ class WhatIf(Intervention):
 
     def context_limit(self, access: ModelAccess) -> int | None:
         """The longest sequence the access accepts while this what-if is applied (None: no limit)."""
-        return access.info.max_positions
+        return native_length(access)
 
     # --- resolution ---------------------------------------------------------------------------------------------
     def target_layers(self, access: ModelAccess) -> list[int]:
@@ -184,8 +192,9 @@ class WhatIf(Intervention):
         overrides_before = dict(vars(access).get(_ROTARY_OVERRIDES, {}))
         try:
             handles = self.install(access, layers)
-            limit = self.context_limit(access)
-            if limit != original_info.max_positions:
+            limit, current = self.context_limit(access), original_info.max_positions
+            limit = None if limit is None or current is None else max(limit, current)  # nested: most permissive
+            if limit != current:
                 access.info = dataclasses.replace(original_info, max_positions=limit)
             with access.editing(edits):
                 yield access

@@ -42,6 +42,7 @@ from posprobe.what_if.base import (
     WhatIf,
     hf_parts,
     layer_type_of,
+    native_length,
     rotary_module,
     takes_layer_type,
 )
@@ -78,7 +79,7 @@ class RopeRescaling(WhatIf):
     def context_limit(self, access: ModelAccess) -> int | None:
         if self.max_length is not None:
             return int(self.max_length)
-        native = access.info.max_positions
+        native = native_length(access)
         return None if native is None else int(math.ceil(native * float(self.factor)))
 
     def scaled_config(self, access: ModelAccess, layers: list[int]) -> Any:
@@ -213,7 +214,7 @@ class YaRN(RopeRescaling):
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         new = {**super().rope_parameters(old, access, layer), "beta_fast": float(self.beta_fast),
                "beta_slow": float(self.beta_slow),
-               "original_max_position_embeddings": self.original_max_position_embeddings or access.info.max_positions}
+               "original_max_position_embeddings": self.original_max_position_embeddings or native_length(access)}
         if self.attention_factor is not None:
             new["attention_factor"] = float(self.attention_factor)
         return new
@@ -237,7 +238,7 @@ class Llama3(RopeRescaling):
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         return {**super().rope_parameters(old, access, layer), "low_freq_factor": float(self.low_freq_factor),
                 "high_freq_factor": float(self.high_freq_factor),
-                "original_max_position_embeddings": self.original_max_position_embeddings or access.info.max_positions}
+                "original_max_position_embeddings": self.original_max_position_embeddings or native_length(access)}
 
 
 @register
@@ -267,7 +268,7 @@ class LongRoPE(RopeRescaling):
                 raise InterventionError(f"longrope: {label} needs r/2 = {half} values (one per frequency of layer "
                                         f"{layer}); got {len(values)}.")
         return {**super().rope_parameters(old, access, layer), "long_factor": long, "short_factor": short,
-                "original_max_position_embeddings": self.original_max_position_embeddings or access.info.max_positions}
+                "original_max_position_embeddings": self.original_max_position_embeddings or native_length(access)}
 
 
 @register
@@ -290,4 +291,4 @@ class ProportionalRoPE(RopeRescaling):
                 "partial_rotary_factor": float(self.partial_rotary_factor)}
 
     def context_limit(self, access: ModelAccess) -> int | None:
-        return self.max_length if self.max_length is not None else access.info.max_positions
+        return self.max_length if self.max_length is not None else native_length(access)

@@ -2,8 +2,10 @@
 
 The reference rope_parameters are written out here by hand from the transformers docs / paper settings, not taken
 from the what-if, so a wrong constant in posprobe/what_if/rope_scaling.py (a default, a key, the NTK exponent)
-makes its test fail. Checked by hand once: YaRN beta_fast default 32 -> 16, the NTK exponent r/(r-2) -> r/(r-1),
-llama3 high_freq_factor 4 -> 2 and Gemma 3's default layer type full -> sliding each fail here.
+makes its test fail. Checked by hand once, each fails here: YaRN's beta_fast default 32 -> 16 and beta_slow
+1 -> 2 (visible only with a trained length where the ramp bounds are not clipped, hence the 1024 case), the NTK
+exponent r/(r-2) -> r/(r-1), llama3's high_freq_factor 4 -> 2, Gemma 3's default layer type full -> sliding, and
+factor -> 1.01 x factor.
 """
 
 from __future__ import annotations

@@ -1,0 +1,349 @@
+"""Position remapping and masking what-ifs applied at the attention logits: STRING, Self-Extend, Ms-PoE, log-n
+query temperature, StreamingLLM (sink + window), LM-Infinite (Lambda mask + distance cap).
+
+Owns one engine, `PairwiseAttention`: an `AttentionEdit(stage="scores")` per touched layer whose function gets the
+layer's rotated q and k (`EditContext.query/key`, HF adapter) and, where the method says so, replaces the logit of
+(query i, key j) by the logit at another relative position, computed by rotating the already-rotated q by
+delta_q(i) and k by delta_k(j) (RoPE composes: R(a) R(p) = R(p + a)) with the frequencies the layer uses now
+(`current_inv_freq`: the model's, or those of a RoPE-rescaling what-if applied on top). Masks set logits to -inf,
+so their probabilities are exactly 0. The logits of the pairs a method leaves alone are the model's own.
+
+With d = p_i - p_j (positions, not indices) and L the native length (`max_position_embeddings`):
+- STRING (An et al. 2024): d' = d for d < S, else d - S + W (query shifted by W - S). Paper: S = L / 3, W = 128.
+- Self-Extend (Jin et al. 2024): d' = d for d < W (neighbour window), else (floor(p_i / G) + W - floor(W / G)) -
+  floor(p_j / G) (grouped positions), one softmax over the merged logits.
+- Ms-PoE (Zhang et al. 2024): head h sees positions p / r_h, r = min + (max - min) * k / H for k = 0..H-1, 1.2 to
+  1.8; heads take ratios in the order of the official code: by the outlier score (minus the share of keys getting
+  more than 3x the mean attention from the last query, pre-rotary q/k), `order="index"` = its "normal" head type.
+- log-n temperature (Chiang & Cholak 2022; Qwen's logn-attn): q_i * max(1, ln(p_i + 1) / ln L).
+- StreamingLLM (Xiao et al. 2024): keys j < n_sink or d < window; positions as in the rolling cache (a sink key's
+  distance is min(p_i, n_sink + window - 1) - p_j), or the original ones with `positions="original"`.
+- LM-Infinite (Han et al. 2024): keys j < n_global or d < n_local (the Lambda mask), distances capped at `cap`.
+These run the layer's attention eagerly on [b, H, n, n] logits (memory n^2 per head, like the model's eager path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from posprobe.access import AttentionEdit, EditContext, ModelAccess, expand_kv
+from posprobe.errors import InterventionError
+from posprobe.interventions.spec import register
+from posprobe.what_if.base import WhatIf, current_inv_freq, native_length, rotate
+
+
+@dataclass
+class Plan:
+    """What a method does to the logits of one call. Shapes broadcast to [b, H, nq, nk] (deltas: [b, H|1, n])."""
+
+    remap: Tensor | None = None  # bool: pairs whose logit is recomputed at the remapped positions
+    delta_q: Tensor | float | None = None  # position shift of each query (positions, may be fractional)
+    delta_k: Tensor | None = None  # position shift of each key
+    q_scale: Tensor | None = None  # multiplier of each query ([b, 1|H, nq])
+    keep: Tensor | None = None  # bool: pairs that stay visible (None: all the model allows)
+
+
+@dataclass(frozen=True)
+class PairwiseAttention(WhatIf):
+    """Base of the what-ifs that change (query, key) logits: subclasses implement `plan`."""
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        """The method for queries at positions pos_q [b, nq] and keys at pos_k [b, nk] (long)."""
+        raise NotImplementedError
+
+    def context_limit(self, access: ModelAccess) -> int | None:
+        return None  # the method is the experiment: no length limit while applied
+
+    def layer_edits(self, access: ModelAccess, layers: list[int]) -> list[Any]:
+        return [AttentionEdit(layer=layer, fn=_EditFunction(self, access, layer), stage="scores") for layer in layers]
+
+    def logits(self, access: ModelAccess, scores: Tensor, ctx: EditContext) -> Tensor:
+        if ctx.query is None or ctx.key is None:
+            raise InterventionError(f"{self.name}: this adapter does not hand q/k to attention edits (EditContext."
+                                    f"query/key); the position what-ifs run on the HF backend.")
+        q, n_keys = ctx.query, ctx.n_keys
+        n_heads = q.shape[1]
+        pos_k = _key_positions(ctx, q.shape[0], q.device)
+        pos_q = pos_k[:, ctx.query_index]
+        plan = self.plan(access, ctx, pos_q, pos_k)
+        out = scores
+        if plan.remap is not None:
+            inv_freq = current_inv_freq(access, ctx.layer).to(q.device)
+            qb = q.to(scores.dtype)
+            if plan.delta_q is not None:
+                dq = plan.delta_q if isinstance(plan.delta_q, Tensor) else torch.full_like(pos_q, plan.delta_q,
+                                                                                            dtype=scores.dtype)
+                qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq)
+            if plan.q_scale is not None:
+                qb = qb * plan.q_scale[..., None].to(qb.dtype)
+            kb = expand_kv(ctx.key, n_heads).to(scores.dtype)
+            if plan.delta_k is not None:
+                kb = rotate(kb, _heads(plan.delta_k, q.shape[0])[..., None].to(scores.dtype) * inv_freq)
+            scale = ctx.scale if ctx.scale is not None else access.info.attn_scale
+            remapped = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+            if ctx.softcap is not None:
+                remapped = torch.tanh(remapped / ctx.softcap) * ctx.softcap
+            allowed = scores > float("-inf")
+            out = torch.where(plan.remap & allowed, remapped, scores)
+        if plan.keep is not None:
+            out = out.masked_fill(~plan.keep, float("-inf"))
+        return out
+
+
+class _EditFunction:
+    """The scores-stage function of one layer (a class so edits print and compare sensibly)."""
+
+    def __init__(self, spec: PairwiseAttention, access: ModelAccess, layer: int) -> None:
+        self.spec, self.access, self.layer = spec, access, layer
+
+    def __call__(self, scores: Tensor, ctx: EditContext) -> Tensor:
+        return self.spec.logits(self.access, scores, ctx)
+
+    def __repr__(self) -> str:
+        return f"{self.spec} on layer {self.layer}"
+
+
+def _key_positions(ctx: EditContext, batch: int, device: torch.device) -> Tensor:
+    """Positions of the keys [b, nk]: the pass's position ids when they cover every key, else 0..nk-1 (KV-cached
+    generation, where posprobe's positions are contiguous)."""
+    pos = ctx.position_ids
+    if pos is not None and pos.shape[-1] == ctx.n_keys:
+        return pos.to(device).expand(batch, -1)
+    return torch.arange(ctx.n_keys, device=device)[None].expand(batch, -1)
+
+
+def _heads(x: Tensor, batch: int) -> Tensor:
+    """[b, n] -> [b, 1, n]; [b, H, n] unchanged."""
+    return x[:, None] if x.dim() == 2 else x
+
+
+def _distance(pos_q: Tensor, pos_k: Tensor) -> Tensor:
+    return (pos_q[:, :, None] - pos_k[:, None, :])[:, None]  # [b, 1, nq, nk]
+
+
+def _positive_int(name: str, label: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InterventionError(f"{name}: {label} must be a positive integer; got {value!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Remapping
+
+
+@register
+@dataclass(frozen=True)
+class STRING(PairwiseAttention):
+    """STRING (An et al. 2024): distances >= shift S become d - S + W, re-using well-trained short distances."""
+
+    name: ClassVar[str] = "string"
+    summary: ClassVar[str] = "STRING: distances >= shift mapped to d - shift + window (paper: shift L/3, window 128)"
+
+    shift: int | None = field(default=None, metadata={"help": "S; none = native length // 3 (paper)"})
+    window: int = field(default=128, metadata={"help": "W, local window kept exact (paper: 128)"})
+
+    def offsets(self, access: ModelAccess) -> tuple[int, int]:
+        native = native_length(access)
+        if self.shift is None and native is None:
+            raise InterventionError("string: the model reports no max_position_embeddings; give shift=S.")
+        shift = self.shift if self.shift is not None else native // 3
+        _positive_int(self.name, "shift", shift)
+        _positive_int(self.name, "window", self.window)
+        if self.window >= shift:
+            raise InterventionError(f"string: window ({self.window}) must be smaller than shift ({shift}), or the "
+                                    f"shifted distances d - S + W would be longer than the original ones.")
+        return shift, self.window
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        shift, window = self.offsets(access)
+        return Plan(remap=_distance(pos_q, pos_k) >= shift, delta_q=float(window - shift))
+
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        shift, window = self.offsets(access)
+        return {**super().resolved(access), "shift": shift, "window": window}
+
+
+@register
+@dataclass(frozen=True)
+class SelfExtend(PairwiseAttention):
+    """Self-Extend (Jin et al. 2024): grouped positions floor(p / G) beyond a neighbour window W."""
+
+    name: ClassVar[str] = "self_extend"
+    summary: ClassVar[str] = "Self-Extend: exact neighbour attention within window, grouped positions p // group beyond"
+
+    group: int = field(default=8, metadata={"help": "G, group size (positions floor(p / G) beyond the window)"})
+    window: int = field(default=1024, metadata={"help": "W, neighbour window with exact positions"})
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        _positive_int(self.name, "group", self.group)
+        _positive_int(self.name, "window", self.window)
+        g, w = self.group, self.window
+        grouped_q = torch.div(pos_q, g, rounding_mode="floor") + (w - w // g)
+        grouped_k = torch.div(pos_k, g, rounding_mode="floor")
+        return Plan(remap=_distance(pos_q, pos_k) >= w, delta_q=grouped_q - pos_q, delta_k=grouped_k - pos_k)
+
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        native = native_length(access)
+        # longest n whose grouped distances stay below the native length: (n - 1) // G + W - W // G < L
+        reach = None if native is None else (native - 1 - self.window + self.window // self.group) * self.group + 1
+        return {**super().resolved(access), "trained_reach": reach}
+
+
+@register
+@dataclass(frozen=True)
+class MsPoE(PairwiseAttention):
+    """Ms-PoE (Zhang et al. 2024): per-head position scaling p / r_h, r_h in [ratio_min, ratio_max)."""
+
+    name: ClassVar[str] = "ms_poe"
+    summary: ClassVar[str] = "Ms-PoE: head h sees positions p / r_h, ratios 1.2..1.8 ordered by the outlier head score"
+
+    ratio_min: float | int = field(default=1.2, metadata={"help": "smallest ratio"})
+    ratio_max: float | int = field(default=1.8, metadata={"help": "ratio bound (r_k = min + (max - min) k / H)"})
+    order: Literal["outlier", "index"] = field(default="outlier", metadata={"help": "outlier (head score, per "
+                                                                            "pass) or index (the code's 'normal')"})
+
+    def default_layers(self, access: ModelAccess) -> list[int]:
+        return [i for i in super().default_layers(access) if i >= 2]  # the official apply_layers: 2..last
+
+    def ratios(self, n_heads: int, device: torch.device) -> Tensor:
+        if not 0 < float(self.ratio_min) <= float(self.ratio_max):
+            raise InterventionError(f"ms_poe: need 0 < ratio_min <= ratio_max; got {self.ratio_min}, "
+                                    f"{self.ratio_max}.")
+        k = torch.arange(n_heads, device=device, dtype=torch.float32)
+        return float(self.ratio_min) + (float(self.ratio_max) - float(self.ratio_min)) * k / n_heads
+
+    def head_ratios(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """[b, H] ratio of every head: ratio table indexed by the head order (as the official code does)."""
+        q = ctx.query
+        b, n_heads = q.shape[:2]
+        table = self.ratios(n_heads, q.device)
+        if self.order == "index":
+            order = (n_heads - 1 - torch.arange(n_heads, device=q.device))[None].expand(b, -1)
+        elif self.order == "outlier":
+            order = self.outlier_order(access, ctx, pos_q, pos_k)
+        else:
+            raise InterventionError(f"ms_poe: order must be 'outlier' or 'index'; got {self.order!r}.")
+        return table[order]
+
+    def outlier_order(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
+        """argsort of -(share of keys above 3x the mean attention of the last query), pre-rotary q/k, 1/sqrt(d)."""
+        inv_freq = current_inv_freq(access, ctx.layer).to(ctx.query.device)
+        q = rotate(ctx.query[:, :, -1:].float(), -pos_q[:, None, -1:, None].float() * inv_freq)
+        k = rotate(expand_kv(ctx.key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq)
+        visible = pos_k <= pos_q[:, -1:]  # [b, nk]
+        logits = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # [b, H, nk]
+        probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
+        share = (probs > 3 * probs.mean(-1, keepdim=True)).float().mean(-1)
+        return torch.argsort(-share, dim=-1, stable=True)
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        inverse = 1.0 / self.head_ratios(access, ctx, pos_q, pos_k)[..., None]  # [b, H, 1]
+        return Plan(remap=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=pos_q.device),
+                    delta_q=pos_q[:, None].float() * (inverse - 1), delta_k=pos_k[:, None].float() * (inverse - 1))
+
+
+@register
+@dataclass(frozen=True)
+class LogNTemperature(PairwiseAttention):
+    """log-n attention temperature: q_i times max(1, ln(p_i + 1) / ln L) past the trained length L."""
+
+    name: ClassVar[str] = "logn"
+    summary: ClassVar[str] = "log-n scaling: queries beyond the trained length times ln(p + 1) / ln(L)"
+    needs_rope: ClassVar[bool] = False
+
+    trained_length: int | None = field(default=None, metadata={"help": "L; none = the model's native length"})
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        length = self.trained_length or native_length(access)
+        if length is None or length < 2:
+            raise InterventionError("logn: give trained_length (the model reports no max_position_embeddings).")
+        scale = torch.clamp(torch.log(pos_q.double() + 1) / math.log(length), min=1.0)[:, None]
+        return Plan(remap=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=pos_q.device), q_scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+
+
+@register
+@dataclass(frozen=True)
+class StreamingLLM(PairwiseAttention):
+    """StreamingLLM (Xiao et al. 2024): attention sinks (the first n_sink tokens) + a window of recent tokens."""
+
+    name: ClassVar[str] = "streaming_llm"
+    summary: ClassVar[str] = "StreamingLLM: n_sink first tokens + recent window; positions as in the rolling cache"
+    needs_rope: ClassVar[bool] = False
+
+    n_sink: int = field(default=4, metadata={"help": "attention-sink tokens kept (paper: 4)"})
+    window: int | None = field(default=None, metadata={"help": "recent tokens kept (query included); none = native "
+                                                                "length - n_sink (a cache of the native size)"})
+    positions: Literal["cache", "original"] = field(default="cache", metadata={"help": "cache: positions within "
+                                                                               "the rolling cache (paper); original"})
+
+    def sizes(self, access: ModelAccess) -> tuple[int, int]:
+        native = native_length(access)
+        if self.window is None and native is None:
+            raise InterventionError("streaming_llm: the model reports no max_position_embeddings; give window=.")
+        window = self.window if self.window is not None else native - self.n_sink
+        _positive_int(self.name, "window", window)
+        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
+            raise InterventionError(f"streaming_llm: n_sink must be a non-negative integer; got {self.n_sink!r}.")
+        if self.positions not in ("cache", "original"):
+            raise InterventionError(f"streaming_llm: positions must be 'cache' or 'original'; got {self.positions!r}.")
+        return self.n_sink, window
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        n_sink, window = self.sizes(access)
+        d = _distance(pos_q, pos_k)
+        sink = (pos_k < n_sink)[:, None, None, :]
+        keep = sink | (d < window)
+        if self.positions == "original" or not access.info.layers[ctx.layer].has_rope:
+            return Plan(keep=keep)
+        cache_q = torch.clamp(pos_q, max=n_sink + window - 1)
+        return Plan(remap=sink & (d >= window), delta_q=cache_q - pos_q, keep=keep)
+
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        n_sink, window = self.sizes(access)
+        return {**super().resolved(access), "n_sink": n_sink, "window": window}
+
+
+@register
+@dataclass(frozen=True)
+class LMInfinite(PairwiseAttention):
+    """LM-Infinite (Han et al. 2024): Lambda mask (n_global first tokens + n_local recent) + distance cap."""
+
+    name: ClassVar[str] = "lm_infinite"
+    summary: ClassVar[str] = "LM-Infinite: Lambda mask (global first tokens + local window), distances capped"
+    needs_rope: ClassVar[bool] = False
+
+    n_global: int = field(default=10, metadata={"help": "first tokens every query sees"})
+    n_local: int | None = field(default=None, metadata={"help": "recent tokens (query included); none = native"})
+    cap: int | None = field(default=None, metadata={"help": "distance limit; none = native length; 0 = no cap"})
+
+    def sizes(self, access: ModelAccess) -> tuple[int, int, int | None]:
+        native = native_length(access)
+        if native is None and (self.n_local is None or self.cap is None):
+            raise InterventionError("lm_infinite: the model reports no max_position_embeddings; give n_local, cap.")
+        local = self.n_local if self.n_local is not None else native
+        cap = native if self.cap is None else (self.cap or None)
+        _positive_int(self.name, "n_local", local)
+        if isinstance(self.n_global, bool) or not isinstance(self.n_global, int) or self.n_global < 0:
+            raise InterventionError(f"lm_infinite: n_global must be a non-negative integer; got {self.n_global!r}.")
+        return self.n_global, local, cap
+
+    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
+        n_global, local, cap = self.sizes(access)
+        d = _distance(pos_q, pos_k)
+        keep = (pos_k < n_global)[:, None, None, :] | (d < local)
+        if cap is None or not access.info.layers[ctx.layer].has_rope:
+            return Plan(keep=keep)
+        # d' = min(d, cap): the query at position cap, the key at 0, for every pair farther than cap
+        return Plan(remap=d > cap, delta_q=(cap - pos_q).float(), delta_k=(-pos_k).float(), keep=keep)
+
+    def resolved(self, access: ModelAccess) -> dict[str, Any]:
+        n_global, local, cap = self.sizes(access)
+        return {**super().resolved(access), "n_global": n_global, "n_local": local, "cap": cap}
