@@ -1,4 +1,4 @@
-"""The `posprobe` command line: scan, sweep, rank, export, models, probes, app.
+"""The `posprobe` command line: scan, sweep, rank, export, report, models, probes, app.
 
 Owns argument parsing (typer) and turning posprobe errors into one-line messages with exit code 2. The commands are
 thin: they call the public API (`scan`, `load`, `Scan.rank`) and write tables with pandas.
@@ -207,6 +207,21 @@ def probes() -> None:
 
     for name in list_probes():
         typer.echo(f"{name:20s} {get_probe(name).description}")
+
+
+@app.command()
+def report(
+    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")],
+    top: Annotated[int, typer.Option(help="heads listed per metric")] = 5,
+) -> None:
+    """Write one self-contained HTML page (plotly inlined, opens offline): provenance, top heads, main figures."""
+    from posprobe._io import check_output_file
+    from posprobe.report import write_report
+
+    check_output_file(out)  # before the scan is read
+    written = write_report(_load(scan_dir), out, top=top)
+    typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
 @app.command(name="app")
