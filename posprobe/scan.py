@@ -304,6 +304,7 @@ def scan(
     dtype: Any = None,
     batch_size: int = 1,
     remote: bool | str = False,
+    intervention: Any = None,
 ) -> Scan:
     """Run probes over a model and return a `Scan`.
 
@@ -316,11 +317,18 @@ def scan(
     (left-padded); results equal batch_size=1. remote: an nnsight model's passes run on NDIF (True) or through
     nnsight's serialising dry run ("local"); each shared pass then returns per-head reductions only.
     Provenance: `meta["hardware"]` (devices, dtype, accelerate device map, batch size, remote).
+    intervention: an intervention spec (`posprobe.interventions`; e.g. `DisableRope()` or the text
+    "mask_heads:heads=L5H1"), applied to the access this scan runs, for every pass; a spec bound to another access
+    raises before anything is loaded. Recorded in `meta["intervention"]` (settings, resolved values, calibrations).
     """
     from posprobe.models import load_model
 
     started = time.time()
     texts_batch = batch_texts([], batch_size)  # batch_size is checked before the model is loaded
+    if intervention is not None:
+        return _scan_with(intervention, model, probes=probes, budget=budget, seed=seed, configs=configs,
+                          tokenizer=tokenizer, backend=backend, progress=progress, device=device, dtype=dtype,
+                          batch_size=batch_size, remote=remote)
     access = load_model(model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype)
     if remote:
         access = _remote_access(access, remote)
@@ -393,6 +401,25 @@ def scan(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return Scan(heads, curves, _jsonable(meta), tables)
+
+
+def _scan_with(intervention: Any, model: Any, *, remote: bool | str, **options: Any) -> Scan:
+    """`scan(...)` of the model with `intervention` applied to the very access that is scanned."""
+    from posprobe.interventions.spec import resolve, runner_contexts
+    from posprobe.models import load_model
+
+    resolve(intervention, model, prompts_available=False, runner="scan")  # bad text, a spec bound to another
+    # access, a per-prompt spec: raise before loading
+    if remote:
+        raise InputError("scan(intervention=...) runs on a local access: interventions edit the model's attention "
+                         "in this process, which remote passes cannot carry. Drop remote= or the intervention.")
+    access = load_model(model, tokenizer=options.pop("tokenizer"), backend=options.pop("backend"),
+                        device=options.pop("device"), dtype=options.pop("dtype"))
+    outer, _, spec = runner_contexts(intervention, access, prompts_available=False, runner="scan")
+    with outer:
+        result = scan(access, **options)
+    result.meta["intervention"] = _jsonable(spec.describe(access) if spec is not None else repr(intervention))
+    return result
 
 
 def _heads_table(info: ModelInfo, results: dict[str, ProbeResult]) -> pd.DataFrame:

@@ -307,24 +307,28 @@ class Bound:
         self._stacks.pop().close()
 
 
-def resolve(intervention: Any, access: ModelAccess | Any) -> Intervention | None:
+def resolve(intervention: Any, access: ModelAccess | Any, *, prompts_available: bool = True,
+            runner: str = "this runner") -> Intervention | None:
     """What a runner applies: a spec from a spec, its text / dict form, or a Bound (checked against `access`).
 
     Returns None for None and for objects that are not posprobe interventions (the runner handles those itself).
     Runners call it once with the `model` argument before loading (bad text, a Bound to another model: raise
-    before minutes of work) and again with the loaded access.
+    before minutes of work) and again with the loaded access. `prompts_available=False` (a runner without
+    structured prompts, such as scan) refuses per-prompt specs.
     """
-    if intervention is None:
-        return None
+    spec: Intervention | None = None
     if isinstance(intervention, Intervention):
-        return intervention
-    if isinstance(intervention, Bound):
-        return intervention.for_access(access)
-    if isinstance(intervention, str):
-        return parse(intervention)
-    if isinstance(intervention, dict) and "name" in intervention:
-        return Intervention.from_dict(intervention)
-    return None
+        spec = intervention
+    elif isinstance(intervention, Bound):
+        spec = intervention.for_access(access)
+    elif isinstance(intervention, str):
+        spec = parse(intervention)
+    elif isinstance(intervention, dict) and "name" in intervention:
+        spec = Intervention.from_dict(intervention)
+    if spec is not None and spec.per_prompt and not prompts_available:
+        raise InterventionError(f"{spec.name} edits each prompt by its document spans, and {runner} runs no "
+                                f"structured prompts. Use it with posprobe.evaluate_positions(...).")
+    return spec
 
 
 def runner_contexts(intervention: Any, access: ModelAccess, *, prompts_available: bool = True,
@@ -338,13 +342,10 @@ def runner_contexts(intervention: Any, access: ModelAccess, *, prompts_available
     `prompt_context(access, prompts)`. `prompts_available=False` (a runner without structured prompts, such as scan)
     refuses per-prompt interventions up front.
     """
-    spec = resolve(intervention, access)
+    spec = resolve(intervention, access, prompts_available=prompts_available, runner=runner)
     nothing: Callable[[list[Any]], Any] = lambda prompts: contextlib.nullcontext()
     if spec is not None:
         if spec.per_prompt:
-            if not prompts_available:
-                raise InterventionError(f"{spec.name} edits each prompt by its document spans, and {runner} runs no "
-                                        f"structured prompts. Use it with posprobe.evaluate_positions(...).")
             return contextlib.nullcontext(), lambda prompts: spec.prompt_context(access, prompts), spec
         return spec.applied(access), nothing, spec
     if intervention is None:
@@ -440,7 +441,15 @@ def parse(text: str) -> Intervention:
 
 
 def _load_builtins() -> None:
-    import posprobe.interventions  # noqa: F401  (registers the built-in interventions)
+    """Import the modules whose specs register themselves: the interventions and the context-extension what-ifs."""
+    import importlib
+
+    for module in ("posprobe.interventions", "posprobe.what_if"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:  # a checkout without what-ifs; any other import error propagates
+            if exc.name != module:
+                raise
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -154,3 +154,30 @@ def test_calibration_is_cached_per_access_and_key(tiny_rope, tiny_nope):
     assert calibrated(tiny_rope, key, compute, record=lambda v: {"value": v}) == 1
     assert calibrated(tiny_rope, key, compute) == 1 and calibrated(tiny_nope, key, compute) == 2
     assert calibrations(tiny_rope, "test_spec") == [{"key": ["test_spec", "cache"], "value": 1}]
+
+
+def test_scan_applies_the_spec_to_the_access_it_scans(tiny_rope, monkeypatch):
+    import posprobe
+    import posprobe.models
+
+    base = posprobe.scan(tiny_rope, probes=["head_basics"], budget="quick", progress=False)
+    masked = posprobe.scan(tiny_rope, probes=["head_basics"], budget="quick", progress=False,
+                           intervention="mask_heads:heads=L0H1")
+    assert tiny_rope._edits == [] and "intervention" not in base.meta
+    assert masked.meta["intervention"]["name"] == "mask_heads"
+    assert masked.meta["intervention"]["resolved"] == {"heads": ["L0H1"]}
+    metric = "previous_token_score"
+    before, after = (s.heads.set_index(["layer", "head"])[metric] for s in (base, masked))
+    # the random tiny model's heads are close to uniform already, so the masked head moves little, but 10x more
+    # than the eager-vs-SDPA noise of the other heads of layer 0, which see the same inputs
+    assert abs(after[(0, 1)] - before[(0, 1)]) > 1e-5
+    for head in (0, 2, 3):
+        assert after[(0, head)] == pytest.approx(before[(0, head)], abs=1e-6)
+    loads = []
+    monkeypatch.setattr(posprobe.models, "load_model", lambda *a, **k: loads.append(a) or tiny_rope)
+    with pytest.raises(InterventionError, match="bound to another model access"):
+        posprobe.scan("tiny-rope", probes=["head_basics"], budget="quick",
+                      intervention=mask_heads(tiny_rope, [(0, 1)]))
+    with pytest.raises(InterventionError, match="runs no structured prompts"):
+        posprobe.scan(tiny_rope, probes=["head_basics"], budget="quick", intervention=FoundInTheMiddle())
+    assert loads == [] and tiny_rope._edits == []
