@@ -95,19 +95,26 @@ def current_inv_freq(access: ModelAccess, layer: int) -> Tensor:
     return inv_freq.float()
 
 
-def rotate(x: Tensor, angle: Tensor) -> Tensor:
-    """Rotate the RoPE coordinates of x [..., d] by `angle` [..., r/2] (HF half-split layout, first r dims).
+def rotate(x: Tensor, angle: Tensor, offset: int = 0) -> Tensor:
+    """Rotate the RoPE coordinates of x [..., d] by `angle` [..., r/2] (HF half-split layout, dims offset..offset+r).
 
     The same formula as transformers' `apply_rotary_pos_emb`: x * cos + rotate_half(x) * sin on cos = [c, c].
-    Coordinates past r (partial rotary) pass through.
+    Coordinates outside the rotary block (partial rotary; MLA's non-rotary part before it) pass through.
     """
     r = 2 * angle.shape[-1]
     cos = torch.cat((angle.cos(), angle.cos()), dim=-1).to(x.dtype)
     sin = torch.cat((angle.sin(), angle.sin()), dim=-1).to(x.dtype)
-    xr = x[..., :r]
+    xr = x[..., offset:offset + r]
     half = r // 2
     rotated = xr * cos + torch.cat((-xr[..., half:], xr[..., :half]), dim=-1) * sin
-    return rotated if r == x.shape[-1] else torch.cat((rotated, x[..., r:]), dim=-1)
+    if offset == 0 and r == x.shape[-1]:
+        return rotated
+    return torch.cat((x[..., :offset], rotated, x[..., offset + r:]), dim=-1)
+
+
+def rotary_offset(access: ModelAccess, layer: int) -> int:
+    """First rotated dim of a q/k head of `layer` (MLA heads are cat(nope, rope))."""
+    return int(getattr(access.info.layers[layer], "rotary_offset", 0) or 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

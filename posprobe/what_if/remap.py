@@ -34,7 +34,7 @@ from torch import Tensor
 from posprobe.access import AttentionEdit, EditContext, ModelAccess, expand_kv
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import register
-from posprobe.what_if.base import WhatIf, current_inv_freq, native_length, rotate
+from posprobe.what_if.base import WhatIf, current_inv_freq, native_length, rotary_offset, rotate
 
 
 @dataclass
@@ -74,16 +74,17 @@ class PairwiseAttention(WhatIf):
         out = scores
         if plan.remap is not None:
             inv_freq = current_inv_freq(access, ctx.layer).to(q.device)
+            offset = rotary_offset(access, ctx.layer)
             qb = q.to(scores.dtype)
             if plan.delta_q is not None:
                 dq = plan.delta_q if isinstance(plan.delta_q, Tensor) else torch.full_like(pos_q, plan.delta_q,
                                                                                             dtype=scores.dtype)
-                qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq)
+                qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
             if plan.q_scale is not None:
                 qb = qb * plan.q_scale[..., None].to(qb.dtype)
             kb = expand_kv(ctx.key, n_heads).to(scores.dtype)
             if plan.delta_k is not None:
-                kb = rotate(kb, _heads(plan.delta_k, q.shape[0])[..., None].to(scores.dtype) * inv_freq)
+                kb = rotate(kb, _heads(plan.delta_k, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
             scale = ctx.scale if ctx.scale is not None else access.info.attn_scale
             remapped = torch.matmul(qb, kb.transpose(-1, -2)) * scale
             if ctx.softcap is not None:
@@ -232,8 +233,9 @@ class MsPoE(PairwiseAttention):
     def outlier_order(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
         """argsort of -(share of keys above 3x the mean attention of the last query), pre-rotary q/k, 1/sqrt(d)."""
         inv_freq = current_inv_freq(access, ctx.layer).to(ctx.query.device)
-        q = rotate(ctx.query[:, :, -1:].float(), -pos_q[:, None, -1:, None].float() * inv_freq)
-        k = rotate(expand_kv(ctx.key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq)
+        offset = rotary_offset(access, ctx.layer)
+        q = rotate(ctx.query[:, :, -1:].float(), -pos_q[:, None, -1:, None].float() * inv_freq, offset)
+        k = rotate(expand_kv(ctx.key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq, offset)
         visible = pos_k <= pos_q[:, -1:]  # [b, nk]
         logits = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # [b, H, nk]
         probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
