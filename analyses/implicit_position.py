@@ -176,7 +176,7 @@ def main() -> None:
     model = posprobe.load_model(args.model)
     load_s = time.time() - started
     budget = get_budget(args.budget)
-    n_sequences = args.sequences or budget.implicit_sequences
+    n_sequences = args.sequences or budget.knob("implicit_position", ImplicitPositionConfig, "n_sequences")
     regressors = ("ridge",) if args.no_mlp else ("ridge", "mlp")
     numbers: dict[str, Any] = {
         "model": model.info.name, "budget": budget.name, "n_sequences": n_sequences,

@@ -116,7 +116,7 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     heads = scan.heads[["layer", "head", "layer_type", "retrieval_score", "retrieval_activation"]]
     ranked = heads.dropna(subset=["retrieval_score"]).sort_values("retrieval_score", ascending=False)
     ranked.to_csv(out / name / "heads.csv", index=False)
-    trials_table = scan.tables["retrieval_trials"]
+    trials_table = scan.tables["retrieval.trials"]
     trials_table.to_csv(out / name / "trials.csv", index=False)
     result: dict[str, Any] = {
         "model": name, "n_heads": int(len(heads)), "scoring": {k: summary[k] for k in (

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     top = results["teacher_forced", "answer"].summary.get("top_heads", [])[:5]
     lines += ["", "Top heads (teacher-forced, answer span): " + ", ".join(
         f"L{h['layer']}H{h['head']} {h['retrieval_score']:.2f}" for h in top), ""]
-    generated = results["generate", "answer"].tables["retrieval_trials"]["output"].tolist()
+    generated = results["generate", "answer"].tables["trials"]["output"].tolist()
     lines.append("Generated continuations: " + "; ".join(repr(g) for g in generated))
     text = "\n".join(lines) + "\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -28,8 +29,39 @@ from posprobe._io import check_output_dir, replace_dir
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import InputError, ProbeError, ScanFormatError, UnknownNameError
 from posprobe.probes import get_probe, list_probes
-from posprobe.probes.base import CURVE_COLUMNS, Budget, ProbeResult, ScanContext, TextSample, get_budget
+from posprobe.probes.base import (
+    CURVE_COLUMNS,
+    Budget,
+    ProbeResult,
+    ScanContext,
+    TextSample,
+    get_budget,
+    resolve_budget,
+)
 from posprobe.tasks.text import SOURCE_NAME as TEXT_SOURCE
+
+# Extra tables are named `<probe>.<table>`. posprobe 0.1 named three of them differently; old scans load under the
+# new names, and `scan.tables[old_name]` still finds the table (with a DeprecationWarning).
+LEGACY_TABLE_NAMES = {"retrieval_trials": "retrieval.trials", "retrieval_copies": "retrieval.copies",
+                      "position_bias_documents": "position_bias.documents"}
+
+
+def table_name(probe: str, table: str) -> str:
+    """The scan-wide name of a probe's extra table: `<probe>.<table>` (a name already so qualified is kept)."""
+    return table if table.startswith(f"{probe}.") else f"{probe}.{table}"
+
+
+class Tables(dict):
+    """`scan.tables`: name -> DataFrame; a posprobe 0.1 name finds its renamed table, with a DeprecationWarning."""
+
+    def __missing__(self, key: str) -> pd.DataFrame:
+        new = LEGACY_TABLE_NAMES.get(key)
+        if new is None or new not in self:
+            raise KeyError(key)
+        warnings.warn(f"scan.tables[{key!r}] is now scan.tables[{new!r}] (extra tables are named <probe>.<table>); "
+                      f"the old name will stop working.", DeprecationWarning, stacklevel=2)
+        return self[new]
+
 
 FORMAT = "posprobe-scan"
 FORMAT_VERSION = 1
@@ -74,7 +106,7 @@ class Scan:
         self.heads = heads
         self.curves = curves
         self.meta = meta
-        self.tables = dict(tables or {})
+        self.tables = Tables({LEGACY_TABLE_NAMES.get(k, k): v for k, v in (tables or {}).items()})
 
     # --- inspection ---------------------------------------------------------------------------------------------
     @property
@@ -273,7 +305,8 @@ def batch_texts(texts: Sequence[TextSample], batch_size: int) -> list[TextSample
     return batches
 
 
-def _resolve(names: str | Sequence[str] | None, info: ModelInfo, configs: dict[str, Any]) -> tuple[list, dict]:
+def _resolve(names: str | Sequence[str] | None, info: ModelInfo, configs: dict[str, Any],
+             budget: Budget) -> tuple[list, dict]:
     chosen = list_probes() if names is None else ([names] if isinstance(names, str) else list(names))
     probes, skipped = [], {}
     for name in chosen:
@@ -282,6 +315,7 @@ def _resolve(names: str | Sequence[str] | None, info: ModelInfo, configs: dict[s
         if not isinstance(config, probe.Config):
             raise ProbeError(f"The config for probe {name!r} must be a {probe.Config.__name__}, got "
                              f"{type(config).__name__}. Build it with posprobe.probes.get_probe({name!r}).Config(...).")
+        config = resolve_budget(name, config, budget)  # budget knobs left at None take the budget's values
         reason = probe.skip_reason(info, config)
         if reason:
             skipped[name] = reason
@@ -324,6 +358,16 @@ def scan(
     from posprobe.models import load_model
 
     started = time.time()
+    budget = get_budget(budget)  # the budget and the configs are checked before the model is loaded
+    configs = dict(configs or {})
+    unknown = [name for name in configs if name not in list_probes()]
+    if unknown:
+        raise UnknownNameError("probe", unknown[0], list_probes())
+    unknown = [name for name in budget.probes if name not in list_probes()]
+    if unknown:
+        raise UnknownNameError("probe", unknown[0], list_probes(), hint=f"(in Budget {budget.name!r}'s probes=)")
+    for name in budget.probes:
+        resolve_budget(name, configs.get(name) or get_probe(name).Config(), budget)  # unknown knobs raise here
     texts_batch = batch_texts([], batch_size)  # batch_size is checked before the model is loaded
     if intervention is not None:
         return _scan_with(intervention, model, probes=probes, budget=budget, seed=seed, configs=configs,
@@ -332,12 +376,7 @@ def scan(
     access = load_model(model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype)
     if remote:
         access = _remote_access(access, remote)
-    budget = get_budget(budget)
-    configs = dict(configs or {})
-    unknown = [name for name in configs if name not in list_probes()]
-    if unknown:
-        raise UnknownNameError("probe", unknown[0], list_probes())
-    chosen, skipped = _resolve(probes, access.info, configs)
+    chosen, skipped = _resolve(probes, access.info, configs, budget)
     bar = _progress(progress)
     timings: dict[str, float] = {}
     results: dict[str, ProbeResult] = {}
@@ -379,9 +418,8 @@ def scan(
                            else "object")) for c in CURVE_COLUMNS})
     tables: dict[str, pd.DataFrame] = {}
     for name, result in results.items():
-        for table_name, table in result.tables.items():
-            key = table_name if table_name.startswith(name) else f"{name}.{table_name}"
-            tables[key] = table
+        for table_key, table in result.tables.items():
+            tables[table_name(name, table_key)] = table
     timings["total"] = time.time() - started
     meta = {
         "model": access.info.name,

@@ -9,8 +9,17 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from posprobe.errors import UnknownNameError
-from posprobe.probes.base import BUDGETS, Budget, ProbeResult, ScanContext, get_budget
+from posprobe.errors import ProbeError, UnknownNameError
+from posprobe.probes.base import (
+    BUDGETS,
+    Budget,
+    ProbeResult,
+    ScanContext,
+    StreamingProbe,
+    get_budget,
+    per_level,
+    probe_problems,
+)
 
 # --- built-in registrations (name -> "module:attribute") ------------------------------------------------------
 _BUILTIN: dict[str, str] = {
@@ -29,10 +38,18 @@ _REGISTRY: dict[str, Any] = {}
 
 
 def register(probe: Any, *, replace: bool = False) -> Any:
-    """Register a probe object (see `posprobe.probes.base.Probe`). Returns it, so it can decorate a factory."""
+    """Register a probe object (see `posprobe.probes.base.Probe`). Returns it, so it can decorate a factory.
+
+    The probe is checked first (`probe_problems`: name, description, a frozen Config whose fields all have
+    defaults, budget knobs, the reducer / run method); a ProbeError lists everything that is wrong.
+    """
+    problems = probe_problems(probe)
+    if problems:
+        raise ProbeError(f"Cannot register {getattr(probe, 'name', probe)!r} as a probe:\n- " + "\n- ".join(problems)
+                         + "\nSee the docs page 'How to add a probe'.")
     name = probe.name
     if not replace and (name in _REGISTRY or name in _BUILTIN):
-        raise ValueError(f"A probe named {name!r} is already registered; pass replace=True to override it.")
+        raise ProbeError(f"A probe named {name!r} is already registered; pass replace=True to override it.")
     _REGISTRY[name] = probe
     return probe
 
@@ -42,8 +59,13 @@ def get_probe(name: str) -> Any:
         return _REGISTRY[name]
     if name in _BUILTIN:
         module, attr = _BUILTIN[name].split(":")
-        _REGISTRY[name] = getattr(importlib.import_module(module), attr)
-        return _REGISTRY[name]
+        probe = getattr(importlib.import_module(module), attr)
+        problems = probe_problems(probe)
+        if problems or probe.name != name:
+            raise ProbeError(f"The built-in probe {name!r} ({_BUILTIN[name]}) is malformed: "
+                             f"{'; '.join(problems) or f'its name is {probe.name!r}'}. This is a bug in posprobe.")
+        _REGISTRY[name] = probe
+        return probe
     raise UnknownNameError("probe", name, list_probes())
 
 
@@ -52,4 +74,5 @@ def list_probes() -> list[str]:
     return sorted({*_BUILTIN, *_REGISTRY})
 
 
-__all__ = ["BUDGETS", "Budget", "ProbeResult", "ScanContext", "get_budget", "get_probe", "list_probes", "register"]
+__all__ = ["BUDGETS", "Budget", "ProbeResult", "ScanContext", "StreamingProbe", "get_budget", "get_probe",
+           "list_probes", "per_level", "register"]

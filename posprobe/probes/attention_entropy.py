@@ -17,7 +17,7 @@ import torch
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.devices import accumulator_dtype
-from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
 
 
 @dataclass(frozen=True)
@@ -133,17 +133,6 @@ class _Reducer:
         return ProbeResult(heads=heads, curves=curves)
 
 
-class AttentionEntropy:
-    name = "attention_entropy"
-    Config = AttentionEntropyConfig
-    description = "attention entropy (raw, normalised, sink-excluded) per head; entropy by position and length"
-    streaming = True
-
-    def skip_reason(self, info: ModelInfo, config: AttentionEntropyConfig) -> str | None:
-        return None
-
-    def reducer(self, ctx: ScanContext, config: AttentionEntropyConfig) -> _Reducer:
-        return _Reducer(ctx, config)
-
-
-PROBE = AttentionEntropy()
+PROBE = StreamingProbe(
+    "attention_entropy", AttentionEntropyConfig,
+    "attention entropy (raw, normalised, sink-excluded) per head; entropy by position and length", _Reducer)

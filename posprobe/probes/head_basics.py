@@ -18,7 +18,7 @@ from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.devices import accumulator_dtype
-from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
 
 
 @dataclass(frozen=True)
@@ -178,17 +178,6 @@ class _Reducer:
         return ProbeResult(heads=heads, curves=curves)
 
 
-class HeadBasics:
-    name = "head_basics"
-    Config = HeadBasicsConfig
-    description = "sink mass, previous-token score, Spearman of attention vs log distance; attention-vs-distance curve"
-    streaming = True
-
-    def skip_reason(self, info: ModelInfo, config: HeadBasicsConfig) -> str | None:
-        return None
-
-    def reducer(self, ctx: ScanContext, config: HeadBasicsConfig) -> _Reducer:
-        return _Reducer(ctx, config)
-
-
-PROBE = HeadBasics()
+PROBE = StreamingProbe(
+    "head_basics", HeadBasicsConfig,
+    "sink mass, previous-token score, Spearman of attention vs log distance; attention-vs-distance curve", _Reducer)

@@ -16,7 +16,7 @@ Owns two measurements, both on position-neutral content, and the `position_bias`
   Curve `document_attention` (gold document at slot k) per head, per layer and model mean; curve `slot_attention`
   (attention to whatever document sits at slot k, averaged over all documents and trials: the slot's positional
   bias); head column `doc_u_score` (the u_score formula over slots of the `document_attention` curve); table
-  `position_bias_documents` (trial x slot x layer: gold-document attention, mean over heads); the summary adds a
+  `position_bias.documents` (trial x slot x layer: gold-document attention, mean over heads); the summary adds a
   percentile-bootstrap 95% interval of the model-mean doc_u_score over trials.
 
 The trials of the document level use the same task seeds as `posprobe.evaluate_positions` with the same `seed`, so
@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
@@ -37,19 +37,22 @@ from torch import Tensor
 
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame, per_level
 from posprobe.tasks.base import Prompt, Task
 
 
 @dataclass(frozen=True)
 class PositionBiasConfig:
+    # budget knobs: a field left at None takes its value from the scan's budget level (docs: "Budgets")
+    BUDGET_KNOBS: ClassVar[dict[str, dict[str, Any]]] = {"n_contexts": per_level(4, 12, 40),
+                                                         "doc_trials": per_level(4, 12, 40)}
     n_bins: int = 12  # relative key-position bins; a multiple of 3 so the "middle third" is whole bins
     n_query: int = 16  # last queries per context: the end of a prompt, where an answer would be produced
     context_length: int = 512  # filler tokens; 512 = Gemma 3's sliding window, so every layer sees every key
-    n_contexts: int | None = None  # filler contexts; None: the budget's bias_trials
+    n_contexts: int | None = None  # filler contexts; None: the budget's (BUDGET_KNOBS)
     doc_task: str = "multidoc"  # task whose item spans are the documents of the document-level curve
     doc_items: int = 10  # documents (slots) per prompt; the gold document visits every slot
-    doc_trials: int | None = None  # task seeds (each moved through all slots); None: the budget's bias_trials
+    doc_trials: int | None = None  # task seeds (each moved through all slots); None: the budget's
     batch: bool = True  # run a trial's prompts (equal length by construction) as one batch
     u_margin: float = 0.05  # the summary calls a model-mean curve U-shaped when its u_score exceeds 1 + u_margin
     n_bootstrap: int = 1000  # resamples of the document trials for the 95% interval of the model doc_u_score
@@ -245,26 +248,27 @@ def _check(config: PositionBiasConfig) -> None:
     for name in ("n_contexts", "doc_trials"):
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise ProbeError(f"PositionBiasConfig.{name} must be >= 1 (or None for the budget's bias_trials); "
+            raise ProbeError(f"PositionBiasConfig.{name} must be >= 1 (or None for the budget's value); "
                              f"got {value}.")
 
 
 def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResult:
     from posprobe.tasks.text import text_ids
 
+    config = ctx.budgeted(PROBE.name, config)
     _check(config)
     access, info = ctx.access, ctx.info
     length = min(config.context_length, info.max_positions or config.context_length)
     if length < 4:
         raise ProbeError(f"PositionBiasConfig.context_length must be >= 4 tokens; got {config.context_length}.")
-    n_contexts = config.n_contexts or ctx.budget.bias_trials
+    n_contexts = config.n_contexts
     contexts = (torch.tensor([text_ids(access, length, seed=ctx.seed * 100_003 + 7_919 + c)])
                 for c in ctx.progress(range(n_contexts), "position-bias filler contexts"))
     curves, sink = attention_curves(access, contexts, config.n_bins, config.n_query)
     curves_np = curves.numpy()
     u, first, middle, last = u_parts(curves_np)
 
-    n_trials = config.doc_trials or ctx.budget.bias_trials
+    n_trials = config.doc_trials
     docs = document_attention(access, config.doc_task, config.doc_items, n_trials, ctx.seed, batch=config.batch,
                               progress=ctx.progress)
     gold_mean = docs.gold.mean(0).transpose(1, 2, 0)  # [L, H, slots]
@@ -306,7 +310,7 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
         "doc_trials": int(n_trials),
     }
     summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
-    return ProbeResult(heads=heads, curves=curves_df, tables={"position_bias_documents": table}, summary=summary)
+    return ProbeResult(heads=heads, curves=curves_df, tables={"documents": table}, summary=summary)
 
 
 class PositionBias:

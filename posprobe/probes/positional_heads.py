@@ -25,7 +25,7 @@ from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
 from posprobe.probes.rope_chunks import NONROTARY, band_labels, layer_long_range
 from posprobe.probes.rope_frequency import model_skip_reason
 
@@ -131,18 +131,7 @@ class _Reducer:
         return ProbeResult(heads=heads, curves=curves, summary=summary)
 
 
-class PositionalHeads:
-    name = "positional_heads"
-    Config = PositionalHeadsConfig
-    description = ("positional heads (after Hong et al. 2024): per-chunk long-distance contribution, its Spearman "
-                   "correlation with chunk index, and a positional-head score")
-    streaming = True
-
-    def skip_reason(self, info: ModelInfo, config: PositionalHeadsConfig) -> str | None:
-        return model_skip_reason(info)
-
-    def reducer(self, ctx: ScanContext, config: PositionalHeadsConfig) -> _Reducer:
-        return _Reducer(ctx, config)
-
-
-PROBE = PositionalHeads()
+PROBE = StreamingProbe(
+    "positional_heads", PositionalHeadsConfig,
+    "positional heads (after Hong et al. 2024): per-chunk long-distance contribution, its Spearman correlation with "
+    "chunk index, and a positional-head score", _Reducer, skip=lambda info, config: model_skip_reason(info))

@@ -3,8 +3,8 @@
 Owns the head columns `retrieval_score` (mean over scored trials of copied needle tokens / needle length) and
 `retrieval_activation` (share of scored trials in which the head copied at least one needle token), the curves
 `retrieval_by_depth` / `retrieval_by_length` (per head) and `needle_accuracy_by_depth` / `needle_accuracy_by_length`
-(model level), and the per-trial tables `retrieval_trials` (length, depth, answer correct?, scored?) and
-`retrieval_copies` (per trial x head: copied needle tokens), so scores can be broken down by depth and length.
+(model level), and the per-trial tables `retrieval.trials` (length, depth, answer correct?, scored?) and
+`retrieval.copies` (per trial x head: copied needle tokens), so scores can be broken down by depth and length.
 
 Definition (Wu et al. 2024): at each answer step, w = the token being produced and j* = argmax_j a_ij of head
 (l, h) at the query i that produces it; the head copied if j* lies in the needle span and token[j*] == w. A copied
@@ -18,7 +18,7 @@ needle position counts once per trial (the paper's set of copied tokens), so a t
   generated token. Correct when the generation starts with the answer tokens.
 - Needle span: by default the answer's tokens inside the needle (`span="answer"`, so a perfect copier scores 1);
   `span="needle"` uses the whole needle statement as the reference code does (its maximum is then below 1).
-- Trials the model answers wrongly are counted and reported in `summary` and `retrieval_trials`; they are
+- Trials the model answers wrongly are counted and reported in `summary` and `retrieval.trials`; they are
   excluded from the scores only because `include_wrong=False` says so (the paper keeps only answered trials).
   When no trial is answered correctly the scores are NaN and a RuntimeWarning plus `summary["warning"]` say why.
 """
@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pandas as pd
@@ -38,16 +38,18 @@ from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame, per_level
 from posprobe.tasks.needle import NeedleTrial, grid_for_trials, make_needle_trial, minimum_context_length
 
 
 @dataclass(frozen=True)
 class RetrievalConfig:
+    # budget knobs: a field left at None takes its value from the scan's budget level (docs: "Budgets")
+    BUDGET_KNOBS: ClassVar[dict[str, dict[str, Any]]] = {"n_trials": per_level(6, 20, 60)}
     # one pass per trial with the reference answer appended; "generate" decodes greedily first (the paper's way)
     mode: Literal["teacher_forced", "generate"] = "teacher_forced"
     task: Literal["needle", "passkey"] = "needle"  # the magic-number needle: one copy of the answer in the prompt
-    n_trials: int | None = None  # None: the budget's retrieval_trials
+    n_trials: int | None = None  # needle trials (lengths x depths); None: the budget's (BUDGET_KNOBS)
     context_lengths: tuple[int, ...] | None = None  # None: the budget's context lengths (clipped, see below)
     # lengths are clipped to [shortest prompt that fits, min(max_context_length, model maximum)]; None: no extra cap
     max_context_length: int | None = None
@@ -210,7 +212,7 @@ def summarize(
                         "top_heads": [{"layer": l, "head": h, "retrieval_score": s} for s, l, h in flat[:10]]})
     heads_df = head_frame(info, {"retrieval_score": score, "retrieval_activation": activation})
     curves = _curves(trials, used, info)
-    return ProbeResult(heads=heads_df, curves=curves, tables={"retrieval_trials": trials, "retrieval_copies": copies},
+    return ProbeResult(heads=heads_df, curves=curves, tables={"trials": trials, "copies": copies},
                        summary=summary)
 
 
@@ -234,7 +236,7 @@ def mode_agreement(a: ProbeResult, b: ProbeResult) -> dict[str, Any]:
 
     Both results must come from the same trials (e.g. teacher-forced and generate mode of `score_trials`).
     """
-    ta, tb = a.tables["retrieval_trials"], b.tables["retrieval_trials"]
+    ta, tb = a.tables["trials"], b.tables["trials"]
     both = set(ta.loc[ta["correct"], "trial"]) & set(tb.loc[tb["correct"], "trial"])
     out: dict[str, Any] = {"n_trials": int(len(ta)), "n_common_correct": len(both), "spearman": math.nan,
                            "max_abs_diff": math.nan}
@@ -242,7 +244,7 @@ def mode_agreement(a: ProbeResult, b: ProbeResult) -> dict[str, Any]:
         return out
     scores = []
     for result in (a, b):
-        c = result.tables["retrieval_copies"]
+        c = result.tables["copies"]
         scores.append(c[c["trial"].isin(both)].groupby(["layer", "head"])["score"].mean().to_numpy())
     out["max_abs_diff"] = float(np.abs(scores[0] - scores[1]).max())
     if np.ptp(scores[0]) > 0 and np.ptp(scores[1]) > 0:
@@ -292,7 +294,8 @@ class Retrieval:
     def run(self, ctx: ScanContext, config: RetrievalConfig) -> ProbeResult:
         _check(config)
         access = ctx.access
-        n_trials = config.n_trials or ctx.budget.retrieval_trials
+        config = ctx.budgeted(self.name, config)
+        n_trials = config.n_trials
         lengths = context_lengths(access, config.context_lengths or ctx.budget.context_lengths, config)
         trials = build_trials(access, n_trials, lengths, config, ctx.seed)
         return score_trials(access, trials, config, progress=ctx.progress)

@@ -99,7 +99,8 @@ def test_shuffled_labels_score_at_chance(planted_scan):
 def test_train_and_test_sequences_are_disjoint(planted_scan):
     summary = planted_scan.meta["summaries"]["implicit_position"]
     assert summary["train_test_disjoint"] is True
-    assert summary["n_train_sequences"] + summary["n_test_sequences"] == BUDGET.implicit_sequences
+    n_sequences = BUDGET.probes["implicit_position"]["n_sequences"]  # the posprobe 0.1 keyword implicit_sequences=12
+    assert summary["n_train_sequences"] + summary["n_test_sequences"] == n_sequences
     table = planted_scan.tables["implicit_position.probes"]
     k = summary["positions_per_sequence"]
     assert set(table.n_test) == {summary["n_test_sequences"] * k}

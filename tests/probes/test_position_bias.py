@@ -87,7 +87,7 @@ def test_curves_tables_and_determinism():
     assert set(docs["layer"].unique()) == {-1, 0, 1}
     slots = a.curve("slot_attention", layer=-1, head=-1)
     assert len(slots) == SMALL.doc_items
-    table = a.tables["position_bias_documents"]
+    table = a.tables["position_bias.documents"]
     assert len(table) == SMALL.doc_trials * SMALL.doc_items * 2
     b = planted_scan(u_shaped, uniform)
     assert a.heads.equals(b.heads) and a.curves.equals(b.curves)

@@ -105,10 +105,10 @@ def test_planted_copy_head_scores_one_and_every_other_head_zero(mode):
     assert (scores.drop(TARGET) == 0.0).all()
     activation = result.heads.set_index(["layer", "head"])["retrieval_activation"]
     assert activation[TARGET] == 1.0 and (activation.drop(TARGET) == 0.0).all()
-    table = result.tables["retrieval_trials"]
+    table = result.tables["trials"]
     assert len(table) == len(trials) and table["correct"].all() and table["scored"].all()
     assert result.summary["n_retrieval_heads"] == 1
-    copies = result.tables["retrieval_copies"]
+    copies = result.tables["copies"]
     assert len(copies) == len(trials) * 8
     target_rows = copies[(copies["layer"] == TARGET[0]) & (copies["head"] == TARGET[1])]
     assert (target_rows["copies"] == [len(t.answer_ids) for t in trials]).all()
@@ -133,8 +133,8 @@ def test_all_wrong_answers_are_reported_loudly_and_not_silently_dropped():
         result = score_trials(access, trials, RetrievalConfig())
     assert result.heads["retrieval_score"].isna().all()
     assert result.summary["n_wrong"] == 6 and result.summary["n_scored"] == 0 and "warning" in result.summary
-    assert len(result.tables["retrieval_trials"]) == 6
-    assert not result.tables["retrieval_trials"]["correct"].any()
+    assert len(result.tables["trials"]) == 6
+    assert not result.tables["trials"]["correct"].any()
     # a recorded choice: include_wrong scores the copying anyway
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -156,7 +156,7 @@ def test_probe_runs_in_a_scan_with_budget_trials_and_clipped_lengths():
     scan = posprobe.scan(access, probes=["retrieval"], budget=budget, configs={"retrieval": config}, progress=False)
     assert scan.heads.set_index(["layer", "head"]).loc[TARGET, "retrieval_score"] == 1.0
     assert scan.meta["summaries"]["retrieval"]["n_trials"] == 4
-    assert {"retrieval_trials", "retrieval_copies"} <= set(scan.tables)
+    assert {"retrieval.trials", "retrieval.copies"} <= set(scan.tables)
     assert PROBE.streaming is False
 
 
@@ -198,6 +198,6 @@ def test_gemma_teacher_forced_and_generate_agree(gemma):
     tf = score_trials(gemma, trials, RetrievalConfig(mode="teacher_forced"))
     gen = score_trials(gemma, trials, RetrievalConfig(mode="generate"))
     agreement = mode_agreement(tf, gen)
-    assert agreement["n_common_correct"] >= 3, tf.tables["retrieval_trials"]
+    assert agreement["n_common_correct"] >= 3, tf.tables["trials"]
     assert agreement["spearman"] >= 0.9
     assert not math.isnan(tf.heads["retrieval_score"].max()) and tf.heads["retrieval_score"].max() > 0.1
