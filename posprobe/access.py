@@ -330,7 +330,7 @@ class LayerCapture:
             query_index = torch.arange(self.n_tokens)
         query_index = query_index.to(self.device)  # indices live with the layer's tensors (masks, gathers)
         memo = self.extras.setdefault("pattern_memo", {})
-        key = (len(query_index), int(query_index[0]), int(query_index[-1]), int(query_index.sum()))
+        key = query_index.detach().to("cpu", torch.int64).numpy().tobytes()  # the exact index list, as bytes
         hit = memo.get(key)
         if hit is not None:
             return hit

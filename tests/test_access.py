@@ -30,6 +30,14 @@ def test_same_queries_share_one_result():
     assert len(calls) == 1
 
 
+def test_different_queries_with_equal_length_ends_and_sum_are_not_confused():
+    cap, calls = _capture(16)
+    a, b = torch.tensor([0, 2, 3, 5]), torch.tensor([0, 1, 4, 5])  # same length, first, last and sum
+    first, second = cap.pattern(a), cap.pattern(b)
+    assert len(calls) == 2 and first is not second
+    assert cap.pattern(a.to(torch.int32)) is first  # the same index list in another integer dtype still hits
+
+
 def test_memo_keeps_first_chunks_within_its_byte_budget(monkeypatch):
     n, chunk = 64, 8
     cap, calls = _capture(n)
