@@ -236,6 +236,64 @@ def app_command(
     load_explorer().serve(scan_dirs, host=host, port=port)  # a missing Dash: MissingDependencyError, exit code 2
 
 
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"{option} takes comma-separated integers (e.g. 0,5,10,15,19); got {text!r}.")
+
+
+@app.command(name="eval")
+def eval_command(
+    out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the sweep to (a scan directory)")],
+    model: Annotated[Optional[str], typer.Option(help="model name or path (default: embedded gemma-3-270m)")] = None,
+    task: Annotated[str, typer.Option(help="kv_words | multidoc | needle | passkey ...")] = "kv_words",
+    items: Annotated[Optional[str], typer.Option(help="items per prompt, comma-separated for several "
+                                                      "(default: the task's)")] = None,
+    positions: Annotated[Optional[str], typer.Option(help="gold positions, comma-separated, 0-based, negative from "
+                                                          "the end (default: 5 evenly spaced)")] = None,
+    trials: Annotated[int, typer.Option(help="trials per gold position")] = 40,
+    intervention: Annotated[Optional[list[str]], typer.Option(
+        help="an intervention as NAME:KEY=VAL,... (repeat for several; each is compared with the baseline). "
+             "`posprobe interventions` lists them")] = None,
+    baseline: Annotated[bool, typer.Option(help="also run without intervention")] = True,
+    seed: Annotated[int, typer.Option(help="base seed of the trials")] = 0,
+    backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
+) -> None:
+    """Accuracy by gold position (the behavioural U-curve), baseline and interventions, saved as a scan to OUT."""
+    from posprobe._io import check_output_dir
+    from posprobe.interventions import parse
+
+    sizes = _int_list(items, "--items")
+    gold = _int_list(positions, "--positions")
+    specs = [parse(text) for text in intervention or []]  # a bad spec fails before anything is loaded
+    state = check_output_dir(out, marker="manifest.json")
+    if state == "overwrite":
+        typer.echo(f"{out} holds a scan already: it will be replaced when this sweep is saved", err=True)
+    from posprobe.tasks.evaluate import position_sweep
+
+    result = position_sweep(model, task, sizes, gold, trials, specs, seed, baseline=baseline, backend=backend)
+    result.save(out)
+    summary = result.tables[f"evaluate.{result.meta['evaluate']['task']}"]
+    shown = summary[["intervention", "n_items", "gold_position", "n", "accuracy", "ci_low", "ci_high", "n_errors"]]
+    sys.stdout.write(shown.to_markdown(index=False, floatfmt=".3f") + "\n")
+    typer.echo(f"saved the {result.meta['evaluate']['task']} sweep of {result.meta['model']} ({len(summary)} rows) "
+               f"to {out} in {result.meta['timings_s']['total']:.0f} s; open it with `posprobe app {out}`", err=True)
+
+
+@app.command()
+def interventions() -> None:
+    """Every intervention and what-if, with its settings and defaults (use as NAME:KEY=VAL,KEY=VAL)."""
+    from posprobe.interventions import get_class, list_interventions, parameters
+
+    for name in list_interventions():
+        typer.echo(f"{name:22s} {get_class(name).summary}")
+        for p in parameters(name):
+            typer.echo(f"    {p['name']:20s} = {p['default']:<12s} {p['help']}".rstrip())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: posprobe errors become `posprobe: error: ...` and exit code 2."""
     try:

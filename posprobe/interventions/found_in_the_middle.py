@@ -1,5 +1,5 @@
-"""Found-in-the-Middle calibration of positional attention bias (Hsieh et al. 2024; METRICS.md section 7, with the
-document-level Attn(doc_k) of section 4).
+"""Found-in-the-Middle calibration of positional attention bias (Hsieh et al. 2024; docs/interventions.md, with
+the document-level Attn(doc_k) of docs/probes/position_bias.md).
 
 Owns the `FoundInTheMiddle` intervention spec (registered as "found_in_the_middle"; `found_in_the_middle(...)` builds
 it and binds it to an access and user spans), the slot-bias estimate
@@ -316,19 +316,19 @@ class FoundInTheMiddle(Intervention):
     # "head": per (layer, head) Attn(doc_k) and bias; "layer": pooled over the heads of a layer (tuning: 0.411)
     granularity: Literal["head", "layer"] = field(default="head", metadata={"help": "head | layer"})
     # rel is divided by t * mean_k Attn(doc_k) of the query (scale-free t); False: t in raw attention units
-    relative_temperature: bool = True
+    relative_temperature: bool = field(default=True, metadata={"help": "t relative to the mean document attention"})
     # "answer": the answer-predicting query and every generated token; "after_documents": also the question tokens
     queries: Literal["answer", "after_documents"] = field(default="answer", metadata={
         "help": "answer | after_documents: which queries are calibrated"})
     # the dummy document whose attention at each slot is the positional bias; shaped like a kv_words item so the
     # bias measures position, not an odd-looking line (pass a sentence for document tasks such as multidoc)
-    dummy_text: str = "dummy: 0000"
+    dummy_text: str = field(default="dummy: 0000", metadata={"help": "the document whose attention is the bias"})
     # task prompts the slot bias is averaged over (one pass per prompt and slot, unedited model)
     calibration_trials: int = field(default=8, metadata={"help": "task prompts the slot bias is averaged over"})
     # base seed of the calibration prompts: task seeds 977 * 1_000_003 + t, disjoint from evaluation seeds 0..100
-    calibration_seed: int = 977
+    calibration_seed: int = field(default=977, metadata={"help": "base seed of the calibration prompts"})
     # rows per forward pass while estimating the bias
-    batch_rows: int = 8
+    batch_rows: int = field(default=8, metadata={"help": "rows per pass while estimating the bias"})
     # task of the calibration prompts: None = the task of the prompts being calibrated (user prompts without a
     # task: those prompts themselves)
     task: str | Task | None = field(default=None, metadata={

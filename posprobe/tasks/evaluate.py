@@ -1,6 +1,6 @@
 """The behavioural U-curve: accuracy of a retrieval task as a function of the gold item's position.
 
-Owns `evaluate_positions` (METRICS.md section 4, task level, on the tasks of section 8; after Liu et al. 2023):
+Owns `evaluate_positions` (docs/tasks.md, the behavioural U-curve; after Liu et al. 2023):
 for every trial seed the same items are laid out once per gold position (gold moved, distractor order fixed),
 answered greedily with the access's KV-cached `greedy`, scored by the task's exact-match rule, and summarised per
 gold position with Wilson binomial intervals. A trial whose prompt the model cannot run (too long, out of memory:
@@ -292,4 +292,93 @@ def summarize_trials(trials: pd.DataFrame, confidence: float = 0.95) -> pd.DataF
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
-__all__ = ["evaluate_positions", "even_positions", "summarize_trials", "trial_seed", "wilson_interval"]
+# --- a position sweep as a scan ---------------------------------------------------------------------------------------
+
+
+def _label(intervention: Any, access: Any) -> str:
+    spec = resolve(intervention, access)
+    if intervention is None:
+        return "none"
+    return str(spec) if spec is not None else repr(intervention)
+
+
+def position_sweep(
+    model: Any = None,
+    task: str | Task = "kv_words",
+    n_items: int | Sequence[int] | None = None,
+    gold_positions: int | Sequence[int] | None = None,
+    n_trials: int = 40,
+    interventions: Sequence[Any] = (),
+    seed: int = 0,
+    *,
+    baseline: bool = True,
+    batch_size: int | None = None,
+    progress: bool | None = None,
+    tokenizer: Any = None,
+    backend: str | None = None,
+) -> Any:
+    """`evaluate_positions` for the baseline and every intervention on ONE access, as a `Scan` the explorer shows.
+
+    Every condition uses the same trials (seeds), so conditions differ only by the intervention. The Scan holds
+    the summary in `tables["evaluate.<task>"]` (one row per intervention x n_items x gold position; column
+    `intervention` is "none" or the spec's text form, e.g. "mask_heads:heads=L5H1"), every trial in
+    `tables["evaluate.trials"]`, an identity heads table (no head metrics) and, in `meta["evaluate"]`, the task,
+    positions, trials, seed and each condition's provenance (settings, resolved values, calibrations). Everything
+    that can be checked without the model (task, intervention text, specs bound to another access) is checked
+    before the model is loaded.
+    """
+    import datetime as _dt
+
+    from posprobe.models import load_model
+    from posprobe.scan import HEAD_ID_COLUMNS, Scan, _jsonable, _versions
+    from posprobe.tasks import get_task
+
+    started = time.time()
+    task_obj = get_task(task)
+    conditions = ([None] if baseline else []) + list(interventions)
+    if not conditions:
+        raise InputError("position_sweep has nothing to run: baseline=False and no interventions.")
+    for intervention in conditions:
+        resolve(intervention, model)
+    sizes = [task_obj.default_items] if n_items is None else ([n_items] if isinstance(n_items, int) else
+                                                              list(n_items))
+    for size in sizes:
+        _positions(size, gold_positions)
+    access = load_model(model, tokenizer=tokenizer, backend=backend)
+    summaries, trials, described = [], [], []
+    for intervention in conditions:
+        label = _label(intervention, access)
+        if label in {d["label"] for d in described}:
+            raise InputError(f"The intervention {label!r} is given twice; each condition of a sweep must differ.")
+        table = evaluate_positions(access, task_obj, sizes, gold_positions, n_trials, intervention, seed,
+                                   batch_size=batch_size, progress=progress)
+        summaries.append(table.assign(intervention=label))
+        trials.append(pd.DataFrame(table.attrs["trials"], columns=TRIAL_COLUMNS).assign(intervention=label))
+        described.append({"label": label, "intervention": table.attrs["intervention"],
+                          "n_errors": table.attrs["n_errors"], "seconds": table.attrs["seconds"],
+                          "tokens_per_second": table.attrs["tokens_per_second"]})
+    info = access.info
+    heads = pd.DataFrame([(layer, head, info.kv_head(head), info.layers[layer].layer_type)
+                          for layer in range(info.n_layers) for head in range(info.n_heads)], columns=HEAD_ID_COLUMNS)
+    curves = pd.DataFrame({"probe": pd.Series(dtype="object"), "curve": pd.Series(dtype="object"),
+                           "series": pd.Series(dtype="object"), "layer": pd.Series(dtype="int64"),
+                           "head": pd.Series(dtype="int64"), "x": pd.Series(dtype="float64"),
+                           "y": pd.Series(dtype="float64")})
+    summary = pd.concat(summaries, ignore_index=True)
+    summary = summary[["intervention", *[c for c in summary.columns if c != "intervention"]]]
+    meta = {
+        "model": info.name, "backend": access.backend, "weights_hash": access.weights_hash(),
+        "model_info": info.to_dict(), "probes": {}, "skipped": {}, "summaries": {},
+        "budget": {"name": "evaluate"}, "seed": seed, "text_source": None, "versions": _versions(),
+        "evaluate": {"task": task_obj.name, "task_config": _describe(task_obj), "n_items": sizes,
+                     "gold_positions": sorted(set(summary["gold_position"].tolist())), "n_trials": n_trials,
+                     "conditions": described},
+        "timings_s": {"total": time.time() - started},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return Scan(heads, curves, _jsonable(meta), {f"evaluate.{task_obj.name}": summary,
+                                                 "evaluate.trials": pd.concat(trials, ignore_index=True)})
+
+
+__all__ = ["evaluate_positions", "even_positions", "position_sweep", "summarize_trials", "trial_seed",
+           "wilson_interval"]

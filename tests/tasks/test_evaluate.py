@@ -16,7 +16,7 @@ from scipy.stats import binomtest
 import posprobe
 from posprobe.access import AttentionEdit
 from posprobe.errors import InputError, InterventionError
-from posprobe.interventions import Intervention, PositionalDimension, mask_heads
+from posprobe.interventions import Intervention, MaskHeads, PositionalDimension, mask_heads
 from posprobe.tasks import evaluate_positions, get_task, wilson_interval
 from posprobe.testing import PlantedAccess, planted_info
 
@@ -225,3 +225,65 @@ def test_gemma_answers_the_first_position(gemma):
     table = evaluate_positions(gemma, "kv_words", 10, [0, 9], n_trials=4, seed=0, progress=False)
     assert table.loc[table["gold_position"] == 0, "accuracy"].item() >= 0.75
     assert table.attrs["n_errors"] == 0
+
+
+def test_position_sweep_is_a_scan_of_every_condition_on_the_same_trials(tiny_rope, tmp_path):
+    from posprobe.scan import load
+    from posprobe.tasks.evaluate import position_sweep
+
+    dims = list(range(0, tiny_rope.info.d_model, 2))
+    strong = PositionalDimension(dims=dims, factor=-20.0, layers="0:")
+    scan = position_sweep(tiny_rope, "kv_words", 4, [0, 3], 2, [strong, "mask_heads:heads=L0H1"], seed=3)
+    summary = scan.tables["evaluate.kv_words"]
+    assert summary["intervention"].unique().tolist() == ["none", str(strong), "mask_heads:heads=L0H1"]
+    alone = evaluate_positions(tiny_rope, "kv_words", 4, [0, 3], 2, strong, 3, progress=False)
+    mine = summary[summary["intervention"] == str(strong)].drop(columns="intervention").reset_index(drop=True)
+    pd.testing.assert_frame_equal(mine, alone.reset_index(drop=True), check_like=True)  # same trials as one run
+    trials = scan.tables["evaluate.trials"]
+    assert len(trials) == 3 * 2 * 2 and set(trials["seed"]) == {3 * 1_000_003, 3 * 1_000_003 + 1}
+    conditions = scan.meta["evaluate"]["conditions"]
+    assert [c["label"] for c in conditions] == summary["intervention"].unique().tolist()
+    assert conditions[1]["intervention"]["resolved"]["layers"] == "0:2"
+    scan.save(tmp_path / "sweep")
+    assert load(tmp_path / "sweep").equals(scan)
+    with pytest.raises(InputError, match="twice"):
+        position_sweep(tiny_rope, "kv_words", 4, [0], 1, ["mask_heads:heads=L0H1", MaskHeads(heads=[(0, 1)])])
+
+
+def test_cli_eval_writes_a_scan_and_refuses_bad_specs_before_loading(tmp_path, monkeypatch, capsys):
+    import posprobe.models
+    from posprobe.cli import main
+    from posprobe.render.model_view import position_tables
+    from posprobe.scan import load
+
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", "tiny-rope", "--items", "4", "--positions", "0,3", "--trials", "2",
+                 "--intervention", "mask_heads:heads=L0H1,L1H2", "--out", str(out)])
+    assert code == 0
+    scan = load(out)
+    assert position_tables(scan) == ["evaluate.kv_words"]
+    assert scan.tables["evaluate.kv_words"]["intervention"].unique().tolist() == ["none",
+                                                                                   "mask_heads:heads=L0H1,L1H2"]
+    assert "| mask_heads:heads=L0H1,L1H2" in capsys.readouterr().out
+    loads = []
+    monkeypatch.setattr(posprobe.models, "load_model", lambda *a, **k: loads.append(a))
+    assert main(["eval", "--model", "tiny-rope", "--intervention", "mask_head:heads=L0H1", "--out",
+                 str(tmp_path / "bad")]) == 2
+    assert "Did you mean 'mask_heads'" in capsys.readouterr().err
+    assert main(["eval", "--model", "tiny-rope", "--positions", "0,x", "--out", str(tmp_path / "bad")]) == 2
+    (tmp_path / "file").write_text("not a directory")
+    assert main(["eval", "--model", "tiny-rope", "--out", str(tmp_path / "file")]) == 2
+    assert loads == [] and not (tmp_path / "bad").exists()
+
+
+def test_cli_lists_every_intervention_with_its_settings(capsys):
+    from posprobe.cli import main
+    from posprobe.interventions import list_interventions, parameters
+
+    assert main(["interventions"]) == 0
+    text = capsys.readouterr().out
+    for name in list_interventions():
+        assert f"\n{name} " in "\n" + text
+        for p in parameters(name):
+            assert p["name"] in text
+    assert "heads" in text and "9:18" not in text  # defaults only, nothing model-specific
