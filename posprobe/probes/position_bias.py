@@ -129,22 +129,24 @@ def bootstrap_u(curves: np.ndarray, n_resamples: int = 1000, seed: int = 0,
 
 def attention_curves(access: ModelAccess, contexts: Iterable[Tensor], n_bins: int = 12,
                      n_query: int = 16) -> tuple[Tensor, Tensor]:
-    """Binned relative-position attention [L, H, n_bins] and sink attention [L, H] over the last n_query queries."""
+    """Binned relative-position attention [L, H, n_bins] and sink attention [L, H] over the last n_query queries.
+
+    contexts: [b, n] id tensors (b contexts of one length per pass); every row weighs as one context."""
     info = access.info
     total = torch.zeros(info.n_layers, info.n_heads, n_bins, dtype=torch.float64)
     sink = torch.zeros(info.n_layers, info.n_heads, dtype=torch.float64)
     n = 0
     for ids in contexts:
-        length = ids.shape[-1]
+        length, rows = ids.shape[-1], (ids.shape[0] if ids.dim() == 2 else 1)
         queries = torch.arange(max(1, length - n_query), length)
 
-        def on_layer(cap: LayerCapture, queries: Tensor = queries) -> None:
-            probs = cap.pattern(queries)  # [b, H, q, n]
-            total[cap.layer] += binned_attention(probs, queries, n_bins)
-            sink[cap.layer] += probs[..., 0].double().mean((0, 2))
+        def on_layer(cap: LayerCapture, queries: Tensor = queries, rows: int = rows) -> None:
+            probs = cap.pattern(queries).cpu()  # [b, H, q, n]: n_query rows of one layer, to the CPU once
+            total[cap.layer] += binned_attention(probs, queries, n_bins) * rows
+            sink[cap.layer] += probs[..., 0].double().mean((0, 2)) * rows
 
         access.run(ids, taps={Tap.PATTERN}, on_layer=on_layer)
-        n += 1
+        n += rows
     if n == 0:
         raise ProbeError("The attention-level position-bias curve needs at least one context (n_contexts >= 1).")
     return total / n, sink / n
@@ -208,7 +210,7 @@ def document_attention(
             query = torch.tensor([ids.shape[1] - 1])
 
             def on_layer(cap: LayerCapture, rows: list[Prompt] = rows) -> None:
-                probs = cap.pattern(query)[:, :, 0].double()  # [b, H, n]
+                probs = cap.pattern(query)[:, :, 0].cpu().double()  # [b, H, n]: one query per row, to the CPU once
                 for r, prompt in enumerate(rows):
                     per_slot = torch.stack([probs[r, :, a:b].mean(-1) for a, b in prompt.spans], -1)  # [H, slots]
                     gold[trial, slots.index(prompt.gold_index), cap.layer] = per_slot[:, prompt.gold_index].numpy()
@@ -262,8 +264,10 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
     if length < 4:
         raise ProbeError(f"PositionBiasConfig.context_length must be >= 4 tokens; got {config.context_length}.")
     n_contexts = config.n_contexts
-    contexts = (torch.tensor([text_ids(access, length, seed=ctx.seed * 100_003 + 7_919 + c)])
-                for c in ctx.progress(range(n_contexts), "position-bias filler contexts"))
+    seeds = [ctx.seed * 100_003 + 7_919 + c for c in range(n_contexts)]
+    groups = [seeds[i: i + ctx.batch_size] for i in range(0, n_contexts, ctx.batch_size)]  # equal lengths: exact
+    contexts = (torch.tensor([text_ids(access, length, seed=s) for s in group])
+                for group in ctx.progress(groups, "position-bias filler contexts"))
     curves, sink = attention_curves(access, contexts, config.n_bins, config.n_query)
     curves_np = curves.numpy()
     u, first, middle, last = u_parts(curves_np)

@@ -39,6 +39,7 @@ from scipy.stats import spearmanr
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError
 from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame, per_level
+from posprobe.tasks.base import pad_left, pad_token_id
 from posprobe.tasks.needle import NeedleTrial, grid_for_trials, make_needle_trial, minimum_context_length
 
 
@@ -95,40 +96,67 @@ def _stop_ids(access: ModelAccess) -> tuple[int, ...]:
 
 def score_trial(access: ModelAccess, trial: NeedleTrial, config: RetrievalConfig = RetrievalConfig()) -> TrialOutcome:
     """Run one trial in `config.mode` and count, per head, the distinct needle positions it copied."""
+    return score_batch(access, [trial], config)[0]
+
+
+def score_batch(access: ModelAccess, trials: Sequence[NeedleTrial],
+                config: RetrievalConfig = RetrievalConfig()) -> list[TrialOutcome]:
+    """Score several trials with one scoring pass: sequences of different lengths are left-padded, with an
+    attention mask and explicit position_ids (`pad_left`), so every row sees exactly its own unpadded sequence.
+    Attention is read only at the answer queries of each row (never on padding); results equal `score_trial` one
+    trial at a time. Generate mode decodes each trial on its own first (greedy), then scores them together."""
     info = access.info
-    prompt = list(trial.input_ids)
-    answer = list(trial.answer_ids)
     teacher_forced = config.mode == "teacher_forced"
-    if teacher_forced:
-        steps = answer
-    else:
-        max_new = len(answer) + config.extra_new_tokens
-        steps = [int(t) for t in access.greedy(trial.ids(), max_new, stop_ids=_stop_ids(access))[0].tolist()]
-    sequence = torch.tensor(prompt + steps[:-1], dtype=torch.long)
-    first = len(prompt) - 1  # the query that produces step 0
-    queries = torch.arange(first, first + len(steps))
-    produced = torch.tensor(steps, dtype=torch.long)
-    start, stop = trial.answer_span if config.span == "answer" else trial.needle_span
-    copies = np.zeros((info.n_layers, info.n_heads), dtype=np.int64)
+    steps_of: list[list[int]] = []
+    for trial in trials:
+        if teacher_forced:
+            steps_of.append(list(trial.answer_ids))
+        else:
+            max_new = len(trial.answer_ids) + config.extra_new_tokens
+            out = access.greedy(trial.ids(), max_new, stop_ids=_stop_ids(access))[0]
+            steps_of.append([int(t) for t in out.tolist()])
+    batch = pad_left([list(t.input_ids) + s[:-1] for t, s in zip(trials, steps_of)], pad_token_id(access.tokenizer))
+    firsts = [batch.column(r, len(t.input_ids) - 1) for r, t in enumerate(trials)]  # column producing step 0
+    row_queries = [torch.arange(first, first + len(steps)) for first, steps in zip(firsts, steps_of)]
+    queries = torch.unique(torch.cat(row_queries))  # sorted union: every column is a real answer query of a row
+    spans = [t.answer_span if config.span == "answer" else t.needle_span for t in trials]
+    copies = [np.zeros((info.n_layers, info.n_heads), dtype=np.int64) for _ in trials]
+    on_device: dict[str, torch.Tensor] = {}
 
     def on_layer(cap: LayerCapture) -> None:
-        hit = torch.zeros(info.n_heads, stop - start, dtype=torch.bool)
+        if "ids" not in on_device or on_device["ids"].device != cap.device:
+            on_device["ids"] = batch.input_ids.to(cap.device)
+        ids = on_device["ids"]
+        hits = [torch.zeros(info.n_heads, stop - start, dtype=torch.bool, device=cap.device) for start, stop in spans]
         for qidx, probs in cap.pattern_chunks(config.chunk_size, queries):
-            j_star = probs[0].argmax(-1)  # [H, cq]
-            w = produced[qidx - first]
-            copied = (j_star >= start) & (j_star < stop) & (sequence[j_star] == w[None, :])
-            heads, cols = copied.nonzero(as_tuple=True)
-            hit[heads, j_star[heads, cols] - start] = True
-        copies[cap.layer] = hit.sum(-1).numpy()
+            for r, (start, stop) in enumerate(spans):
+                mine = torch.isin(qidx, row_queries[r].to(qidx.device))
+                if not bool(mine.any()):
+                    continue
+                cols = qidx[mine]
+                j_star = probs[r][:, mine].argmax(-1)  # [H, cq] columns of the padded row
+                w = torch.as_tensor(steps_of[r], device=cap.device)[cols - firsts[r]]
+                key = j_star - batch.offsets[r]  # sequence index of the attended key
+                copied = (key >= start) & (key < stop) & (ids[r][j_star] == w[None, :])
+                heads, where = copied.nonzero(as_tuple=True)
+                hits[r][heads, key[heads, where] - start] = True
+        for r, hit in enumerate(hits):
+            copies[r][cap.layer] = hit.sum(-1).cpu().numpy()
 
-    result = access.run(sequence[None], taps={Tap.PATTERN}, on_layer=on_layer,
-                        logits=queries if teacher_forced else "none")
-    if teacher_forced:
-        matches = (result.logits[0].argmax(-1) == produced).tolist()
-    else:
-        matches = [i < len(steps) and steps[i] == a for i, a in enumerate(answer)]
-    return TrialOutcome(trial=trial, copies=copies, steps=tuple(steps), correct=all(matches),
-                        token_accuracy=float(np.mean(matches)), span=(start, stop))
+    result = access.run(batch.input_ids, taps={Tap.PATTERN}, on_layer=on_layer,
+                        logits=queries if teacher_forced else "none", **batch.run_kwargs())
+    outcomes = []
+    for r, (trial, steps) in enumerate(zip(trials, steps_of)):
+        answer = list(trial.answer_ids)
+        if teacher_forced:
+            picked = torch.searchsorted(queries, row_queries[r])  # this row's answer columns among the logits
+            predicted = result.logits[r, picked.to(result.logits.device)].argmax(-1).cpu()
+            matches = (predicted == torch.as_tensor(steps)).tolist()
+        else:
+            matches = [i < len(steps) and steps[i] == a for i, a in enumerate(answer)]
+        outcomes.append(TrialOutcome(trial=trial, copies=copies[r], steps=tuple(steps), correct=all(matches),
+                                     token_accuracy=float(np.mean(matches)), span=spans[r]))
+    return outcomes
 
 
 def score_trials(
@@ -137,14 +165,20 @@ def score_trials(
     config: RetrievalConfig = RetrievalConfig(),
     *,
     progress: Callable[[Iterable[Any], str], Iterable[Any]] | None = None,
+    batch_size: int = 1,
 ) -> ProbeResult:
-    """Retrieval scores of every head over the given trials (the probe's work, usable on hand-made trials)."""
+    """Retrieval scores of every head over the given trials (the probe's work, usable on hand-made trials).
+
+    batch_size: trials per scoring pass (left-padded; the scores equal batch_size=1)."""
     _check(config)
     if not trials:
         raise ProbeError("score_trials needs at least one needle trial; build some with "
                          "posprobe.tasks.needle.make_needle_trials(access, lengths, depths).")
-    iterator = progress(trials, f"retrieval trials ({config.mode})") if progress is not None else trials
-    outcomes = [score_trial(access, trial, config) for trial in iterator]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ProbeError(f"batch_size must be a positive integer (trials per pass); got {batch_size!r}.")
+    groups = [list(trials[i: i + batch_size]) for i in range(0, len(trials), batch_size)]
+    iterator = progress(groups, f"retrieval trials ({config.mode})") if progress is not None else groups
+    outcomes = [outcome for group in iterator for outcome in score_batch(access, group, config)]
     return summarize(access.info, outcomes, config, decode=access.decode)
 
 
@@ -298,7 +332,7 @@ class Retrieval:
         n_trials = config.n_trials
         lengths = context_lengths(access, config.context_lengths or ctx.budget.context_lengths, config)
         trials = build_trials(access, n_trials, lengths, config, ctx.seed)
-        return score_trials(access, trials, config, progress=ctx.progress)
+        return score_trials(access, trials, config, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
 PROBE = Retrieval()

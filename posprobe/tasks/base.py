@@ -144,6 +144,66 @@ class Task(abc.ABC):
         return ("\n",)
 
 
+# --- batches of prompts of different lengths ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """Sequences left-padded to one length: what `access.run(ids, attention_mask=, position_ids=)` takes.
+
+    Row r holds its sequence at columns [offsets[r], n): sequence index i of row r is column offsets[r] + i, and its
+    position id is i (explicit position_ids, so padding shifts no position). Padding columns have mask 0 and
+    position 0; their token is `pad_id`. Queries a probe reads must be real columns (`column`)."""
+
+    input_ids: Tensor  # [b, n]
+    attention_mask: Tensor  # [b, n] 1 = token, 0 = padding
+    position_ids: Tensor  # [b, n]
+    offsets: tuple[int, ...]  # padding columns before row r's first token
+
+    @property
+    def padded(self) -> bool:
+        return any(self.offsets)
+
+    def column(self, row: int, index: int | Tensor) -> int | Tensor:
+        """The column of sequence index `index` of row `row`."""
+        return index + self.offsets[row]
+
+    def run_kwargs(self) -> dict[str, Tensor | None]:
+        """Keywords for `access.run`: no mask / positions when nothing is padded (the unpadded fast path)."""
+        if not self.padded:
+            return {}
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def pad_left(sequences: Sequence[Sequence[int]], pad_id: int) -> PaddedBatch:
+    """Left-pad token sequences to the longest one (the last column of every row is a real token)."""
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise InputError("pad_left needs at least one sequence and no empty sequence.")
+    n = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), n), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(sequences), n), dtype=torch.long)
+    pos = torch.zeros((len(sequences), n), dtype=torch.long)
+    offsets = []
+    for r, seq in enumerate(sequences):
+        off = n - len(seq)
+        ids[r, off:] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[r, off:] = 1
+        pos[r, off:] = torch.arange(len(seq))
+        offsets.append(off)
+    return PaddedBatch(ids, mask, pos, tuple(offsets))
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id padding columns hold (masked, so any valid id works): pad, else eos, else 0."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return 0
+
+
 # --- answer extraction shared by scorers -------------------------------------------------------------------------
 
 _INTEGER = re.compile(r"\d+")
