@@ -1,6 +1,6 @@
 """The access interface: the only thing probes, interventions and tasks know about a model.
 
-Owns `ModelInfo` / `LayerInfo` (per-layer positional facts, METRICS.md "RoPE layout"), the `Tap` vocabulary of
+Owns `ModelInfo` / `LayerInfo` (per-layer positional facts, "RoPE layout" in docs/probes/index.md), the `Tap` vocabulary of
 activations a probe may ask for, `LayerCapture` (what one layer hands a probe during a streaming forward pass),
 the edit specs interventions use, and the backend-free attention math (`attention_probs`, `causal_key_mask`) that
 adapters share when they compute attention patterns chunk-wise from the rotated q/k the model already produced.

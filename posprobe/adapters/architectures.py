@@ -1,7 +1,7 @@
 """Architecture facts of an HF causal LM, found generically, with one declarative entry per family exception.
 
 Owns the translation from an HF model (its modules and config; never TransformerLens' cfg, which is wrong for
-Gemma 3 / SmolLM2) to `ModulePaths` and `ModelInfo`, implementing METRICS.md "RoPE layout": per-layer positional
+Gemma 3 / SmolLM2) to `ModulePaths` and `ModelInfo`, implementing the "RoPE layout" of docs/probes/index.md: per-layer positional
 scheme (RoPE / NoPE / absolute / ALiBi), theta, rotary width and offset, chunk layout, scaling, sliding window,
 attention chunk, softcap, learned sinks and the attention scale. Used by every adapter, so that all backends report
 identical facts for identical weights.

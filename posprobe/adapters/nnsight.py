@@ -1,7 +1,7 @@
 """The nnsight adapter: posprobe's access interface over an nnsight 0.8 `TransformersModel`, through `trace()`.
 
 Owns the translation of `Tap`s and edit specs into reads and writes of the model's own module tree inside one trace
-(METRICS.md conventions: explicit position_ids, post-rotary q/k as the model computed them, the model's own attention
+(posprobe's conventions: explicit position_ids, post-rotary q/k as the model computed them, the model's own attention
 pattern), the restoration of the model's attention implementation after every trace, and the remote (NDIF) path.
 Positional facts come from the HF config of the wrapped model (`architectures.model_info`), as in every adapter.
 

@@ -1,6 +1,6 @@
 """The TransformerLens adapter: posprobe's access interface over a TL 4.x `TransformerBridge`, through its hook points.
 
-Owns the translation of `Tap`s and edit specs into TransformerBridge hook names (METRICS.md conventions: explicit
+Owns the translation of `Tap`s and edit specs into TransformerBridge hook names (posprobe's conventions: explicit
 position_ids, post-rotary q/k as the model computed them, the model's own attention pattern) and the safe way to
 boot a bridge from a user's HF model. Positional facts (`ModelInfo`) always come from the HF config of the model the
 bridge wraps, via `posprobe.adapters.architectures.model_info`, never from `bridge.cfg` (BACKENDS.md: its rotary

@@ -2,7 +2,7 @@
 
 Re-exports `create_app` (the app factory), `serve` (behind `posprobe app`), `run_explorer` (behind `Scan.explore()`)
 and `ScanCatalog`. Importing does no work: nothing is built and no scan is read until one of these is called. The
-app only reads saved scans; it never runs a model. Implements no METRICS.md section.
+app only reads saved scans; it never runs a model. Implements no metric (docs/explorer.md).
 """
 
 from posprobe.app.catalog import ScanCatalog

@@ -4,7 +4,7 @@ Owns `register_callbacks(app, catalog)` and one plain function per callback (`up
 `select_head`, `update_head`, `update_ranking`, `download_ranking`, `update_model*`, `update_compare*`). Each takes the
 catalogue plus the raw input values and returns the outputs as a tuple, so it is unit-tested without a browser. They
 only read saved scans (never run a model), accept only catalogue names from the browser (never a path), and turn any
-failure into a message in the page instead of a traceback. Implements no METRICS.md section.
+failure into a message in the page instead of a traceback. Implements no metric (docs/explorer.md).
 """
 
 from __future__ import annotations

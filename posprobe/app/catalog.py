@@ -5,7 +5,7 @@ with a `manifest.json` is one scan; a directory without one whose sub-directorie
 again on every page load so new scans saved into it appear. The browser only ever sends a name from this catalogue;
 no path from a request is ever read. Scans are loaded lazily, once, and a scan that fails to load (corrupted,
 incompatible format, missing) is remembered with its error message so the app can show an error page instead of a
-stack trace. Implements no METRICS.md section.
+stack trace. Implements no metric (docs/explorer.md).
 """
 
 from __future__ import annotations

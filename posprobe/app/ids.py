@@ -1,6 +1,6 @@
 """Component ids of the explorer, in one place so layout, callbacks and browser tests agree.
 
-Owns names only. Implements no METRICS.md section.
+Owns names only. Implements no metric (docs/explorer.md).
 """
 
 SCAN = "scan-select"

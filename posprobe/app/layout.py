@@ -1,8 +1,8 @@
 """The explorer's page: header with the scan picker, the error page slot, and the four view tabs.
 
 Owns `build_layout(catalog)` (called on every page load, so scans newly saved into a scan root appear) and the page
-template with its stylesheet (inline, so the app needs no asset files and no network). Implements no METRICS.md
-section.
+template with its stylesheet (inline, so the app needs no asset files and no network). Implements no metric
+(docs/explorer.md).
 """
 
 from __future__ import annotations

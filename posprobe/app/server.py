@@ -3,8 +3,8 @@
 Owns the Dash app factory (no work at import: nothing is built or loaded until `create_app` is called), the command
 line server behind `posprobe app` (bound to 127.0.0.1 unless told otherwise) and the notebook entry behind
 `Scan.explore()` (inline in Jupyter, a local server elsewhere). Dash runs without dev tools, so a failure shows a
-message in the page, never a traceback; unexpected server errors get a plain error page. Implements no METRICS.md
-section.
+message in the page, never a traceback; unexpected server errors get a plain error page. Implements no metric
+(docs/explorer.md).
 """
 
 from __future__ import annotations

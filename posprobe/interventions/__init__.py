@@ -1,4 +1,4 @@
-"""Interventions: frozen specs applied by whoever runs the model, restored exactly on exit (METRICS.md section 7).
+"""Interventions: frozen specs applied by whoever runs the model, restored exactly on exit (docs/interventions.md).
 
 Owns the public intervention names. The protocol (`Intervention`, `LayerRange`, the registry) lives in `spec.py`;
 each intervention lives in its own module and registers itself there. Built-in registrations, in one block:

@@ -1,5 +1,4 @@
-"""Disable RoPE: the identity rotation in all or chosen layers, a "NoPE ablation" of any RoPE model (METRICS.md
-sections 6 and 7).
+"""Disable RoPE: the identity rotation in all or chosen layers, a "NoPE ablation" of any RoPE model (docs/interventions.md).
 
 Owns the `DisableRope(layers=...)` spec (registered as "disable_rope") and `disable_rope(access, layers=None)`, the
 spec bound to an access: a context manager yielding it with `RotaryEdit`s active: inside the block every pass (and

@@ -1,4 +1,4 @@
-"""Head masking: chosen heads attend uniformly (METRICS.md sections 5 and 7; the ablation of Wu et al. 2024).
+"""Head masking: chosen heads attend uniformly (docs/interventions.md; the ablation of Wu et al. 2024).
 
 Owns the `MaskHeads(heads=...)` intervention spec (registered as "mask_heads"), `mask_heads(access, heads)` (the spec
 bound to an access: a context manager that yields it with the heads masked) and `mask_heads_edits(info, heads)` (the

@@ -1,5 +1,5 @@
 """Single-dimension scaling against position bias (Yu et al. 2024, "Mitigate Position Bias in Large Language Models
-via Scaling a Single Dimension"; METRICS.md section 7).
+via Scaling a Single Dimension"; docs/interventions.md).
 
 Owns the search for positional hidden dimensions (`find_positional_dimensions`), the scaling intervention spec
 `PositionalDimension` (registered as "positional_dimension"; `scale_dimension` / `positional_dimension` build it and

@@ -1,4 +1,4 @@
-"""Interventions as specs: one protocol, one layer range, one registry (METRICS.md section 7).
+"""Interventions as specs: one protocol, one layer range, one registry (docs/interventions.md).
 
 Owns `Intervention` (the base of every intervention and context-extension what-if), `LayerRange` (the one way
 posprobe names a block of layers), the registry (`register`, `parse`, `list_interventions`, `parameters`), the

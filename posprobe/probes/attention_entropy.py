@@ -1,4 +1,4 @@
-"""Attention entropy per head and by position (METRICS.md section 3; after Zhang et al. 2024).
+"""Attention entropy per head and by position (docs/probes/attention_entropy.md; after Zhang et al. 2024).
 
 Owns the head columns `entropy_mean` (H_i = -sum_j a_ij log a_ij in nats, mean over sampled queries i >= 1),
 `entropy_norm` (H_i / log(k_i) with k_i the number of keys query i can see: i + 1 under causal attention,

@@ -1,4 +1,4 @@
-"""Head basics: sink mass, previous-token score, attention vs distance (METRICS.md sections 2 and 3).
+"""Head basics: sink mass, previous-token score, attention vs distance (docs/probes/head_basics.md).
 
 Owns the head columns `sink_mass` (mean a_{i,0}), `previous_token_score` (mean a_{i,i-1}) and `distance_corr`
 (Spearman correlation of attention with log(1 + i - j) over visible causal pairs, sink column j = 0 excluded; after
@@ -29,7 +29,7 @@ class HeadBasicsConfig:
     n_distance_bins: int = 16  # log2 distance bins of the attention-vs-distance curve: 0, 1, 2-3, 4-7, ...
     # distance_corr ranks a_ij * k_i (attention relative to uniform over the k_i visible keys) rather than raw a_ij:
     # pooled over queries, raw a_ij of a perfectly uniform head falls as 1/(i+1) and long distances only occur at
-    # large i, so raw pooling reports about -0.56 for a uniform head. Set False for the literal METRICS formula.
+    # large i, so raw pooling reports about -0.56 for a uniform head. Set False to rank raw a_ij.
     relative_to_uniform: bool = True
 
 

@@ -1,4 +1,4 @@
-"""Implicit position: how much absolute position the residual stream carries, and where (METRICS.md section 6;
+"""Implicit position: how much absolute position the residual stream carries, and where (docs/probes/implicit_position.md;
 Haviv et al. 2022 "Transformer LMs without positional encodings still learn positional information"; Chi et al.
 2023 "Latent positional information is in the self-attention variance of transformer LMs without positional
 embeddings"; Zuo et al. 2024).

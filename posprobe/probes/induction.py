@@ -1,4 +1,4 @@
-"""Induction and duplicate-token heads, and Gu et al.'s sink rate (METRICS.md section 9; Olsson et al. 2022;
+"""Induction and duplicate-token heads, and Gu et al.'s sink rate (docs/probes/induction.md; Olsson et al. 2022;
 TransformerLens `detect_head`; Gu et al. 2024, "When Attention Sink Emerges in Language Models").
 
 Owns the head columns

@@ -1,4 +1,5 @@
-"""U-shaped positional bias in attention (METRICS.md section 4; Liu et al. 2023, Hsieh et al. 2024).
+"""U-shaped positional bias in attention (docs/probes/position_bias.md; Liu et al. 2023,
+Hsieh et al. 2024).
 
 Owns two measurements, both on position-neutral content, and the `position_bias` task probe that runs them:
 

@@ -1,4 +1,4 @@
-"""Positional heads: which RoPE chunks carry long-distance attention (METRICS.md section 2 and "RoPE layout"; after
+"""Positional heads: which RoPE chunks carry long-distance attention (docs/probes/positional_heads.md; after
 Hong et al. 2024, "On the token distance modeling ability of higher RoPE attention dimension"; the exact formula is
 posprobe's).
 
@@ -33,13 +33,13 @@ from posprobe.probes.rope_frequency import model_skip_reason
 @dataclass(frozen=True)
 class PositionalHeadsConfig:
     long_distance: int | None = None  # D in tokens; None = long_distance_fraction of each text's length
-    long_distance_fraction: float = 0.25  # "a quarter of the context length" (METRICS.md section 2)
+    long_distance_fraction: float = 0.25  # "a quarter of the context length" (Hong et al.)
     # Heads with positional_head_score >= threshold are positional heads. The score is a correlation in [-1, 1]
     # times an attention mass in [0, 1]; 0.4 asks for a clearly positive correlation AND most attention at long
     # range (e.g. corr 0.6 with 2/3 of the mass beyond D). On Gemma 3 270M (quick budget) it flags 8 of 72 heads,
     # 0.25 flags 30.
     threshold: float = 0.4
-    # METRICS.md counts every key at distance >= D, including the BOS sink (j = 0 is at distance i from every
+    # The definition counts every key at distance >= D, including the BOS sink (j = 0 is at distance i from every
     # query), so long_mass is mostly sink mass in models with a strong sink. True drops key 0 from the long sums.
     exclude_sink: bool = False
     pattern_chunk: int = 256  # queries per pattern chunk: same as head_basics, so the capture's pattern memo is shared

@@ -1,4 +1,4 @@
-"""Retrieval heads: which heads copy the needle into the answer (METRICS.md section 5; Wu et al. 2024).
+"""Retrieval heads: which heads copy the needle into the answer (docs/probes/retrieval.md; Wu et al. 2024).
 
 Owns the head columns `retrieval_score` (mean over scored trials of copied needle tokens / needle length) and
 `retrieval_activation` (share of scored trials in which the head copied at least one needle token), the curves

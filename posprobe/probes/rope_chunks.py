@@ -1,4 +1,4 @@
-"""The RoPE chunk kernel shared by `rope_frequency` and `positional_heads` (METRICS.md "RoPE layout", 1 and 2).
+"""The RoPE chunk kernel shared by `rope_frequency` and `positional_heads` ("RoPE layout" in docs/probes/index.md).
 
 Owns the one definition of the per-chunk logit contribution `c_k(i, j) = q~_i^(k) . k~_j^(k)` on post-rotary
 vectors: `split_chunks` cuts a head vector into its `r/2` two-dimensional rotary chunks (half-split or interleaved,
@@ -8,7 +8,7 @@ all (query, key) pairs, `chunk_dot` for matched pairs, and `weighted_chunk_contr
 exactly through linearity in the key. Summed over bands and multiplied by the attention scale, c_k is the model's
 pre-softmax logit before masking and softcapping. Also: `chunk_norms`, per-chunk frequencies with RoPE scaling
 (`effective_frequencies`), and the per-layer streaming reductions the two probes read (`layer_chunk_usage`: the
-attention-weighted |c_k| of section 1; `layer_long_range`: the long-distance signed c_k of section 2).
+attention-weighted |c_k| of rope_frequency; `layer_long_range`: the long-distance signed c_k of positional_heads).
 """
 
 from __future__ import annotations

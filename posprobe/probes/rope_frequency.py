@@ -1,4 +1,4 @@
-"""RoPE frequency usage per head (METRICS.md section 1 and "RoPE layout"; after Barbero et al. 2024, "Round and
+"""RoPE frequency usage per head (docs/probes/rope_frequency.md; after Barbero et al. 2024, "Round and
 Round We Go! What makes Rotary Positional Encodings useful?").
 
 Owns the head columns `rope_high_freq_share` (share of the logit usage in the fastest 1/8 of rotary chunks),

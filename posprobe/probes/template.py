@@ -1,4 +1,4 @@
-"""Template heads: score every head against any lower-triangular attention template, streaming (METRICS.md section 9).
+"""Template heads: score every head against any lower-triangular attention template, streaming (docs/probes/induction.md).
 
 Owns the `Template` convention, TransformerLens' three named templates (`TEMPLATES`: previous-token, duplicate-token,
 induction; the definitions of `transformer_lens.head_detector`), `TemplateScores` (a per-layer accumulator fed with
@@ -18,7 +18,7 @@ Measures (identical to TransformerLens' `compute_head_attention_similarity_score
 - `abs` = 1 - sum_ij |T_ij - a'_ij| / n_rows (excluded entries count 0): TransformerLens writes it as
   1 - mean(|T - a|) * n over the [n, n] matrix, i.e. one minus the mean per-row L1 distance; range [-1, 1].
   TransformerLens rounds the sum to 3 decimals; posprobe does not.
-- `row_mean` = mean over rows i with sum_j T_ij > 0 of sum_j T_ij a_ij (no exclusions): the METRICS.md form of
+- `row_mean` = mean over rows i with sum_j T_ij > 0 of sum_j T_ij a_ij (no exclusions): the docs' form of
   `induction_score` / `duplicate_token_score` (on a repeated block, the mean over second-copy queries of a[i, i-L+1]).
 Summed over every scored row of every sequence (and batch row) given; with all queries scored and one sequence,
 `mul` and `abs` equal `detect_head(model, seq, T, error_measure=...)` on the same weights and tokens.

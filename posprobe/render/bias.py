@@ -1,4 +1,4 @@
-"""Positional-bias figures (METRICS.md section 4): attention U-curve, document-level curve, behavioural U-curve.
+"""Positional-bias figures (docs/probes/position_bias.md): attention U-curve, document-level curve, behavioural U-curve.
 
 Owns pure functions to plotly figures: `position_bias(scan)` (attention by relative key position from the
 `position_bias` probe's curves), `document_bias(scan)` (Attn(doc_k) of a document moved through the slots, and the

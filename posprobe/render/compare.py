@@ -3,7 +3,7 @@
 Owns pure functions over two Scans (e.g. two models, two seeds, a model with and without an intervention):
 `head_differences` (a table of B - A per common (layer, head)), `compare_atlas` (A | B on one colour scale, and
 B - A on a diverging scale) and `compare_curve` (the same curve of both scans on one figure). Scans of different
-shapes are compared on the (layer, head) pairs they share. Renders any METRICS.md head metric; computes only
+shapes are compared on the (layer, head) pairs they share. Renders any head metric; computes only
 differences.
 """
 

@@ -2,7 +2,7 @@
 
 Owns pure functions from a Scan and a (layer, head) to plotly figures / DataFrames, used by the explorer's head
 view and by notebooks. Curves are found generically in the long `scan.curves` table by name, so a new probe's
-per-head curves appear without edits here. Renders the per-head curves of every METRICS.md section (attention vs
+per-head curves appear without edits here. Renders the per-head curves of every probe (attention vs
 distance, RoPE usage spectrum, long-range contribution by chunk, entropy by position, retrieval score by
 depth/length, position-bias curve, ...); computes nothing new beyond means over the other heads of a layer.
 """

@@ -1,7 +1,7 @@
 """Head-level figures: the layer x head atlas of any metric, per-head curves and a metric ranking bar chart.
 
 Owns pure functions from a Scan (heads / curves tables) to plotly figures; no model access, no state. Renders the
-head tables of every METRICS.md section; computes nothing new.
+head tables of every probe; computes nothing new.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Figures of the implicit-position probe (METRICS.md section 6): probe scores by layer, variance vs position,
+"""Figures of the implicit-position probe (docs/probes/implicit_position.md): probe scores by layer, variance vs position,
 similarity vs offset, for one scan or side by side for several (model vs RoPE-disabled vs random-init baselines).
 
 Owns pure functions from Scans (curves written by `posprobe.probes.implicit_position`) to plotly figures. Shuffled-

@@ -6,7 +6,7 @@ document-level U-curves, variance shrinkage, ... one trace per series, so "with 
 one figure), the mean over heads of any head-level curve per layer, the distribution of a head metric per layer, and
 behavioural position sweeps from any extra table shaped like `evaluate_positions` output (`gold_position`,
 `accuracy`, optional `ci_low` / `ci_high` / `n`). Found generically by name, so a new probe's curves and tables
-appear without edits here. Renders METRICS.md sections 4, 6, 7 and 8; computes nothing new beyond means.
+appear without edits here. Renders the model-level curves of docs/probes/*.md and docs/tasks.md; computes nothing new beyond means.
 """
 
 from __future__ import annotations

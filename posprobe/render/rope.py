@@ -1,6 +1,6 @@
 """RoPE frequency figures: layer x chunk heatmaps of the `rope_frequency` / `positional_heads` curves.
 
-Owns `rope_spectrum(scan, curve=...)`, a pure `Scan -> go.Figure` renderer of METRICS.md sections 1-2 as in
+Owns `rope_spectrum(scan, curve=...)`, a pure `Scan -> go.Figure` renderer of docs/probes/rope_frequency.md and positional_heads.md as in
 Barbero et al. 2024 (Fig. 2: q/k norm per frequency and layer): rows are layers, columns are rotary chunks
 (k = 0 fastest; the non-rotated band of a partial-rotary model is the last column), values are averaged over the
 layer's heads (or one head / one KV-head series). Hover shows each chunk's frequency from the scan's

@@ -1,4 +1,4 @@
-"""Seeded synthetic tasks (METRICS.md section 8) and the position-sweep evaluation (section 4, task level).
+"""Seeded synthetic tasks and the position-sweep evaluation (docs/tasks.md: the behavioural U-curve).
 
 Re-exports the task registry (`posprobe.tasks.registry`: names -> Task classes, imported on first use):
 `get_task("kv_words")` returns a task object (a frozen dataclass; keyword overrides change its fields),

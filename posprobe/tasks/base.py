@@ -3,8 +3,8 @@
 Owns `Prompt` (token ids + the token span of every item / document + the gold answer), `Task` (seeded prompt
 generator + exact-match scorer), `Segment` and `build_prompt` (a prompt assembled from text segments, tokenized
 segment by segment so item spans are exact token ranges), and the answer-extraction helpers the scorers share.
-Implements the task side of METRICS.md section 8 (synthetic, generated, seeded tasks; gold position swept) that
-section 4's behavioural and document-level U-curves are measured on.
+Implements the task side of docs/tasks.md (synthetic, generated, seeded tasks; gold position swept) that the
+behavioural and document-level U-curves (docs/probes/position_bias.md) are measured on.
 
 Spans are exact by construction: every segment is tokenized on its own and the prompt is the concatenation, so
 `input_ids[start:stop]` are precisely the tokens of item k. Tasks put segment boundaries where the tokenizer would

@@ -2,8 +2,8 @@
 
 Owns `KVWords` ("Below is a list of words, each with a secret number." then "word: 4821" lines, then
 "The secret number for X is") and `KVUuid` (Liu et al.'s "Extract the value corresponding to the specified key in
-the JSON object below." with UUID keys and values). METRICS.md section 8 (key-value retrieval, gold position swept)
-for the behavioural U-curve of section 4. Each key-value pair is one item whose token span the prompt records.
+the JSON object below." with UUID keys and values). docs/tasks.md (key-value retrieval, gold position swept)
+for the behavioural U-curve. Each key-value pair is one item whose token span the prompt records.
 """
 
 from __future__ import annotations

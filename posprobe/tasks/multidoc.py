@@ -4,8 +4,8 @@ Owns `MultiDoc`: `n_items` short documents about invented entities, each stating
 (e.g. "The capital of Velmora is Tarsine.") padded with generated filler sentences (and optionally an introducing
 sentence); exactly one document (the gold
 one) is about the entity the question asks for, so the answer is only in it. The gold document is moved through the
-slots with the distractors' order fixed (METRICS.md section 8; the document-level curve of section 4, after Hsieh
-et al. 2024, reads attention to each document's token span). Entity and answer names are generated from syllables,
+slots with the distractors' order fixed (docs/tasks.md; the document-level curve of docs/probes/position_bias.md, after
+Hsieh et al. 2024, reads attention to each document's token span). Entity and answer names are generated from syllables,
 so no fact can be known in advance.
 """
 

@@ -1,10 +1,10 @@
-"""Needle-in-a-haystack and passkey trials, seeded and built token by token (METRICS.md sections 5 and 8).
+"""Needle-in-a-haystack and passkey trials, seeded and built token by token (docs/tasks.md, docs/probes/retrieval.md).
 
 Owns `NeedleTrial` (prompt ids, the needle's token span, the answer's token span inside the needle, the answer ids
 as the model should continue the prompt), `make_needle_trial` / `make_needle_trials` (the "special magic number"
 needle of the retrieval-head probe, after Wu et al. 2024 and RULER) and `make_passkey_trials` (Mohtashami & Jaggi
 2023's passkey), the sentence-boundary snapping both share, and `check_answers` (teacher-forced exact match and
-answer log-probability, the needle accuracy of the causal check in section 5).
+answer log-probability, the needle accuracy of the retrieval heads' causal check).
 
 How a trial is built, and why:
 - The haystack is seeded generated text (`posprobe.tasks.text`, no download), tokenized as one text with a leading

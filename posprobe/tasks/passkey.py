@@ -1,7 +1,7 @@
 """The passkey task in the common Task API: a wrapper over `posprobe.tasks.needle` (one implementation).
 
 Owns `Passkey`, which maps the Task API onto `make_needle_trial(..., task="passkey")` (Mohtashami & Jaggi 2023;
-METRICS.md section 8, "needle in a haystack / passkey: filler text, needle at depths"): `n_items` depth slots over
+docs/tasks.md: "a passkey hidden in filler text at a chosen depth"): `n_items` depth slots over
 the haystack, gold slot k -> depth k / (n_items - 1). The prompt's `spans` split the haystack (needle included)
 into `n_items` contiguous chunks of near-equal token length; `gold_index` is the chunk that holds the needle's
 start after needle.py snapped it to a sentence boundary, so it can differ from the requested slot by one when the

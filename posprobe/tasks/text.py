@@ -1,7 +1,7 @@
 """Seeded natural-looking filler text that needs no download.
 
-Owns the text source of the shared scan passes and of task haystacks (METRICS.md section 8: "filler text ...
-generated sentences"). Sentences are drawn from small hand-written grammars so that any seed gives fluent,
+Owns the text source of the shared scan passes and of task haystacks (docs/tasks.md: filler
+text from generated sentences). Sentences are drawn from small hand-written grammars so that any seed gives fluent,
 position-neutral English with varied tokens; `generated_text` is deterministic in (seed, n_sentences).
 """
 

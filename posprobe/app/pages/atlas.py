@@ -1,7 +1,7 @@
 """The head atlas view: layers x heads heatmap coloured by any head metric, hover with every metric, click to select.
 
 Owns the atlas tab's layout and pure helpers (`figure`, `marker_patch_shapes`, `head_panel`) over
-`posprobe.render.heads`. Implements no METRICS.md section (it shows all of them).
+`posprobe.render.heads`. Implements no metric (docs/explorer.md; it shows all of them).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Owns presentation helpers only (Dash components and plain dicts): messages, the error page, empty figures, options, and
 the explorer's data grids (`data_grid`, `grid_column`: dash-ag-grid with sorting, floating filters, 4-significant-digit
-numbers); no callbacks, no scan loading. Implements no METRICS.md section.
+numbers); no callbacks, no scan loading. Implements no metric (docs/explorer.md).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The compare view: two scans side by side, their per-head difference on a metric, and a shared curve overlaid.
 
 Owns the compare tab's layout and pure helpers over `posprobe.render.compare`. Scans of different shapes are
-compared on the heads they share (the view says so). Implements no METRICS.md section.
+compared on the heads they share (the view says so). Implements no metric (docs/explorer.md).
 """
 
 from __future__ import annotations

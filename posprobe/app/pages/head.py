@@ -3,8 +3,8 @@
 Owns the head tab's layout and pure helpers: `curve_cards` (one graph per per-head / layer-level curve, found by
 name in `scan.curves` so new probes appear without edits), `metrics_table`, `ranking` (the AG Grid ranking as a
 compact column-list payload plus its column definitions), `row_ids_of` and `ranking_csv` (full-precision CSV in the
-grid's current filter and sort order). Figures come from `posprobe.render.head_detail`. Implements no METRICS.md
-section (it shows all of them).
+grid's current filter and sort order). Figures come from `posprobe.render.head_detail`. Implements no metric
+(docs/explorer.md; it shows all of them).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Owns the model tab's layout and pure helpers over `posprobe.render.model_view`. Curves are grouped by the probe that
 reported them and found by name, so a new probe's curves (implicit-position R^2 by layer, attention-, document- and
 behavioural U-curves with and without interventions, ...) appear without edits; a scan without them shows what it
-has and says what is missing. Implements no METRICS.md section (it shows sections 4, 6, 7, 8).
+has and says what is missing. Implements no metric (docs/explorer.md; it shows docs/probes/*.md and docs/tasks.md).
 """
 
 from __future__ import annotations
