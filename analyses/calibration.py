@@ -37,14 +37,14 @@ from plotly.subplots import make_subplots
 
 import posprobe
 from posprobe.access import Tap
-from posprobe.interventions.found_in_the_middle import FoundInTheMiddle, found_in_the_middle
+from posprobe.interventions import FoundInTheMiddle, LayerRange, PositionalDimension
 from posprobe.interventions.positional_dimension import (
     answer_loss,
     default_layers,
     find_positional_dimensions,
-    scale_dimension,
     task_prompts,
 )
+from posprobe.interventions.spec import layer_range_of
 from posprobe.probes.base import curve_frame
 from posprobe.probes.position_bias import binned_attention, middle_third, u_score
 from posprobe.tasks import wilson_interval
@@ -53,11 +53,11 @@ TUNING_SEED, HELDOUT_SEED = 1, 2
 POSITIONS = {20: [0, 3, 7, 10, 12, 16, 19], 40: [0, 13, 20, 26, 39]}
 
 
-def fitm_grid(n_layers: int) -> list[tuple[float, tuple[int, int], str]]:
-    """(temperature, layers [l0, l1), granularity): t over the last half, the last ~quarter, and ~3/4 of the layers
-    (Gemma 3 270M: 9-17, 13-17, 5-17), plus pooled-over-heads calibration."""
-    half, quarter, most = (n_layers // 2, n_layers), (n_layers - n_layers // 4 - 1, n_layers), (n_layers // 4 + 1,
-                                                                                                 n_layers)
+def fitm_grid(n_layers: int) -> list[tuple[float, LayerRange, str]]:
+    """(temperature, layers, granularity): t over the last half, the last ~quarter, and ~3/4 of the layers
+    (Gemma 3 270M: 9:18, 13:18, 5:18), plus pooled-over-heads calibration."""
+    half, quarter, most = (LayerRange(n_layers // 2, n_layers), LayerRange(n_layers - n_layers // 4 - 1, n_layers),
+                           LayerRange(n_layers // 4 + 1, n_layers))
     grid = [(t, half, "head") for t in (0.1, 0.3, 1.0, 3.0, 10.0)]
     grid += [(t, quarter, "head") for t in (0.1, 0.3, 1.0)]
     return grid + [(0.3, half, "layer"), (0.3, most, "head")]
@@ -107,12 +107,21 @@ def middle_positions(n_items: int, positions: list[int]) -> list[int]:
     return [p for p, r in zip(positions, rel) if 1 / 3 - 1e-9 <= r <= 2 / 3 + 1e-9]
 
 
-def fitm_label(t: float, layers: tuple[int, int], granularity: str) -> str:
-    return f"fitm t={t:g} L{layers[0]}-{layers[1] - 1}{' per-layer' if granularity == 'layer' else ''}"
+def fitm_label(t: float, layers: LayerRange, granularity: str) -> str:
+    return f"fitm t={t:g} L{layers}{' per-layer' if granularity == 'layer' else ''}"
 
 
-def dim_label(dim: int, factor: float, layers: list[int]) -> str:
-    return f"dim {dim} x{factor:g} L{layers[0]}-{layers[-1]}"
+def dim_label(dim: int, factor: float, layers: LayerRange) -> str:
+    return f"dim {dim} x{factor:g} L{layers}"
+
+
+def tuned_layers(choice: dict[str, Any]) -> LayerRange:
+    """The layer range of a tuned choice: "layer_range" ("9:18"); tuned.json files written before LayerRange hold
+    Found-in-the-Middle's [l0, l1) as "layers" with a "temperature", the dimension's inclusive [first, last]."""
+    if "layer_range" in choice:
+        return LayerRange.parse(choice["layer_range"])
+    first, last = (int(x) for x in choice["layers"])
+    return LayerRange(first, last if "temperature" in choice else last + 1)
 
 
 def summarise_losses(df: pd.DataFrame, n_items: int) -> dict[str, float]:
@@ -178,15 +187,14 @@ def stage_tune_fitm(access: Any, out: Path, args: argparse.Namespace) -> None:
               f"middle acc {s['middle_accuracy']:.3f} ({time.time() - t0:.0f} s)", flush=True)
 
     run("baseline", None)
-    base = found_in_the_middle(access, task="kv_words")
+    base = FoundInTheMiddle(task="kv_words")
     t0 = time.time()
-    bias = base.slot_bias(20)
+    bias = base.slot_bias(access, 20)  # cached on the access: every replace() below reuses it
     np.save(out / "fitm_slot_bias_20.npy", bias)
     print(f"slot bias (20 slots) estimated in {time.time() - t0:.0f} s", flush=True)
     for t, layers, granularity in fitm_grid(access.info.n_layers):
         fitm = base.replace(temperature=t, layers=layers, granularity=granularity)
-        run(fitm_label(t, layers, granularity), fitm, temperature=t, l0=layers[0], l1=layers[1],
-            granularity=granularity)
+        run(fitm_label(t, layers, granularity), fitm, temperature=t, layer_range=str(layers), granularity=granularity)
     choose_fitm(out)
 
 
@@ -195,13 +203,13 @@ def choose_fitm(out: Path) -> dict[str, Any]:
     rows = []
     for label, g in df.groupby("condition", sort=False):
         rows.append({"condition": label, **summarise_losses(g, 20),
-                     **({k: g[k].iloc[0] for k in ("temperature", "l0", "l1", "granularity")} if label != "baseline"
-                        else {})})
+                     **({k: g[k].iloc[0] for k in ("temperature", "layer_range", "granularity")}
+                        if label != "baseline" else {})})
     table = pd.DataFrame(rows)
     table.to_csv(out / "tune_fitm_summary.csv", index=False)
     best = table[table["condition"] != "baseline"].sort_values("loss").iloc[0]
     choice = {"condition": best["condition"], "temperature": float(best["temperature"]),
-              "layers": [int(best["l0"]), int(best["l1"])], "granularity": str(best["granularity"]),
+              "layer_range": str(best["layer_range"]), "granularity": str(best["granularity"]),
               "criterion": "lowest mean answer loss on the tuning split (all gold positions)"}
     tuned = _read_tuned(out)
     tuned["fitm"] = choice
@@ -218,19 +226,20 @@ def stage_tune_dim(access: Any, out: Path, args: argparse.Namespace) -> None:
     prompts = _tuning_prompts(access, args)
     candidates = pd.read_csv(out / "search_candidates.csv")
     dims = [int(d) for d in candidates["dim"].head(2)]
-    layers = default_layers(access.info)
+    layers = LayerRange.parse(layer_range_of(default_layers(access.info)))
     path = out / "tune_dim.parquet"
     done = pd.read_parquet(path) if path.exists() else pd.DataFrame()
     frames = [done] if len(done) else []
     have = set(done["condition"]) if len(done) else set()
 
-    def run(dim: int, factor: float, chosen: list[int]) -> None:
+    def run(dim: int, factor: float, chosen: LayerRange) -> None:
         label = dim_label(dim, factor, chosen)
         if label in have:
             return
         t0 = time.time()
-        df = answer_loss(access, prompts, intervention=scale_dimension(access, dim, factor, chosen), stepwise=True)
-        df["condition"], df["dim"], df["factor"], df["layers"] = label, dim, factor, f"{chosen[0]}-{chosen[-1]}"
+        spec = PositionalDimension(dims=dim, factor=factor, layers=chosen)
+        df = answer_loss(access, prompts, intervention=spec, stepwise=True)
+        df["condition"], df["dim"], df["factor"], df["layer_range"] = label, dim, factor, str(chosen)
         frames.append(df)
         pd.concat(frames, ignore_index=True).to_parquet(path, index=False)
         have.add(label)
@@ -244,10 +253,10 @@ def stage_tune_dim(access: Any, out: Path, args: argparse.Namespace) -> None:
         run(dims[1], 0.0, layers)
     best_factor = _dim_choice(out)["factor"]
     n = access.info.n_layers
-    run(dims[0], best_factor, list(range(n // 2, n)))
+    run(dims[0], best_factor, LayerRange(n // 2, n))
     best = _dim_choice(out)
     if best["dim"] == dims[0]:  # the factor grid (and one step beyond it) at the best layer range
-        chosen = list(range(best["layers"][0], best["layers"][1] + 1))
+        chosen = tuned_layers(best)
         for factor in [*FACTORS, 2 * min(FACTORS)]:
             run(dims[0], factor, chosen)
     choice = _dim_choice(out)
@@ -261,13 +270,13 @@ def _dim_choice(out: Path) -> dict[str, Any]:
     rows = []
     for label, g in df.groupby("condition", sort=False):
         rows.append({"condition": label, **summarise_losses(g, 20), "dim": int(g["dim"].iloc[0]),
-                     "factor": float(g["factor"].iloc[0]), "layers": g["layers"].iloc[0]})
+                     "factor": float(g["factor"].iloc[0]), "layer_range": g["layer_range"].iloc[0]})
     table = pd.DataFrame(rows)
     table.to_csv(out / "tune_dim_summary.csv", index=False)
     best = table.sort_values("loss").iloc[0]
-    first, last = (int(x) for x in best["layers"].split("-"))
     return {"condition": best["condition"], "dim": int(best["dim"]), "factor": float(best["factor"]),
-            "layers": [first, last], "criterion": "lowest mean stepwise answer loss on the tuning split"}
+            "layer_range": str(best["layer_range"]),
+            "criterion": "lowest mean stepwise answer loss on the tuning split"}
 
 
 def conditions(access: Any, out: Path) -> dict[str, Any]:
@@ -275,9 +284,9 @@ def conditions(access: Any, out: Path) -> dict[str, Any]:
     if "fitm" not in tuned or "dim" not in tuned:
         raise SystemExit("Run the tune-fitm and tune-dim stages first (tuned.json is incomplete).")
     f, d = tuned["fitm"], tuned["dim"]
-    fitm = found_in_the_middle(access, task="kv_words", temperature=f["temperature"], layers=tuple(f["layers"]),
-                               granularity=f["granularity"])
-    scaled = scale_dimension(access, d["dim"], d["factor"], tuple(d["layers"]))
+    fitm = FoundInTheMiddle(task="kv_words", temperature=f["temperature"], layers=tuned_layers(f),
+                            granularity=f["granularity"])
+    scaled = PositionalDimension(dims=d["dim"], factor=d["factor"], layers=tuned_layers(d))
     return {"baseline": None, "found_in_the_middle": fitm, "positional_dimension": scaled}
 
 
@@ -304,14 +313,14 @@ def sweep_conditions(access: Any, out: Path) -> dict[str, tuple[str, float, Any]
     """label -> (family, parameter, intervention) of the held-out sweeps; labels match the tuned conditions."""
     tuned = _read_tuned(out)
     f, d = tuned["fitm"], tuned["dim"]
-    layers = tuple(f["layers"])
-    base = found_in_the_middle(access, task="kv_words", layers=layers, granularity=f["granularity"])
+    layers, dim_layers = tuned_layers(f), tuned_layers(d)
+    base = FoundInTheMiddle(task="kv_words", layers=layers, granularity=f["granularity"])
     found: dict[str, tuple[str, float, Any]] = {}
-    for t in SWEEP_TEMPERATURES:  # replace() shares the slot-bias estimate: calibrated once for the whole sweep
+    for t in SWEEP_TEMPERATURES:  # the slot bias is cached on the access: calibrated once for the whole sweep
         found[fitm_label(t, layers, f["granularity"])] = ("found_in_the_middle", t, base.replace(temperature=t))
     for factor in SWEEP_FACTORS:
-        found[dim_label(d["dim"], factor, list(range(d["layers"][0], d["layers"][1] + 1)))] = (
-            "positional_dimension", factor, scale_dimension(access, d["dim"], factor, tuple(d["layers"])))
+        found[dim_label(d["dim"], factor, dim_layers)] = (
+            "positional_dimension", factor, PositionalDimension(dims=d["dim"], factor=factor, layers=dim_layers))
     return found
 
 
@@ -336,7 +345,7 @@ def stage_heldout_sweep(access: Any, out: Path, args: argparse.Namespace) -> Non
 def _answer_rows(access: Any, prompts: list, intervention: Any) -> np.ndarray:
     """Attention rows [b, L, H, n] of the answer-predicting query as the (intervened) model uses them."""
     if isinstance(intervention, FoundInTheMiddle):
-        return intervention.answer_attention(prompts, access)
+        return intervention.answer_attention(access, prompts)
     info = access.info
     n = prompts[0].n_tokens
     rows = np.zeros((len(prompts), info.n_layers, info.n_heads, n))
@@ -350,7 +359,7 @@ def _answer_rows(access: Any, prompts: list, intervention: Any) -> np.ndarray:
     if intervention is None:
         access.run(ids, taps={Tap.PATTERN}, on_layer=on_layer)
     else:
-        with intervention:
+        with intervention.applied(access):
             access.run(ids, taps={Tap.PATTERN}, on_layer=on_layer)
     return rows
 
@@ -497,12 +506,11 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
     dim_summary = pd.read_csv(out / "tune_dim_summary.csv")
     base_summary = fitm_summary[fitm_summary["condition"] == "baseline"].iloc[0].to_dict()
     fs = fitm_summary[fitm_summary["condition"] != "baseline"].copy()
-    fs["layers"] = fs["l0"].astype(int).astype(str) + "-" + (fs["l1"].astype(int) - 1).astype(str) + " " + \
-        fs["granularity"]
+    fs["layers"] = fs["layer_range"].astype(str) + " " + fs["granularity"]
     write_figure(sweep_figure(fs, "temperature", "layers", "Found-in-the-Middle temperature sweep", base_summary),
                  out / "sweep_fitm")
     ds = dim_summary.copy()
-    ds["series"] = "dim " + ds["dim"].astype(str) + " L" + ds["layers"]
+    ds["series"] = "dim " + ds["dim"].astype(str) + " L" + ds["layer_range"].astype(str)
     write_figure(sweep_figure(ds, "factor", "series", "Positional-dimension factor sweep", base_summary),
                  out / "sweep_dim")
     sweep_positions = pd.concat([fitm_sweep, dim_sweep[dim_sweep["condition"] != "baseline"]], ignore_index=True)
@@ -625,15 +633,15 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
                f"kv_words 20 pairs, held-out seed {HELDOUT_SEED}, the first {args.sweep_trials} trials at gold positions "
                f"{SWEEP_POSITIONS} (middle: {middle_positions(20, SWEEP_POSITIONS)}); baseline middle "
                f"{flat['baseline_middle'].iloc[0]:.3f}, mean {flat['baseline_mean'].iloc[0]:.3f}. Found-in-the-Middle "
-               f"on layers {tuned['fitm']['layers'][0]}-{tuned['fitm']['layers'][1] - 1}; dimension "
-               f"{tuned['dim']['dim']} on layers {tuned['dim']['layers'][0]}-{tuned['dim']['layers'][1]}. "
+               f"on layers {tuned_layers(tuned['fitm'])}; dimension "
+               f"{tuned['dim']['dim']} on layers {tuned_layers(tuned['dim'])} (START:STOP, stop exclusive). "
                "Figure: sweep_heldout.html.", "", *lines, ""]
 
     # attention-level curves
     gold = pd.read_parquet(out / "attention_gold.parquet")
     slots = pd.read_parquet(out / "attention_slots.parquet")
     rel = pd.read_parquet(out / "attention_relative.parquet")
-    calibrated = list(range(tuned["fitm"]["layers"][0], tuned["fitm"]["layers"][1]))
+    calibrated = tuned_layers(tuned["fitm"]).indices(info.n_layers, info.name)
     att_numbers = {}
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
         "gold document by gold position", "any document by slot", "by relative key position"))
@@ -653,13 +661,13 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
             att_numbers.setdefault(curve, {})[cond] = {"u_score": float(u_score(model_mean.to_numpy())),
                                                        "curve": [round(float(v), 6) for v in model_mean.values]}
     fig.update_layout(title=f"Attention of the answer-predicting query, mean over heads of the calibrated layers "
-                            f"{calibrated[0]}-{calibrated[-1]} (kv_words 20 pairs, held-out prompts)",
+                            f"{layer_range_of(calibrated)} (kv_words 20 pairs, held-out prompts)",
                       height=420, width=1350)
     write_figure(fig, out / "attention_after_calibration")
     numbers["attention"] = att_numbers
     md += ["## Attention-level U-curves after calibration", "",
-           f"Answer-predicting query, mean attention per token over the heads of layers {calibrated[0]}-"
-           f"{calibrated[-1]} (the Found-in-the-Middle layers), {args.attention_trials} held-out trials x "
+           f"Answer-predicting query, mean attention per token over the heads of layers "
+           f"{layer_range_of(calibrated)} (the Found-in-the-Middle layers), {args.attention_trials} held-out trials x "
            f"{len(POSITIONS[20])} gold positions; u_score = mean(first, last) / mean(middle third) "
            "(> 1: U-shaped). Figure: attention_after_calibration.html.", "",
            "| curve | " + " | ".join(att_numbers["slot_attention"]) + " |",
