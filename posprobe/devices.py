@@ -163,7 +163,7 @@ class MemoryEstimate:
         return self.activations + self.statistics + self.logits
 
 
-def _gib(n: float) -> str:
+def _gib(n: int | float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
