@@ -234,3 +234,17 @@ def check_memory(estimate: MemoryEstimate, devices: Iterable[torch.device], *, d
 def accumulator_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype statistics are summed in on `device`: float64, except on MPS (no float64 there: float32)."""
     return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def hashable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with real values: a model dispatched by accelerate with offloaded layers holds `meta`
+    placeholders that accelerate's hooks fill during forward ("Cannot copy out of meta tensor" otherwise); those
+    weights are onloaded module by module to the CPU (`accelerate.utils.modeling.get_state_dict_offloaded_model`),
+    so the digest equals that of the same weights undispatched. Memory: the offloaded weights, once, on the CPU."""
+    state = model.state_dict()
+    if not any(t.device.type == "meta" for t in state.values()):
+        return state
+    from accelerate.utils.modeling import get_state_dict_offloaded_model
+
+    loaded = get_state_dict_offloaded_model(model)
+    return {name: loaded.get(name, tensor) for name, tensor in state.items()}

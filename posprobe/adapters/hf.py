@@ -350,7 +350,9 @@ class HFAccess(ModelAccess):
         were computed yet): file-backed, reclaimable pages, but they show in the process high-water mark.
         """
         if self._hash is None:
-            self._hash = state_dict_hash(self.model.state_dict())
+            from posprobe.devices import hashable_state_dict
+
+            self._hash = state_dict_hash(hashable_state_dict(self.model))  # offloaded (accelerate) weights too
         return self._hash
 
     # --- one pass ----------------------------------------------------------------------------------------------
