@@ -108,11 +108,11 @@ def scan(
         typer.echo(f"wrote head ranking by {rank_metric} to {out / 'ranking.csv'}", err=True)
 
 
-def _run_sweep(spec, out: Optional[Path], rank_metric: Optional[str] = None) -> None:
+def _run_sweep(spec, out: Optional[Path], rank_metric: Optional[str] = None, ray: Optional[str] = None) -> None:
     """Run a sweep, print its summary table (markdown) on stdout; exit 1 when a cell failed."""
     from posprobe.sweep import run_sweep
 
-    summary = run_sweep(spec, out, log=lambda message: typer.echo(message, err=True))
+    summary = run_sweep(spec, out, log=lambda message: typer.echo(message, err=True), ray_address=ray)
     root = Path(out if out is not None else spec.out)
     if rank_metric:
         for name in summary.loc[summary.status != "failed", "scan"]:
@@ -128,11 +128,13 @@ def sweep(
                                               "what_ifs, backend, out")],
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: the file's out)")]
     = None,
+    ray: Annotated[Optional[str], typer.Option("--ray", help="address of a Ray cluster (auto | HOST:PORT): one Ray "
+                                                             "task per scan, with the file's [ray] request")] = None,
 ) -> None:
     """Run a sweep: one scan per model x budget x seed x intervention x what-if; finished scans are not redone."""
     from posprobe.sweep import SweepSpec
 
-    _run_sweep(SweepSpec.from_toml(file), out)
+    _run_sweep(SweepSpec.from_toml(file), out, ray=ray)
 
 
 def _scan_dirs(paths: list[Path]) -> list[Path]:

@@ -19,11 +19,19 @@ A sweep file (TOML; every key but `models` optional):
     what_ifs = ["none", "yarn:factor=4"]
     backend = "hf"
     out = "scans"                                # the CLI's --out overrides it
+    [ray]                                        # `posprobe sweep FILE --ray ADDRESS`: each cell's Ray task asks for
+    num_cpus = 1                                 # these resources (the device request)
+    num_gpus = 0
 
 Each cell writes `<out>/<model>__<budget>__seed<seed>[__<intervention>][__<what-if>]/` (a plain scan directory,
 `posprobe.load` reads it) with the cell's settings in `meta["sweep"]`, and `<out>/sweep.json` records the sweep and
 the last run's summary. Every input is checked (names, budgets, intervention texts, output paths) before any model
 is loaded; cells run in order, and a failing cell is reported in the summary without stopping the others.
+
+With `ray_address` (CLI `--ray ADDRESS`, the optional `posprobe[ray]` extra) the unfinished cells are submitted to an
+existing Ray cluster instead, one task each with the `[ray]` resource request; a task scans in its worker and hands
+back the saved scan's files (Parquet + JSON bytes, the same files `Scan.save` writes), which the driver writes into
+the cell's directory atomically, so a Ray sweep and a local one leave the same scans.
 """
 
 from __future__ import annotations
@@ -42,12 +50,13 @@ from typing import Any
 
 import pandas as pd
 
-from posprobe.errors import InputError, PosprobeError, ScanFormatError
+from posprobe.errors import InputError, MissingDependencyError, PosprobeError, ScanFormatError
 from posprobe.probes.base import BUDGETS, Budget, get_budget
 
 SWEEP_MARKER = "sweep.json"
 CONDITION_COLUMNS = ["model", "scan", "budget", "seed", "intervention", "what_if"]
-_KEYS = {"models", "budgets", "seeds", "probes", "interventions", "what_ifs", "backend", "out"}
+_KEYS = {"models", "budgets", "seeds", "probes", "interventions", "what_ifs", "backend", "out", "ray"}
+_RAY_INSTALL = 'pip install "posprobe[ray]"  (or: pip install ray)'
 
 
 def slug(text: str) -> str:
@@ -113,6 +122,24 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class RayRequest:
+    """The resources each cell's Ray task asks for (Ray's own num_cpus / num_gpus)."""
+
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+
+    @classmethod
+    def build(cls, table: Any) -> RayRequest:
+        if isinstance(table, RayRequest):
+            return table
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(table, dict) or set(table) - set(names) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in table.values()):
+            raise InputError(f"[ray] must be a table of non-negative numbers with keys {names}; got {table!r}.")
+        return cls(**{k: float(v) for k, v in table.items()})
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """Models x budgets x seeds x interventions x what-ifs (see the module docstring for the file format)."""
 
@@ -125,12 +152,13 @@ class SweepSpec:
     backend: str | None = None
     out: str | None = None
     model_only_names: bool = False  # `posprobe scan --model A --model B`: one directory per model, named after it
+    ray: RayRequest = RayRequest()
 
     @classmethod
     def build(cls, *, models: Sequence[str], budgets: Sequence[Any] = ("standard",), seeds: Sequence[int] = (0,),
               probes: Sequence[str] | None = None, interventions: Sequence[Any] = (None,),
               what_ifs: Sequence[Any] = (None,), backend: str | None = None, out: str | None = None,
-              model_only_names: bool = False) -> SweepSpec:
+              model_only_names: bool = False, ray: Any = None) -> SweepSpec:
         """A checked spec: names, budgets and intervention texts are validated here, before any model is loaded."""
         from posprobe.probes import get_probe
 
@@ -144,7 +172,8 @@ class SweepSpec:
                    seeds=tuple(dict.fromkeys(seeds)), probes=tuple(probes) if probes else None,
                    interventions=tuple(dict.fromkeys(_condition(c, "intervention") for c in interventions or [None])),
                    what_ifs=tuple(dict.fromkeys(_condition(c, "what-if") for c in what_ifs or [None])),
-                   backend=backend, out=out, model_only_names=model_only_names)
+                   backend=backend, out=out, model_only_names=model_only_names,
+                   ray=RayRequest.build(ray if ray is not None else {}))
         if not spec.budgets:
             raise InputError("budgets must name at least one budget.")
         names = [cell.dirname(model_only_names) for cell in spec.cells()]
@@ -171,7 +200,7 @@ class SweepSpec:
             raise InputError(f"The sweep file {path} names no models: add e.g. models = [\"gemma-3-270m\"].")
         lists = {k: (data[k] if isinstance(data[k], list) else [data[k]]) for k in
                  ("models", "budgets", "seeds", "probes", "interventions", "what_ifs") if k in data}
-        return cls.build(**lists, backend=data.get("backend"), out=data.get("out"))
+        return cls.build(**lists, backend=data.get("backend"), out=data.get("out"), ray=data.get("ray"))
 
     def cells(self) -> list[Cell]:
         return [Cell(m, b, s, i, w, self.probes, self.backend) for m in self.models for b in self.budgets
@@ -181,7 +210,7 @@ class SweepSpec:
         return {"models": list(self.models), "budgets": [b.to_dict() for b in self.budgets],
                 "seeds": list(self.seeds), "probes": list(self.probes) if self.probes else None,
                 "interventions": list(self.interventions), "what_ifs": list(self.what_ifs),
-                "backend": self.backend}
+                "backend": self.backend, "ray": dataclasses.asdict(self.ray)}
 
 
 def _finished(directory: Path, cell: Cell) -> bool:
@@ -218,45 +247,121 @@ def run_cell(cell: Cell, directory: str | Path, *, progress: bool | None = None)
     return result
 
 
+def scan_files(cell: Cell) -> dict[str, bytes]:
+    """Scan `cell` here and return its saved files (relative path -> bytes): the body of a sweep's Ray task."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="posprobe-cell-") as tmp:
+        folder = Path(tmp) / "scan"
+        run_cell(cell, folder, progress=False)
+        return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _write_files(files: dict[str, bytes], directory: Path) -> None:
+    from posprobe._io import replace_dir
+
+    with replace_dir(directory) as tmp:
+        for rel, data in files.items():
+            target = tmp / rel
+            if ".." in Path(rel).parts or Path(rel).is_absolute():
+                raise ScanFormatError(f"A Ray task returned an invalid scan file name {rel!r}.")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
+def _run_local(todo: list[tuple[str, Cell]], root: Path, progress: bool | None,
+               log: Callable[[str], None]) -> dict[str, tuple[str, str, float]]:
+    outcomes = {}
+    for number, (name, cell) in enumerate(todo, 1):
+        log(f"[{number}/{len(todo)}] {name}: scanning")
+        started = time.time()
+        try:
+            run_cell(cell, root / name, progress=progress)
+            outcomes[name] = ("done", "", time.time() - started)
+        except PosprobeError as exc:
+            outcomes[name] = ("failed", f"{type(exc).__name__}: {exc}", time.time() - started)
+            log(f"[{number}/{len(todo)}] {name}: failed: {exc}")
+    return outcomes
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependencyError("A Ray sweep (--ray)", _RAY_INSTALL) from None
+    return ray
+
+
+def _run_on_ray(todo: list[tuple[str, Cell]], root: Path, address: str, request: RayRequest,
+                log: Callable[[str], None]) -> dict[str, tuple[str, str, float]]:
+    """Submit every cell as a Ray task (its resource request), write each scan as its task finishes."""
+    ray = _import_ray()
+    connected = False
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=False)
+        connected = True
+    try:
+        task = ray.remote(num_cpus=request.num_cpus, num_gpus=request.num_gpus)(scan_files)
+        started = time.time()
+        refs = {task.remote(cell): name for name, cell in todo}
+        log(f"submitted {len(refs)} scans to the Ray cluster at {address}")
+        outcomes: dict[str, tuple[str, str, float]] = {}
+        waiting = list(refs)
+        while waiting:
+            ready, waiting = ray.wait(waiting, num_returns=1)
+            name = refs[ready[0]]
+            try:
+                _write_files(ray.get(ready[0]), root / name)
+                outcomes[name] = ("done", "", time.time() - started)
+                log(f"{name}: done on Ray")
+            except Exception as exc:  # a task's error arrives wrapped (RayTaskError); report it, keep the others
+                message = str(getattr(exc, "cause", None) or exc).strip().splitlines()
+                outcomes[name] = ("failed", f"{type(exc).__name__}: {message[-1] if message else ''}",
+                                  time.time() - started)
+                log(f"{name}: failed on Ray: {outcomes[name][1]}")
+        return outcomes
+    finally:
+        if connected:
+            ray.shutdown()
+
+
 def run_sweep(spec: SweepSpec, out: str | Path | None = None, *, progress: bool | None = None,
-              log: Callable[[str], None] = lambda message: None) -> pd.DataFrame:
+              log: Callable[[str], None] = lambda message: None, ray_address: str | None = None) -> pd.DataFrame:
     """Run every cell not finished yet; return the summary (one row per cell: scan, status, seconds, error).
 
     status: "done" (scanned now), "skipped" (its directory already held this cell's scan) or "failed" (the error
     is in the `error` column; the other cells still run). Output paths are checked before anything runs.
+    ray_address: submit the unfinished cells to that Ray cluster ("auto", "HOST:PORT", "ray://HOST:PORT").
     """
     from posprobe._io import check_output_dir
 
-    root = Path(out if out is not None else (spec.out or ""))
-    if not str(out if out is not None else (spec.out or "")):
+    target = out if out is not None else spec.out
+    if not target:
         raise InputError("The sweep has no output directory: pass --out DIR (or set out = \"DIR\" in the file).")
+    root = Path(target)
     check_output_dir(root, marker=SWEEP_MARKER, what="sweep")
-    cells = spec.cells()
-    for cell in cells:
-        check_output_dir(root / cell.dirname(spec.model_only_names), marker="manifest.json")
+    cells = [(cell.dirname(spec.model_only_names), cell) for cell in spec.cells()]
+    for name, _ in cells:
+        check_output_dir(root / name, marker="manifest.json")
+    if ray_address is not None:
+        _import_ray()  # a missing extra fails before any work
     root.mkdir(parents=True, exist_ok=True)
     record = {"format": "posprobe-sweep", "spec": spec.to_dict(), "last_run": None}
     (root / SWEEP_MARKER).write_text(json.dumps(record, indent=1))  # the directory is a sweep's from now on
-    rows = []
-    for number, cell in enumerate(cells, 1):
-        name = cell.dirname(spec.model_only_names)
-        row = {"scan": name, "model": cell.model, "budget": cell.budget.name, "seed": cell.seed,
-               "intervention": cell.intervention or "", "what_if": cell.what_if or "", "status": "", "seconds": 0.0,
-               "error": ""}
-        started = time.time()
+    todo = []
+    for number, (name, cell) in enumerate(cells, 1):
         if _finished(root / name, cell):
-            row["status"] = "skipped"
             log(f"[{number}/{len(cells)}] {name}: finished before, skipped")
         else:
-            log(f"[{number}/{len(cells)}] {name}: scanning")
-            try:
-                run_cell(cell, root / name, progress=progress)
-                row["status"] = "done"
-            except PosprobeError as exc:
-                row["status"], row["error"] = "failed", f"{type(exc).__name__}: {exc}"
-                log(f"[{number}/{len(cells)}] {name}: failed: {exc}")
-        row["seconds"] = round(time.time() - started, 2)
-        rows.append(row)
+            todo.append((name, cell))
+    outcomes = (_run_on_ray(todo, root, ray_address, spec.ray, log) if ray_address is not None and todo
+                else _run_local(todo, root, progress, log))
+    rows = []
+    for name, cell in cells:
+        status, error, seconds = outcomes.get(name, ("skipped", "", 0.0))
+        rows.append({"scan": name, "model": cell.model, "budget": cell.budget.name, "seed": cell.seed,
+                     "intervention": cell.intervention or "", "what_if": cell.what_if or "", "status": status,
+                     "seconds": round(seconds, 2), "error": error})
     summary = pd.DataFrame(rows)
     record["last_run"] = summary.to_dict(orient="records")
     (root / SWEEP_MARKER).write_text(json.dumps(record, indent=1))
@@ -326,5 +431,5 @@ def combined_ranking(paths: Iterable[str | Path], metric: str, top: int | None =
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["CONDITION_COLUMNS", "Cell", "SweepSpec", "combined_ranking", "combined_table", "conditions",
-           "run_cell", "run_sweep", "scan_dirs", "slug"]
+__all__ = ["CONDITION_COLUMNS", "Cell", "RayRequest", "SweepSpec", "combined_ranking", "combined_table",
+           "conditions", "run_cell", "run_sweep", "scan_dirs", "scan_files", "slug"]

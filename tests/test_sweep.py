@@ -168,3 +168,70 @@ def test_slugs_are_safe_and_distinct():
     assert slug("/models/a b") != slug("/models/a-b") and "/" not in slug("/models/a b")
     with pytest.raises(InputError, match="same directory"):
         SweepSpec.build(models=["tiny-rope"], budgets=[{"name": "x", "n_texts": 1}, {"name": "x", "n_texts": 2}])
+
+
+RAY_HEAD = """
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()  # until the test closes stdin
+ray.shutdown()
+"""
+
+
+def test_the_same_sweep_through_a_local_ray_instance_gives_equal_scans(swept, tmp_path):
+    """A Ray instance in its own process (started and stopped by this test); the CLI, in another, connects by address.
+
+    RAY_AUTH_MODE=token for both: Ray 2.5x generates a token for a new local instance, and a driver that connects by
+    address sends it only when the mode is set before ray is imported (hence separate processes).
+    """
+    pytest.importorskip("ray")
+    import os
+    import subprocess
+    import sys
+
+    _, local = swept
+    (tmp_path / "s.toml").write_text(SWEEP + "\n[ray]\nnum_cpus = 1\nnum_gpus = 0\n")
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    head = subprocess.Popen([sys.executable, "-c", RAY_HEAD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, env=env)
+    sweep = [sys.executable, "-m", "posprobe.cli", "sweep", str(tmp_path / "s.toml"), "--out", str(tmp_path / "ray")]
+    try:
+        address = head.stdout.readline().strip()
+        assert address, "the Ray head did not start"
+        first = subprocess.run([*sweep, "--ray", address], capture_output=True, text=True, env=env, timeout=300)
+        assert first.returncode == 0, first.stderr[-2000:]
+        assert "submitted 2 scans to the Ray cluster" in first.stderr
+        again = subprocess.run([*sweep, "--ray", address], capture_output=True, text=True, env=env, timeout=300)
+        assert again.returncode == 0 and again.stdout.count("skipped") == 2  # resumable on Ray too
+    finally:
+        head.stdin.close()
+        head.wait(timeout=120)
+    for name in ("tiny-nope__tiny__seed0", "tiny-rope__tiny__seed0"):
+        a, b = posprobe.load(local / name), posprobe.load(tmp_path / "ray" / name)
+        pd.testing.assert_frame_equal(a.heads, b.heads, rtol=1e-6)
+        pd.testing.assert_frame_equal(a.curves, b.curves, rtol=1e-6)
+        drop = ("timings_s", "created")
+        assert {k: v for k, v in a.meta.items() if k not in drop} == {k: v for k, v in b.meta.items() if k not in drop}
+
+
+def test_a_ray_request_must_be_numbers():
+    with pytest.raises(InputError, match=r"\[ray\] must be a table"):
+        SweepSpec.build(models=["tiny-rope"], ray={"num_gpu": 1})
+
+
+def test_missing_ray_says_how_to_install_before_any_work(tmp_path, capsys, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    (tmp_path / "s.toml").write_text(SWEEP)
+    assert main(["sweep", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o"), "--ray", "auto"]) == 2
+    assert 'pip install "posprobe[ray]"' in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
