@@ -11,10 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,34 +88,9 @@ def _manifest_ok(folder: Path, source_sha: str) -> bool:
 
 
 def _convert_gguf(gguf_path: Path, target: Path, source_sha: str, label: str) -> None:
-    """De-quantise a GGUF file once into an fp32 safetensors + tokenizer folder, written atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from posprobe.adapters.loading import convert_gguf
 
-    print(f"posprobe: converting {label} from GGUF to a local safetensors cache (once, about a minute) -> {target}",
-          file=sys.stderr, flush=True)
-    start = time.time()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
-                                                     dtype=torch.float32)
-        model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise (BACKENDS.md)
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.is_file()}
-        (tmp / "posprobe-cache.json").write_text(json.dumps(
-            {"format": _CACHE_FORMAT, "source": str(gguf_path), "source_sha256": source_sha, "files": files},
-            indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    print(f"posprobe: cache ready in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
+    convert_gguf(gguf_path, target, source_sha, label, _CACHE_FORMAT)
 
 
 def _cached_gguf_model(label: str, gguf_path: Path, source_sha: str) -> Path:
@@ -165,95 +137,26 @@ def _smollm2_folder() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Tiny random models
+# Tiny random models and HF loading: in posprobe.adapters.loading (the backend side); the names stay importable here
 
 
-def byte_tokenizer() -> Any:
-    """A byte-level tokenizer (256 byte tokens + <pad>, <bos>, <eos>, <unk>) that covers any text, no download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def __getattr__(name: str) -> Any:  # PEP 562: `from posprobe.models import tiny_model` imports transformers then
+    if name in ("tiny_model", "byte_tokenizer"):
+        from posprobe.adapters import loading
 
-    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {tok: i for i, tok in enumerate(specials + sorted(alphabet))}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    from tokenizers.processors import TemplateProcessing
-
-    core.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
-
-
-def tiny_model(
-    kind: str = "rope",
-    *,
-    n_layers: int = 2,
-    d_model: int = 64,
-    n_heads: int = 4,
-    n_kv_heads: int = 2,
-    head_dim: int | None = None,
-    max_positions: int = 4096,
-    rope_theta: float = 10000.0,
-    vocab_size: int | None = None,
-    seed: int = 0,
-) -> tuple[torch.nn.Module, Any]:
-    """A seeded random-init HF causal LM and its byte tokenizer. kind: "rope", "nope" or "absolute"."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, SmolLM3Config, \
-        SmolLM3ForCausalLM
-
-    tokenizer = byte_tokenizer()
-    vocab = vocab_size or len(tokenizer)
-    head_dim = head_dim or d_model // n_heads
-    common = dict(vocab_size=vocab, hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=n_layers,
-                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, head_dim=head_dim,
-                  max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                  tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    if kind == "rope":
-        config = LlamaConfig(**common, rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-        model = LlamaForCausalLM(config)
-    elif kind == "nope":
-        config = SmolLM3Config(**common, no_rope_layers=[0] * n_layers,
-                               rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
-        model = SmolLM3ForCausalLM(config)
-    elif kind == "absolute":
-        config = GPT2Config(vocab_size=vocab, n_embd=d_model, n_layer=n_layers, n_head=n_heads,
-                            n_positions=max_positions, bos_token_id=1, eos_token_id=2)
-        model = GPT2LMHeadModel(config)
-    else:
-        raise UnknownNameError("tiny model kind", kind, ["rope", "nope", "absolute"])
-    model.config._attn_implementation = "sdpa"
-    return model.eval(), tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The entry point
+        return getattr(loading, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _from_pretrained(path: str, device: torch.device | str = "cpu",
                      dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, Any]:
-    """Load weights straight onto `device` in `dtype` (device "auto": accelerate's device_map="auto")."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from posprobe.adapters.loading import from_pretrained
 
-    p = Path(path).expanduser()
-    placement = {"device_map": "auto"} if str(device) == "auto" else \
-        ({"device_map": str(device)} if torch.device(device).type != "cpu" else {})
-    try:
-        if p.is_file() and p.suffix == ".gguf":
-            tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
-            model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype, **placement)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(str(p) if p.exists() else path)
-            model = AutoModelForCausalLM.from_pretrained(str(p) if p.exists() else path, dtype=dtype, **placement)
-    except (OSError, ValueError) as exc:
-        where = "local directory" if p.exists() else "hub id (needs network access)"
-        raise ModelLoadError(
-            f"Could not load {path!r} as a {where}: {str(exc).splitlines()[0]}. Pass a directory holding "
-            f"config.json + weights + tokenizer, a .gguf file, or one of the known names: {', '.join(ZOO)}."
-        ) from None
-    return model, tokenizer
+    return from_pretrained(path, device, dtype, known_names=ZOO)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The entry point
 
 
 def load_model(
@@ -296,6 +199,8 @@ def load_model(
         kind = spec.removeprefix("tiny-")
         if kind not in ("rope", "nope", "absolute"):
             raise UnknownNameError("model", spec, ZOO)
+        from posprobe.adapters.loading import tiny_model
+
         model, tokenizer = tiny_model(kind)
         model = model.to(device=target, dtype=precision)
     elif Path(spec).expanduser().exists() or ("/" in spec and not spec.startswith((".", "/"))):
@@ -348,11 +253,9 @@ def wrap(model: Any, *, tokenizer: Any = None, backend: str | None = None, name:
         from posprobe.adapters.nnsight import NNsightAccess
 
         return NNsightAccess(model, tokenizer=tokenizer, name=name)
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a hard dependency
-        raise MissingDependencyError("Loading HF models", "pip install transformers") from None
-    if not isinstance(model, PreTrainedModel):
+    from posprobe.adapters.loading import is_hf_model
+
+    if not is_hf_model(model):
         raise UnsupportedModelError(
             f"posprobe cannot probe a {type(model).__module__}.{type(model).__name__}: expected a causal language "
             f"model (transformers AutoModelForCausalLM), a TransformerLens TransformerBridge or an nnsight "

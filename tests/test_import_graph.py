@@ -2,8 +2,9 @@
 
 Reads every module's import statements with `ast` (module level and inside functions alike: a lazy import is still
 a dependency), resolves them to posprobe modules and checks: no strongly connected component (no cycle); the core
-never imports the Dash explorer `posprobe.app` (it is reached by name through `posprobe._explorer`); and the
-explorer itself reads posprobe only through the public data and rendering layers.
+never imports the Dash explorer `posprobe.app` (it is reached by name through `posprobe._explorer`); the model
+libraries (transformers, tokenizers, TransformerLens, nnsight) are imported only in `posprobe/adapters/`; Dash only
+in `posprobe/app/`.
 """
 
 from __future__ import annotations
@@ -126,3 +127,28 @@ def test_core_never_imports_the_explorer(module):
         seen.add(current)
         todo.extend(graph[current])
     assert not any(target.startswith("posprobe.app") for m in seen for target in graph[m])
+
+
+BACKENDS = {"transformers", "tokenizers", "transformer_lens", "nnsight"}
+ONLY_IN = {**{name: "posprobe/adapters/" for name in BACKENDS}, "dash": "posprobe/app/", "dash_ag_grid": "posprobe/app/"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every package a module imports (anywhere in the file)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_model_libraries_only_in_adapters_and_dash_only_in_the_app():
+    misplaced = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE.parent).as_posix()
+        for name in third_party_imports(path) & set(ONLY_IN):
+            if not rel.startswith(ONLY_IN[name]):
+                misplaced.append(f"{rel} imports {name} (only {ONLY_IN[name]} may)")
+    assert not misplaced, misplaced

@@ -125,7 +125,7 @@ def build_family(name: str, *, seed: int = 0, attn_implementation: str = "sdpa")
     """A seeded random-init tiny model of family `name` and the byte tokenizer (no download)."""
     from transformers import AutoModelForCausalLM
 
-    from posprobe.models import byte_tokenizer
+    from posprobe.adapters.loading import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     config = family_config(name, len(tokenizer))

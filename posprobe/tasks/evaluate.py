@@ -331,7 +331,7 @@ def position_sweep(
 
     from posprobe.models import load_model
     from posprobe.scan import HEAD_ID_COLUMNS, Scan, _jsonable, _versions
-    from posprobe.tasks import get_task
+    from posprobe.tasks.registry import get_task
 
     started = time.time()
     task_obj = get_task(task)
