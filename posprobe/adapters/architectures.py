@@ -198,7 +198,8 @@ def _has_absolute_positions(model: nn.Module) -> bool:
     base = getattr(model, getattr(model, "base_model_prefix", ""), model)
     for name, mod in base.named_modules():
         leaf = name.rsplit(".", 1)[-1]
-        if isinstance(mod, nn.Embedding) and (leaf in ("wpe", "embed_positions") or "position" in leaf):
+        named = leaf in ("wpe", "embed_positions") or "position" in leaf
+        if named and any(isinstance(m, nn.Embedding) for m in mod.modules()):  # also inside wrappers (TL bridge)
             return True
     return False
 

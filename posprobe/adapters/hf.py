@@ -119,8 +119,8 @@ class AttentionCall:
         m = self.mask[..., query_index - self.q_offset, start:stop]
         if m.dtype == torch.bool:
             return s.masked_fill(~m, float("-inf"))
-        m = m.to(dtype)
-        return torch.where(m <= torch.finfo(m.dtype).min / 2, float("-inf"), s + m)
+        blocked = m <= torch.finfo(m.dtype).min / 2  # eager masks write finfo(dtype).min where a key is not allowed
+        return torch.where(blocked, float("-inf"), s + m.to(dtype))
 
     def softmax(self, scores: Tensor) -> Tensor:
         """Probabilities over the keys; with learned sinks, the sink column joins the softmax and is dropped (rows
@@ -335,7 +335,13 @@ class HFAccess(ModelAccess):
 
     @property
     def base(self) -> nn.Module:
-        return getattr(self.model, self.model.base_model_prefix)
+        """The decoder without the LM head (`base_model_prefix`; Llama 4's text model names it `model` instead)."""
+        base = getattr(self.model, self.model.base_model_prefix, None)
+        if base is None:
+            blocks = self.blocks
+            base = next(child for child in self.model.children()
+                        if any(m is blocks for m in child.modules()))
+        return base
 
     @property
     def outside_interface(self) -> bool:
