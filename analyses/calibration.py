@@ -1,5 +1,5 @@
 """Calibration interventions on Gemma 3 270M: Found-in-the-Middle and single-dimension scaling, measured on held-out
-trials (METRICS.md section 7; Hsieh et al. 2024, Yu et al. 2024), through the public API only.
+trials (docs/interventions.md; Hsieh et al. 2024, Yu et al. 2024), through the public API only.
 
 Stages (each resumable; outputs land in --out; run every Gemma stage under the shared lock):
   search     find_positional_dimensions: candidates, evidence curves (validation split: task seeds 4242 * 1_000_003 + t)

@@ -1,6 +1,7 @@
 """Implicit position on Gemma 3 270M: the model, the model with RoPE disabled, and random-init models of its shape.
 
-Reproduces METRICS.md section 6 (Haviv et al. 2022; Chi et al. 2023; Zuo et al. 2024) through the public API only.
+Reproduces docs/probes/implicit_position.md (Haviv et al. 2022; Chi et al. 2023; Zuo et al. 2024) through the public
+API only.
 For each input kind (generated text, uniform random tokens; BOS at position 0 as the tokenizer does) it scans with
 the `implicit_position` probe:
 1. the model itself;
@@ -185,7 +186,7 @@ def main() -> None:
         "scans": {},
     }
     report = [f"# Implicit position: {model.info.name}, RoPE-disabled, random-init baselines", "",
-              f"METRICS.md section 6. {n_sequences} sequences x {args.context_length} tokens per scan "
+              f"docs/probes/implicit_position.md. {n_sequences} sequences x {args.context_length} tokens per scan "
               f"({args.positions} sampled positions per sequence, train/test split by sequence, seed {args.seed}); "
               f"regressors: {', '.join(regressors)}. R^2 is on held-out sequences; MAD in token positions; "
               f"slopes are log Var_d vs log(position + 1). Controls: the same probes on shuffled training labels.", ""]

@@ -1,6 +1,6 @@
 """Lost in the middle on Gemma 3 270M: behavioural, attention-level and document-level U-curves side by side.
 
-Reproduces METRICS.md section 4 (after Liu et al. 2023 and Hsieh et al. 2024) through the public API only:
+Reproduces docs/probes/position_bias.md (after Liu et al. 2023 and Hsieh et al. 2024) through the public API only:
 1. the behavioural U-curve: greedy exact-match accuracy of word -> number key-value retrieval (`kv_words`) for 10,
    20 and 40 pairs, gold pair moved through evenly spaced positions, Wilson 95% intervals (`evaluate_positions`);
 2. the attention-level curve: attention by relative key position of the last queries of generated filler, per

@@ -1,6 +1,6 @@
 """Retrieval heads on Gemma 3 270M (and SmolLM2-135M when installed), with the causal check of Wu et al. 2024.
 
-Reproduces METRICS.md section 5 through the public API only:
+Reproduces docs/probes/retrieval.md through the public API only:
 1. retrieval scores of every head from the `retrieval` probe (teacher-forced, magic-number needle over context
    lengths x depths), the share of heads above 0.1, the top heads, and scores broken down by depth and length;
 2. the causal check: needle accuracy (teacher-forced exact match, a fresh set of trials with another seed) with
@@ -200,7 +200,7 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
 
 
 def report(results: list[dict[str, Any]], skipped: dict[str, str], args: argparse.Namespace) -> str:
-    lines = ["# Retrieval heads (METRICS.md section 5; Wu et al. 2024)", "",
+    lines = ["# Retrieval heads (docs/probes/retrieval.md; Wu et al. 2024)", "",
              f"Magic-number needle (7 digits), context lengths {args.lengths}, depths {args.depths}; teacher-forced "
              f"scoring over {args.trials} trials (answered trials only, as the paper); retrieval head = score > "
              f"{args.threshold}. Causal check on fresh trials (another seed): needle accuracy = teacher-forced exact "

