@@ -78,16 +78,24 @@ def scan(
     seed: Annotated[int, typer.Option(help="seed of every generated input")] = 0,
     backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
     rank_metric: Annotated[Optional[str], typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
+    what_if: Annotated[Optional[list[str]], typer.Option(
+        "--what-if", help="a context-extension what-if as NAME:KEY=VAL,... (e.g. yarn:factor=4), applied for the "
+                          "whole scan; repeat to apply several together. `posprobe interventions` lists them")] = None,
 ) -> None:
     """Scan a model and save the result (Parquet + JSON) to OUT (several --model: OUT/<model>/ each, resumable)."""
     from posprobe._io import check_output_dir
+    from posprobe.interventions import parse
 
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
+    what_ifs = [parse(text) for text in what_if or []]  # a bad spec fails before anything is loaded
     if model and len(model) > 1:
         from posprobe.sweep import SweepSpec
 
+        if len(what_ifs) > 1:
+            raise typer.BadParameter("several --what-if with several --model: write a sweep file (what_ifs = [...])",
+                                     param_hint="--what-if")
         spec = SweepSpec.build(models=model, budgets=[budget], seeds=[seed], probes=names, backend=backend,
-                               model_only_names=True)
+                               model_only_names=True, what_ifs=what_if or [None])
         _run_sweep(spec, out, rank_metric)
         return
     model = model[0] if model else None
@@ -96,7 +104,12 @@ def scan(
         typer.echo(f"{out} holds a scan already: it will be replaced when this scan is saved", err=True)
     from posprobe.scan import scan as run_scan
 
-    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend)
+    applied = None
+    if what_ifs:
+        from posprobe.what_if import Stack
+
+        applied = what_ifs[0] if len(what_ifs) == 1 else Stack(tuple(what_ifs))
+    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied)
     result.save(out)
     typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
                f"{', '.join(result.metrics)}) to {out} in {result.meta['timings_s']['total']:.0f} s", err=True)
@@ -192,8 +205,18 @@ def export(
 
 
 @app.command()
-def models() -> None:
-    """Known model names and whether they are installed."""
+def models(
+    families: Annotated[bool, typer.Option(
+        "--families", help="print the support matrix of model families instead (built from the conformance "
+                           "registry's tiny models: positional scheme, attention, probes, interventions, backends)")]
+    = False,
+) -> None:
+    """Known model names and whether they are installed (--families: which model families posprobe supports)."""
+    if families:
+        from posprobe.adapters.families import support_matrix_markdown
+
+        typer.echo(support_matrix_markdown())
+        return
     from posprobe.models import ZOO, list_models
 
     for name, installed in list_models().items():
@@ -260,6 +283,9 @@ def eval_command(
     intervention: Annotated[Optional[list[str]], typer.Option(
         help="an intervention as NAME:KEY=VAL,... (repeat for several; each is compared with the baseline). "
              "`posprobe interventions` lists them")] = None,
+    what_if: Annotated[Optional[list[str]], typer.Option(
+        "--what-if", help="a context-extension what-if as NAME:KEY=VAL,... (repeat for several; each is compared "
+                          "with the baseline, like --intervention)")] = None,
     baseline: Annotated[bool, typer.Option(help="also run without intervention")] = True,
     seed: Annotated[int, typer.Option(help="base seed of the trials")] = 0,
     backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
@@ -270,7 +296,7 @@ def eval_command(
 
     sizes = _int_list(items, "--items")
     gold = _int_list(positions, "--positions")
-    specs = [parse(text) for text in intervention or []]  # a bad spec fails before anything is loaded
+    specs = [parse(text) for text in [*(intervention or []), *(what_if or [])]]  # bad specs fail before loading
     state = check_output_dir(out, marker="manifest.json")
     if state == "overwrite":
         typer.echo(f"{out} holds a scan already: it will be replaced when this sweep is saved", err=True)

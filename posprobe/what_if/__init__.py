@@ -4,6 +4,7 @@ Owns the one place these live. Each what-if is a frozen spec (`posprobe.interven
 to a model access as a context manager that restores the model exactly on exit, accepted wherever interventions
 are (`scan(model, intervention=...)`, `evaluate_positions(..., intervention=...)`, `"yarn:factor=4"` text):
 
+- `extrapolate`: plain RoPE past the native window (the baseline: only the length limit is lifted).
 - RoPE rescaling through transformers' own rope functions (`rope_scaling`): pi, ntk, dynamic, yarn, longrope,
   llama3, proportional.
 - At the attention logits (`remap`): string, self_extend, ms_poe, logn (query temperature), and the masks
@@ -13,7 +14,7 @@ Each docstring gives the formula and the paper; `posprobe interventions` lists t
 backend only (they change the rotary embedding / attention of a transformers model).
 """
 
-from posprobe.what_if.base import WhatIf
+from posprobe.what_if.base import Extrapolate, Stack, WhatIf
 from posprobe.what_if.remap import (
     STRING,
     LMInfinite,
@@ -34,6 +35,6 @@ from posprobe.what_if.rope_scaling import (
     YaRN,
 )
 
-__all__ = ["STRING", "DynamicNTK", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE", "NTKAware",
+__all__ = ["STRING", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE", "NTKAware",
            "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE", "RopeRescaling", "SelfExtend",
-           "StreamingLLM", "WhatIf", "YaRN"]
+           "Stack", "StreamingLLM", "WhatIf", "YaRN"]

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from posprobe.access import ChunkLayout, Edit, ModelAccess
 from posprobe.errors import InterventionError
-from posprobe.interventions.spec import Intervention, LayerRange, check_access, layer_range_of
+from posprobe.interventions.spec import Intervention, LayerRange, check_access, layer_range_of, register
 
 # Attribute set on the access while RoPE-rescaling what-ifs are applied: {layer: (rotary module, layer_type)}.
 _ROTARY_OVERRIDES = "_posprobe_what_if_rotary"
@@ -233,3 +233,49 @@ class PositionRecorder:
     def remove(self) -> None:
         self.handle.remove()
         self.memo.clear()
+
+
+@register
+@dataclass(frozen=True)
+class Extrapolate(WhatIf):
+    """Plain RoPE past the native window: nothing changes but the access's length limit (the baseline of every
+    context-extension comparison). `max_length` None: no limit."""
+
+    max_length: int | None = field(default=None, metadata={"help": "longest sequence accepted; none = no limit"})
+
+    name: ClassVar[str] = "extrapolate"
+    summary: ClassVar[str] = "plain RoPE beyond the native window (only the access's length limit is lifted)"
+    needs_rope: ClassVar[bool] = False
+
+    def default_layers(self, access: ModelAccess) -> list[int]:
+        return list(range(access.info.n_layers))
+
+    def context_limit(self, access: ModelAccess) -> int | None:
+        return self.max_length
+
+
+@dataclass(frozen=True)
+class Stack(Intervention):
+    """Several interventions / what-ifs applied together, in order (e.g. YaRN then Self-Extend); exit undoes them in
+    reverse. What `posprobe scan --what-if A --what-if B` applies. Not registered (no text form of its own)."""
+
+    parts: tuple[Intervention, ...] = ()
+
+    name: ClassVar[str] = "stack"
+    summary: ClassVar[str] = "several interventions applied together"
+
+    @contextlib.contextmanager
+    def applied(self, access: ModelAccess) -> Iterator[ModelAccess]:
+        with contextlib.ExitStack() as stack:
+            for part in self.parts:
+                stack.enter_context(part.applied(access))
+            yield access
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "parts": [part.to_dict() for part in self.parts]}
+
+    def describe(self, access: ModelAccess | None = None) -> dict[str, Any]:
+        return {"name": self.name, "parts": [part.describe(access) for part in self.parts]}
+
+    def __str__(self) -> str:
+        return " + ".join(str(part) for part in self.parts)
