@@ -201,15 +201,15 @@ def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.D
     lines = [
         f"# Context extension past the native window ({args.variant})", "",
         f"Command: `{' '.join(['python'] + sys.argv)}`", "",
-        f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials per "
-        f"(method, task, length, depth) x {DEPTHS[args.variant]} depths; evaluation seed {args.seed} (settings are the papers', "
-        f"not tuned); wall time {wall / 60:.1f} min.", "",
+        (f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials per "
+         f"(method, task, length, depth) x {DEPTHS[args.variant]} depths; evaluation seed {args.seed} (settings "
+         f"are the papers', not tuned); wall time {wall / 60:.1f} min."), "",
         "Greedy exact-match accuracy over all depths, Wilson 95 % interval:", "",
         wide.reset_index().to_markdown(index=False), "",
     ]
     if args.variant == "quick":
-        lines += ["The quick variant's model has random weights: accuracies near 0 are expected; this table checks "
-                  "that every method runs past the native window and that the report is produced.", ""]
+        lines += [("The quick variant's model has random weights: accuracies near 0 are expected; this table "
+                   "checks that every method runs past the native window and that the report is produced."), ""]
     slots = DEPTHS[args.variant] - 1  # relative positions binned to the nearest requested depth
     binned = (depth["relative_position"] * slots).round() / slots
     by_depth = depth.assign(depth=(100 * binned).round().astype(int).astype(str) + "%")

@@ -35,6 +35,6 @@ from posprobe.what_if.rope_scaling import (
     YaRN,
 )
 
-__all__ = ["STRING", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE", "NTKAware",
-           "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE", "RopeRescaling", "SelfExtend",
+__all__ = ["STRING", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE",
+           "NTKAware", "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE", "RopeRescaling", "SelfExtend",
            "Stack", "StreamingLLM", "WhatIf", "YaRN"]

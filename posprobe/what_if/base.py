@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from posprobe.access import ChunkLayout, Edit, ModelAccess
 from posprobe.errors import InterventionError
-from posprobe.interventions.spec import Intervention, LayerRange, check_access, layer_range_of, register
+from posprobe.interventions.spec import (
+    Intervention,
+    LayerRange,
+    check_access,
+    layer_range_of,
+    register,
+)
 
 # Attribute set on the access while RoPE-rescaling what-ifs are applied: {layer: (rotary module, layer_type)}.
 _ROTARY_OVERRIDES = "_posprobe_what_if_rotary"

@@ -34,7 +34,13 @@ from torch import Tensor
 from posprobe.access import AttentionEdit, EditContext, ModelAccess, expand_kv
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import register
-from posprobe.what_if.base import WhatIf, current_inv_freq, native_length, rotary_offset, rotate
+from posprobe.what_if.base import (
+    WhatIf,
+    current_inv_freq,
+    native_length,
+    rotary_offset,
+    rotate,
+)
 
 
 @dataclass
@@ -66,7 +72,7 @@ class PairwiseAttention(WhatIf):
         if ctx.query is None or ctx.key is None:
             raise InterventionError(f"{self.name}: this adapter does not hand q/k to attention edits (EditContext."
                                     f"query/key); the position what-ifs run on the HF backend.")
-        q, n_keys = ctx.query, ctx.n_keys
+        q = ctx.query
         n_heads = q.shape[1]
         pos_k = _key_positions(ctx, q.shape[0], q.device)
         pos_q = pos_k[:, ctx.query_index]

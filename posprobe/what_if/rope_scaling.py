@@ -80,7 +80,7 @@ class RopeRescaling(WhatIf):
         if self.max_length is not None:
             return int(self.max_length)
         native = native_length(access)
-        return None if native is None else int(math.ceil(native * float(self.factor)))
+        return None if native is None else math.ceil(native * float(self.factor))
 
     def scaled_config(self, access: ModelAccess, layers: list[int]) -> Any:
         """A copy of the model's config with this what-if's rope_parameters for the touched layers' types.
@@ -254,10 +254,26 @@ class LongRoPE(RopeRescaling):
     summary: ClassVar[str] = "LongRoPE: per-dim rescale factors (long beyond the native length), sqrt attention factor"
     rope_type: ClassVar[str] = "longrope"
 
-    long_factor: tuple[float | int, ...] | None = field(default=None, metadata={"help": "r/2 factors used beyond L"})
-    short_factor: tuple[float | int, ...] | None = field(default=None, metadata={"help": "r/2 factors used up to L"})
+    # text form: long_factor=1,1.5,2,... (one value per frequency)
+    long_factor: tuple[float | int, ...] | list | str | None = field(default=None, metadata={
+        "help": "r/2 factors used beyond L; none = all `factor`"})
+    short_factor: tuple[float | int, ...] | list | str | None = field(default=None, metadata={
+        "help": "r/2 factors used up to L; none = all 1"})
     original_max_position_embeddings: int | None = field(default=None, metadata={"help": "trained length; none "
                                                                                          "= the model's"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label in ("long_factor", "short_factor"):
+            value = getattr(self, label)
+            if value is None:
+                continue
+            try:
+                values = tuple(float(v) for v in (value.split(",") if isinstance(value, str) else value))
+            except (TypeError, ValueError):
+                raise InterventionError(f"longrope: {label} must be numbers (text: 1,1.5,2,...); got {value!r}.") \
+                    from None
+            object.__setattr__(self, label, values)
 
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         half = access.info.layers[layer].rotary_dim // 2
@@ -281,7 +297,8 @@ class ProportionalRoPE(RopeRescaling):
     rope_type: ClassVar[str] = "proportional"
 
     factor: float | int = field(default=1.0, metadata={"help": "frequency divisor of the rotating part"})
-    partial_rotary_factor: float | int = field(default=0.75, metadata={"help": "fraction of the frequencies that rotate"})
+    partial_rotary_factor: float | int = field(default=0.75, metadata={"help": "fraction of the frequencies that "
+                                                                               "rotate"})
 
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         if not 0.0 <= float(self.partial_rotary_factor) <= 1.0:

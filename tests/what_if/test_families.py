@@ -66,9 +66,8 @@ def test_family(name):
     yarn, pi = YaRN(factor=2.0, layers="0:"), PositionInterpolation(factor=2.0, layers="0:")
     ms_poe = MsPoE(ratio_min=2.0, ratio_max=2.0, layers="0:")
     if name in REFUSED:
-        with pytest.raises(InterventionError, match=REFUSED[name]):
-            with ms_poe.applied(access):
-                access.run(ids, logits="all")
+        with pytest.raises(InterventionError, match=REFUSED[name]), ms_poe.applied(access):
+            access.run(ids, logits="all")
         return
     with yarn.applied(access):
         got = access.run(ids, logits="all").logits

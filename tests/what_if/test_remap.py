@@ -18,7 +18,15 @@ import torch
 
 from posprobe.access import Tap
 from posprobe.errors import InterventionError
-from posprobe.what_if import STRING, LMInfinite, LogNTemperature, MsPoE, SelfExtend, StreamingLLM, YaRN
+from posprobe.what_if import (
+    STRING,
+    LMInfinite,
+    LogNTemperature,
+    MsPoE,
+    SelfExtend,
+    StreamingLLM,
+    YaRN,
+)
 from tests.what_if.conftest import NATIVE, tiny_llama, wrap
 
 N = 64  # tokens: twice the tiny models' native window

@@ -88,9 +88,8 @@ def test_gemma3_every_layer_when_chosen(gemma3, ids):
 
 
 def test_gemma3_half_a_layer_type_is_refused(gemma3):
-    with pytest.raises(InterventionError, match="share a type"):
-        with YaRN(layers="1:2").applied(gemma3):
-            pass
+    with pytest.raises(InterventionError, match="share a type"), YaRN(layers="1:2").applied(gemma3):
+        pass
 
 
 def test_dynamic_is_a_no_op_within_the_native_window(llama):
@@ -146,3 +145,10 @@ def test_text_form_and_provenance(llama):
 def test_bad_factor_is_refused():
     with pytest.raises(InterventionError, match="positive"):
         YaRN(factor=0)
+
+
+def test_longrope_factors_from_text():
+    spec = parse("longrope:factor=3,long_factor=" + ",".join(str(v) for v in LONG) + ",short_factor=1,1,1,1,1,1,1,1")
+    assert spec.long_factor == tuple(LONG) and spec.short_factor == (1.0,) * HALF
+    with pytest.raises(InterventionError, match="numbers"):
+        LongRoPE(long_factor="a,b")
