@@ -228,17 +228,21 @@ class Intervention:
 
     # --- construction ---------------------------------------------------------------------------------------------
     @classmethod
-    def build(cls, **settings: Any) -> Intervention:
-        """cls(**settings) with a clear error for unknown setting names."""
+    def _check_names(cls, settings: dict[str, Any]) -> None:
         names = [f.name for f in dataclasses.fields(cls)]
         bad = next((k for k in settings if k not in names), None)
         if bad is not None:
             raise UnknownNameError(f"{cls.name} setting", bad, names)
+
+    @classmethod
+    def build(cls, **settings: Any) -> Intervention:
+        """cls(**settings) with a clear error for unknown setting names."""
+        cls._check_names(settings)
         return cls(**settings)
 
     def replace(self, **changes: Any) -> Intervention:
         """A copy with settings changed (calibration is shared through the access cache when it still applies)."""
-        self.build(**changes)  # names checked
+        self._check_names(changes)
         return dataclasses.replace(self, **changes)
 
 

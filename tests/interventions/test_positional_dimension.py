@@ -255,3 +255,13 @@ def test_gemma_recorded_dimension_scales_and_restores_bit_for_bit(gemma):
         inside = gemma.run(ids, logits="last").logits
     assert (inside - before).abs().max() > 1e-3
     assert torch.equal(gemma.run(ids, logits="last").logits, before)
+
+
+@pytest.mark.real_model
+def test_gemma_recorded_scaling_equals_the_weight_edited_reference(gemma):
+    ids = gemma.encode(TEXT)
+    with positional_dimension(gemma):
+        scaled = gemma.run(ids, logits="last").logits[:, -1]
+    reference = _weight_edited_reference(gemma, ids, 558, -1.0, list(range(9, 18)))
+    assert (reference - gemma.run(ids, logits="last").logits[:, -1]).abs().max() > 1e-3
+    torch.testing.assert_close(scaled, reference, atol=1e-5, rtol=0)
