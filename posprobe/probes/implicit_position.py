@@ -1,7 +1,7 @@
-"""Implicit position: how much absolute position the residual stream carries, and where (docs/probes/implicit_position.md;
-Haviv et al. 2022 "Transformer LMs without positional encodings still learn positional information"; Chi et al.
-2023 "Latent positional information is in the self-attention variance of transformer LMs without positional
-embeddings"; Zuo et al. 2024).
+"""Implicit position: how much absolute position the residual stream carries, and where
+(docs/probes/implicit_position.md; Haviv et al. 2022 "Transformer LMs without positional encodings still learn
+positional information"; Chi et al. 2023 "Latent positional information is in the self-attention variance of
+transformer LMs without positional embeddings"; Zuo et al. 2024).
 
 A task probe (`streaming=False`): it runs `n_sequences` (a budget knob: 16 / 48 / 128 sequences) passes of generated
 text (`posprobe.tasks.text`) or uniform random tokens, reading `Tap.RESID_POST` and `Tap.ATTN_OUT` of every layer
@@ -9,7 +9,8 @@ and reducing each layer as the pass runs. Per sequence, `positions_per_sequence`
 1..n-1; BOS / position 0 is never a probe sample) keep their residual vector and four scale features; nothing
 else of the pass is retained, so memory is bounded by layers x sequences x positions_per_sequence x d_model.
 
-Position probes, per layer, trained on whole sequences and tested on other, disjoint sequences (seeded split):
+Position probes, per layer, trained on whole sequences and tested on other, disjoint sequences (seeded split; the
+regressions and scores live in `posprobe.probes.position_regression`):
 - feature sets: `hidden` (the residual vector), `direction` (the residual divided by its norm: position carried by
   a direction, not by scale), `scale` (log Var_d and log ||.|| of the residual and of the attention output per
   token: Chi et al.'s variance signal);
@@ -43,18 +44,26 @@ layer x regressor x features x target x labels) and `implicit_position.layers`; 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.errors import ProbeError
 from posprobe.probes.base import MODEL_LEVEL, ProbeResult, ScanContext, curve_frame, per_level
+from posprobe.probes.position_regression import (  # the statistics toolkit; names re-exported here as before
+    log_spaced,
+    loglog_slope,
+    mlp_fit_predict,
+    probe_scores,
+    ridge_fit_predict,
+    split_sequences,
+    stratified_positions,
+    target_values,
+)
 
 FEATURE_SETS = ("hidden", "direction", "scale")
 TARGETS = ("position", "log_position")
@@ -123,29 +132,6 @@ def _sequence_ids(ctx: ScanContext, config: ImplicitPositionConfig, index: int, 
     if with_bos:
         ids[0] = int(bos)
     return ids
-
-
-def stratified_positions(n_tokens: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k positions from 1..n-1, one uniformly random position in each of k equal strata (all of them if k >= n-1)."""
-    candidates = np.arange(1, n_tokens)
-    if k >= len(candidates):
-        return candidates
-    return np.array([rng.choice(stratum) for stratum in np.array_split(candidates, k)])
-
-
-def log_spaced(lo: int, hi: int, k: int) -> np.ndarray:
-    """Up to k distinct integers from lo to hi (inclusive), spaced evenly in log."""
-    if hi < lo:
-        return np.zeros(0, dtype=np.int64)
-    return np.unique(np.round(np.geomspace(lo, hi, k)).astype(np.int64))
-
-
-def loglog_slope(x: np.ndarray, y: np.ndarray) -> float:
-    """Least-squares slope of log y against log x (NaN with fewer than 3 usable points)."""
-    keep = (x > 0) & (y > 0) & np.isfinite(y)
-    if keep.sum() < 3:
-        return float("nan")
-    return float(np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)[0])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,107 +203,6 @@ class _Collector:
 # Regression (numpy / scikit-learn) on disjoint train / test sequences
 
 
-def _standardise(train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
-    mean = train.mean(0)
-    std = train.std(0)
-    std[std < 1e-12] = 1.0
-    return [(x - mean) / std for x in (train, *others)]
-
-
-def _ridge_path(x: np.ndarray, y: np.ndarray, alphas: np.ndarray) -> np.ndarray:
-    """Ridge coefficients [alpha, features, targets] of centred y on standardised x for every alpha (one eigh of
-    the features x features Gram matrix, shared by all alphas and targets)."""
-    eigval, eigvec = np.linalg.eigh(x.T @ x)
-    eigval = np.clip(eigval, 0.0, None)
-    projected = eigvec.T @ (x.T @ y)  # [p, t]
-    return np.einsum("qp,aq,qt->apt", eigvec.T, 1.0 / (eigval[None, :] + alphas[:, None]), projected)
-
-
-def ridge_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
-                      alphas: Sequence[float], folds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Ridge per target column, alpha chosen per column by grouped k-fold CV. Returns (pred [m, t], alpha [t])."""
-    alpha_grid = np.asarray(alphas, dtype=np.float64)
-    unique = np.unique(groups)
-    n_folds = min(folds, len(unique))
-    sse = np.zeros((len(alpha_grid), y_train.shape[1]))
-    if n_folds >= 2:
-        fold_of = {g: i % n_folds for i, g in enumerate(unique)}
-        fold = np.array([fold_of[g] for g in groups])
-        for f in range(n_folds):
-            tr, va = fold != f, fold == f
-            xt, xv = _standardise(x_train[tr], x_train[va])
-            mean = y_train[tr].mean(0)
-            coef = _ridge_path(xt, y_train[tr] - mean, alpha_grid)
-            pred = np.einsum("np,apt->ant", xv, coef) + mean
-            sse += ((pred - y_train[va][None]) ** 2).sum(1)
-    best = sse.argmin(0)  # all-zero sse (no CV possible) picks the smallest alpha
-    xt, xs = _standardise(x_train, x_test)
-    mean = y_train.mean(0)
-    coef = _ridge_path(xt, y_train - mean, alpha_grid)  # [a, p, t]
-    chosen = coef[best, :, np.arange(y_train.shape[1])]  # [t, p]
-    return xs @ chosen.T + mean, alpha_grid[best]
-
-
-def mlp_fit_predict(x_train: np.ndarray, y_train: np.ndarray, groups: np.ndarray, x_test: np.ndarray,
-                    config: ImplicitPositionConfig, seed: int) -> np.ndarray:
-    """A one-hidden-layer MLP on standardised features and a standardised (single) target.
-
-    Model selection uses held-out *training sequences* (grouped, so no within-sequence leakage): early stopping per
-    L2 strength in `config.mlp_l2`, then the best of those and of the constant (training-mean) predictor. A probe
-    with nothing to learn (shuffled labels) therefore predicts the mean instead of its random initialisation.
-    """
-    from sklearn.neural_network import MLPRegressor
-
-    xt, xs = _standardise(x_train, x_test)
-    mean, std = float(y_train.mean()), max(float(y_train.std()), 1e-12)
-    ys = (y_train - mean) / std
-    unique = np.unique(groups)
-    rng = np.random.default_rng(seed)
-    n_val = max(1, int(round(config.mlp_validation_fraction * len(unique))))
-    val = np.isin(groups, rng.choice(unique, size=min(n_val, len(unique) - 1), replace=False))
-    fit = ~val
-    constant = float(ys[fit].mean())
-    best_mse = float(((ys[val] - constant) ** 2).mean())
-    best: MLPRegressor | None = None
-    for l2 in config.mlp_l2:
-        model = MLPRegressor(hidden_layer_sizes=(config.mlp_hidden,), alpha=l2,
-                             batch_size=min(256, int(fit.sum())), random_state=seed)
-        weights: tuple[list[np.ndarray], list[np.ndarray]] | None = None
-        stale = 0
-        for _ in range(config.mlp_max_iter):
-            model.partial_fit(xt[fit], ys[fit])  # one epoch of minibatch Adam
-            mse = float(((model.predict(xt[val]) - ys[val]) ** 2).mean())
-            if mse < best_mse - 1e-4:
-                best_mse, stale = mse, 0
-                weights = ([w.copy() for w in model.coefs_], [b.copy() for b in model.intercepts_])
-            else:
-                stale += 1
-                if stale >= config.mlp_patience:
-                    break
-        if weights is not None:
-            model.coefs_, model.intercepts_ = weights
-            best = model
-    if best is None:
-        return np.full(len(xs), constant * std + mean)
-    return best.predict(xs) * std + mean
-
-
-def _target(positions: np.ndarray, target: str) -> np.ndarray:
-    return np.log(positions) if target == "log_position" else positions
-
-
-def probe_scores(pred: np.ndarray, truth: np.ndarray, target: str, train_positions: np.ndarray) -> dict[str, float]:
-    """R^2 (target space), Spearman vs position, MAD in positions, and the MAD of predicting the training median."""
-    y = _target(truth, target)
-    residual = float(((pred - y) ** 2).sum())
-    total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - residual / total if total > 0 else float("nan")
-    pred_pos = np.exp(pred) if target == "log_position" else pred
-    rho = spearmanr(pred, truth).statistic if np.ptp(pred) > 0 and np.ptp(truth) > 0 else 0.0
-    return {"r2": r2, "spearman": float(rho), "mad": float(np.abs(pred_pos - truth).mean()),
-            "mad_baseline": float(np.abs(np.median(train_positions) - truth).mean())}
-
-
 def _features(col: _Collector, layer: int, name: str) -> np.ndarray:
     if name == "scale":
         return col.scale[layer]
@@ -343,17 +228,17 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
                 variants.append(("shuffled", perm))
             if regressor == "ridge":  # every target and label variant shares the SVDs: one solve
                 columns = [(labels, target) for labels, _ in variants for target in config.targets]
-                y = np.stack([_target(train_pos[order], target) for (labels, order) in variants
+                y = np.stack([target_values(train_pos[order], target) for (labels, order) in variants
                               for target in config.targets], axis=1)
                 pred, alpha = ridge_fit_predict(x_train, y, groups[train], x_test, config.ridge_alphas,
                                                 config.cv_folds)
                 fits = [(labels, target, pred[:, j], float(alpha[j])) for j, (labels, target) in enumerate(columns)]
             else:
-                fits = [(labels, target, mlp_fit_predict(x_train, _target(train_pos[order], target), groups[train],
-                                                         x_test, config, seed), float("nan"))
+                fits = [(labels, target, mlp_fit_predict(x_train, target_values(train_pos[order], target),
+                                                         groups[train], x_test, config, seed), float("nan"))
                         for labels, order in variants for target in config.targets]
             for labels, target, prediction, alpha in fits:
-                bounds = _target(train_pos, target)  # a position outside the training range is impossible
+                bounds = target_values(train_pos, target)  # a position outside the training range is impossible
                 prediction = np.clip(prediction, bounds.min(), bounds.max())
                 rows.append({"layer": layer, "regressor": regressor, "features": features, "target": target,
                              "labels": labels, **probe_scores(prediction, test_pos, target, train_pos),
@@ -387,13 +272,6 @@ def _check_config(config: ImplicitPositionConfig, n_sequences: int) -> None:
     if config.context_length < 8 or config.positions_per_sequence < 1:
         raise ProbeError(f"context_length must be >= 8 and positions_per_sequence >= 1; got "
                          f"{config.context_length} and {config.positions_per_sequence}.")
-
-
-def split_sequences(n_sequences: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of sequence indices into disjoint (train, test): test >= 1 and train >= 3 sequences."""
-    order = np.random.default_rng(seed).permutation(n_sequences)
-    n_test = min(max(1, int(round(test_fraction * n_sequences))), n_sequences - 3)
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
 
 
 class ImplicitPosition:
