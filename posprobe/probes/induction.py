@@ -43,7 +43,7 @@ from torch import Tensor
 
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
 from posprobe.probes.template import TemplateScores, duplicate_token_template, induction_template, template_rows
 
 
@@ -253,18 +253,7 @@ class _Reducer:
         return ProbeResult(heads=heads, curves=curves, summary=summary)
 
 
-class Induction:
-    name = "induction"
-    Config = InductionConfig
-    description = ("induction and duplicate-token scores on repeated random blocks (by distance) and on natural "
-                   "text; Gu et al.'s sink rate on 64-token inputs")
-    streaming = True
-
-    def skip_reason(self, info: ModelInfo, config: InductionConfig) -> str | None:
-        return None
-
-    def reducer(self, ctx: ScanContext, config: InductionConfig) -> _Reducer:
-        return _Reducer(ctx, config)
-
-
-PROBE = Induction()
+PROBE = StreamingProbe(
+    "induction", InductionConfig,
+    "induction and duplicate-token scores on repeated random blocks (by distance) and on natural text; Gu et al.'s "
+    "sink rate on 64-token inputs", _Reducer)

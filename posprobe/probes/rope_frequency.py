@@ -28,7 +28,15 @@ import torch
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import MODEL_LEVEL, ProbeResult, ScanContext, TextSample, curve_frame, head_frame
+from posprobe.probes.base import (
+    MODEL_LEVEL,
+    ProbeResult,
+    ScanContext,
+    StreamingProbe,
+    TextSample,
+    curve_frame,
+    head_frame,
+)
 from posprobe.probes.rope_chunks import (
     NONROTARY,
     band_labels,
@@ -216,18 +224,7 @@ class _Reducer:
         return ProbeResult(heads=heads, curves=curves, tables=tables, summary=summary)
 
 
-class RopeFrequency:
-    name = "rope_frequency"
-    Config = RopeFrequencyConfig
-    description = ("RoPE frequency usage (Barbero et al. 2024): per-chunk q/k norms and attention-weighted logit "
-                   "share; high/low-frequency share and centroid per head")
-    streaming = True
-
-    def skip_reason(self, info: ModelInfo, config: RopeFrequencyConfig) -> str | None:
-        return model_skip_reason(info)
-
-    def reducer(self, ctx: ScanContext, config: RopeFrequencyConfig) -> _Reducer:
-        return _Reducer(ctx, config)
-
-
-PROBE = RopeFrequency()
+PROBE = StreamingProbe(
+    "rope_frequency", RopeFrequencyConfig,
+    "RoPE frequency usage (Barbero et al. 2024): per-chunk q/k norms and attention-weighted logit share; high/low-"
+    "frequency share and centroid per head", _Reducer, skip=lambda info, config: model_skip_reason(info))
