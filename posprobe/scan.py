@@ -10,6 +10,7 @@ never executes anything from the directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
@@ -17,7 +18,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,66 @@ def shared_texts(access: ModelAccess, budget: Budget, seed: int) -> list[TextSam
     return samples
 
 
+class _InfoOnly(ModelAccess):
+    """What a reducer's `ctx.access` is while it runs on a remote server: the model facts, nothing local."""
+
+    backend = "remote"
+
+    def __init__(self, info: ModelInfo) -> None:
+        super().__init__()
+        self.info = info
+
+    def _forward(self, *args: Any, **kwargs: Any) -> None:
+        raise ProbeError("A streaming reducer tried to run a pass of its own inside a remote pass; reducers only "
+                         "reduce the layer they are handed there. Run that probe without remote=.")
+
+
+class Dispatch:
+    """The `on_layer` of the shared text passes: every streaming reducer in turn.
+
+    It can also run on the server of a remote pass (nnsight / NDIF): `shipped()` swaps each reducer's context for one
+    that holds no local objects (no model, no progress bar), `state()` is what the pass brings back (the reducers'
+    accumulated per-head reductions) and `adopt(state)` puts it into the local reducers.
+    """
+
+    ships_to_remote = True
+    _LOCAL = ("ctx", "config", "sample")  # attributes that stay local (not shipped back)
+
+    def __init__(self, reducers: Sequence[Any]) -> None:
+        self.reducers = list(reducers)
+
+    def __call__(self, capture: LayerCapture) -> None:
+        for reducer in self.reducers:
+            reducer.on_layer(capture)
+
+    @contextlib.contextmanager
+    def shipped(self) -> Iterator[None]:
+        saved = [getattr(r, "ctx", None) for r in self.reducers]
+        try:
+            for reducer, ctx in zip(self.reducers, saved):
+                if ctx is not None:
+                    reducer.ctx = dataclasses.replace(ctx, access=_InfoOnly(ctx.info), progress=_no_progress)
+            yield
+        finally:
+            for reducer, ctx in zip(self.reducers, saved):
+                if ctx is not None:
+                    reducer.ctx = ctx
+
+    def state(self) -> list[dict[str, Any]]:
+        return [{k: v for k, v in vars(r).items() if k not in self._LOCAL} for r in self.reducers]
+
+    def adopt(self, state: Sequence[dict[str, Any]]) -> None:
+        if len(state) != len(self.reducers):
+            raise ProbeError(f"A remote pass returned the state of {len(state)} reducers for {len(self.reducers)}; "
+                             f"the request and the result do not match.")
+        for reducer, values in zip(self.reducers, state):
+            vars(reducer).update(values)
+
+
+def _no_progress(iterable: Iterable[Any], desc: str) -> Iterable[Any]:
+    return iterable
+
+
 def _remote_access(access: ModelAccess, remote: bool | str) -> ModelAccess:
     """The nnsight access whose passes run remotely (True: NDIF; "local": nnsight's serialising dry run)."""
     if access.backend != "nnsight":
@@ -393,9 +454,7 @@ def scan(
         longest = max(texts_batch, key=lambda s: s.input_ids.numel())
         access.check_memory(longest.input_ids.shape[1], longest.input_ids.shape[0], taps=taps)  # before any pass
 
-        def dispatch(capture: LayerCapture) -> None:
-            for _, reducer in reducers:
-                reducer.on_layer(capture)
+        dispatch = Dispatch([reducer for _, reducer in reducers])
 
         for sample in bar(texts_batch, "shared text passes"):
             for _, reducer in reducers:
