@@ -166,7 +166,10 @@ def rescan(access: Any, specs: dict[str, Any], native: int, variant: str) -> pd.
 
     def one(spec: Any, length: int) -> Any:
         budget = Budget(f"ctx{length}", (length,), n_texts, queries, level="quick")
-        config = {"retrieval": retrieval(context_lengths=(length,), n_trials=trials)}
+        # the random quick model answers nothing: score copying on every trial there (Wu et al. use answered ones)
+        # teacher forcing appends the answer to the needle prompt: leave it room inside the length
+        config = {"retrieval": retrieval(context_lengths=(length - 16,), n_trials=trials,
+                                         include_wrong=variant == "quick")}
         return posprobe.scan(access, probes=["head_basics", "attention_entropy", "retrieval"], budget=budget,
                              configs=config, intervention=spec, progress=False)
 
