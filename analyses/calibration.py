@@ -677,15 +677,11 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
     md.append("")
 
     # the scan for the explorer
-    from posprobe.scan import HEAD_ID_COLUMNS, Scan
+    from posprobe.scan import results_scan
 
-    heads = pd.DataFrame([(l, h, info.kv_head(h), info.layers[l].layer_type) for l in range(info.n_layers)
-                          for h in range(info.n_heads)], columns=HEAD_ID_COLUMNS)
     curves_df = curve_frame(pd.concat(curve_rows, ignore_index=True), "calibration")
-    meta = {"model": info.name, "backend": access.backend, "weights_hash": access.weights_hash(),
-            "model_info": info.to_dict(), "probes": {}, "summaries": {"calibration": {
-                "tuned": tuned, "heldout_changes": changes}}, "analysis": "analyses/calibration.py"}
-    Scan(heads, curves_df, meta, tables).save(out / "scan")
+    results_scan(access, curves=curves_df, tables=tables, analysis="analyses/calibration.py",
+                 summaries={"calibration": {"tuned": tuned, "heldout_changes": changes}}).save(out / "scan")
     md += ["## Files", "", "scan/ (posprobe app outputs/calibration/scan): tables " + ", ".join(sorted(tables))
            + "; curves of probe `calibration` (series = condition).", ""]
     (out / "report.md").write_text("\n".join(md))

@@ -248,6 +248,42 @@ def load(directory: str | Path) -> Scan:
     return Scan.load(directory)
 
 
+def head_ids(info: ModelInfo) -> pd.DataFrame:
+    """The identifying columns of a heads table, one row per layer x head: `layer, head, kv_head, layer_type`."""
+    rows = [(layer, head, info.kv_head(head), info.layers[layer].layer_type) for layer in range(info.n_layers)
+            for head in range(info.n_heads)]
+    return pd.DataFrame(rows, columns=HEAD_ID_COLUMNS)
+
+
+def empty_curves() -> pd.DataFrame:
+    """A curves table with no rows and the column types of a saved one."""
+    return pd.DataFrame({c: pd.Series(dtype="float64" if c in ("x", "y") else ("int64" if c in ("layer", "head")
+                         else "object")) for c in CURVE_COLUMNS})
+
+
+def provenance(access: ModelAccess) -> dict[str, Any]:
+    """The model part of a scan's meta: model id, backend, weights hash, ModelInfo, package versions, time."""
+    return {"model": access.info.name, "backend": access.backend, "weights_hash": access.weights_hash(),
+            "model_info": access.info.to_dict(), "versions": _versions(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def results_scan(access: ModelAccess, *, curves: pd.DataFrame | None = None,
+                 tables: dict[str, pd.DataFrame] | None = None, heads: pd.DataFrame | None = None,
+                 **meta: Any) -> Scan:
+    """A Scan of results computed outside `scan()` (a position sweep, an analysis), for `save` and the explorer.
+
+    heads: extra head columns keyed by `layer, head` (merged onto `head_ids`); curves: rows with CURVE_COLUMNS;
+    meta: anything else to record (e.g. `summaries=`, `analysis=`), next to the model's `provenance`.
+    """
+    table = head_ids(access.info)
+    if heads is not None:
+        table = table.merge(heads.drop(columns=[c for c in ("kv_head", "layer_type") if c in heads]),
+                            on=["layer", "head"], how="left")
+    record = {**provenance(access), "probes": {}, "skipped": {}, "summaries": {}, **meta}
+    return Scan(table, empty_curves() if curves is None else curves, _jsonable(record), tables)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -473,29 +509,23 @@ def scan(
     heads = _heads_table(access.info, results)
     curves = pd.concat([r.curves for r in results.values() if r.curves is not None and len(r.curves)],
                        ignore_index=True) if any(r.curves is not None and len(r.curves) for r in results.values()) \
-        else pd.DataFrame({c: pd.Series(dtype="float64" if c in ("x", "y") else ("int64" if c in ("layer", "head")
-                           else "object")) for c in CURVE_COLUMNS})
+        else empty_curves()
     tables: dict[str, pd.DataFrame] = {}
     for name, result in results.items():
         for table_key, table in result.tables.items():
             tables[table_name(name, table_key)] = table
     timings["total"] = time.time() - started
     meta = {
-        "model": access.info.name,
-        "backend": access.backend,
-        "weights_hash": access.weights_hash(),
-        "model_info": access.info.to_dict(),
+        **provenance(access),  # model, backend, weights_hash, model_info, versions, created
         "probes": {p.name: dataclasses.asdict(c) for p, c in chosen},
         "skipped": skipped,
         "summaries": {name: r.summary for name, r in results.items() if r.summary},
         "budget": budget.to_dict(),
         "seed": seed,
         "text_source": ctx.text_source if streaming else None,
-        "versions": _versions(),
         "hardware": {**access.placement(), "batch_size": batch_size, "shared_passes": len(texts_batch),
                      "remote": remote},
         "timings_s": timings,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     return Scan(heads, curves, _jsonable(meta), tables)
 
@@ -520,9 +550,7 @@ def _scan_with(intervention: Any, model: Any, *, remote: bool | str, **options: 
 
 
 def _heads_table(info: ModelInfo, results: dict[str, ProbeResult]) -> pd.DataFrame:
-    rows = [(l, h, info.kv_head(h), info.layers[l].layer_type) for l in range(info.n_layers)
-            for h in range(info.n_heads)]
-    heads = pd.DataFrame(rows, columns=HEAD_ID_COLUMNS)
+    heads = head_ids(info)
     for name, result in results.items():
         if result.heads is None:
             continue
