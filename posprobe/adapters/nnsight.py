@@ -96,6 +96,16 @@ def eager_attention(
     return out.transpose(1, 2).contiguous(), probs
 
 
+def remote_model(repo_id: str) -> Any:
+    """An nnsight `TransformersModel` of a hub id whose weights stay on the NDIF server: config and tokenizer are
+    downloaded, the weights are meta tensors here (nnsight does not dispatch them), so a 70B model costs no memory.
+    Run it with `scan(model, remote=True)` (NDIF key: the NDIF_API_KEY environment variable or `nnsight.login()`)."""
+    _nnsight()
+    from nnsight import TransformersModel
+
+    return TransformersModel(repo_id)
+
+
 def _envoy(root: Any, dotted: str) -> Any:
     """The nnsight envoy at a dotted module path (the HF module tree, seen through nnsight)."""
     for part in dotted.split("."):
@@ -182,9 +192,13 @@ class NNsightAccess(ModelAccess):
         return cls(model, tokenizer=tokenizer, name=label, streaming=streaming)
 
     def weights_hash(self) -> str:
-        """The same hash as the HF adapter (the wrapped module tree keeps HF's parameter names)."""
+        """The same hash as the HF adapter (the wrapped module tree keeps HF's parameter names). A model whose
+        weights live on an NDIF server (meta tensors here, `remote_model`) is named by its nnsight model key."""
         if self._hash is None:
-            self._hash = state_dict_hash(self.hf_model.state_dict())
+            if any(p.device.type == "meta" for p in self.hf_model.parameters()):
+                self._hash = "nnsight-model-key:" + self.lm.to_model_key()
+            else:
+                self._hash = state_dict_hash(self.hf_model.state_dict())
         return self._hash
 
     # --- one pass ----------------------------------------------------------------------------------------------
