@@ -8,7 +8,8 @@ Owns two generated parts of the site, so they cannot drift from the code:
 - `<!-- config: module:ClassName -->` is replaced by a table of that config dataclass's fields: name, type, default
   and the comment written beside the field in the source (the "why" of each default);
 - `<!-- interventions -->` is replaced by the registered interventions with their settings, from the registry;
-- `<!-- budget-knobs -->` is replaced by every registered probe's budget knobs at each budget level.
+- `<!-- budget-knobs -->` is replaced by every registered probe's budget knobs at each budget level;
+- `<!-- support-matrix -->` is replaced by the generated support matrix between the README's support-matrix markers.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ PROBE_SECTION = "Probes and metrics"
 CLI_MARKER = "<!-- cli-reference -->"
 INTERVENTIONS_MARKER = "<!-- interventions -->"
 BUDGET_MARKER = "<!-- budget-knobs -->"
+MATRIX_MARKER = "<!-- support-matrix -->"
+README = Path(__file__).resolve().parents[2] / "README.md"
 CONFIG_MARKER = re.compile(r"<!-- config: ([\w.]+):(\w+) -->")
 
 
@@ -56,6 +59,8 @@ def _expand(line: str) -> str:
         return intervention_table()
     if marker == BUDGET_MARKER:
         return budget_table()
+    if marker == MATRIX_MARKER:
+        return support_matrix()
     match = CONFIG_MARKER.fullmatch(marker)
     return config_table(match.group(1), match.group(2)) if match else line
 
@@ -164,3 +169,16 @@ def budget_table() -> str:
             rows.append(f"| `{name}.{knob}` | " + " | ".join(f"`{_cell(values[level])}`" for level in BUDGET_LEVELS)
                         + " |")
     return head + "\n" + "\n".join(rows)
+
+
+def support_matrix() -> str:
+    """The README's generated support-matrix section (between its begin / end marker comments)."""
+    text = README.read_text()
+    begin, end = text.find("<!-- support-matrix:begin"), text.find("<!-- support-matrix:end -->")
+    if begin < 0 or end < begin:
+        raise ValueError("README.md has no support-matrix:begin / support-matrix:end markers to include")
+    body = text[text.index("\n", begin) + 1:end].strip()
+    lines = body.splitlines()
+    if lines and lines[0].startswith("#"):  # the section's own heading: this page has its title already
+        lines = lines[1:]
+    return "\n".join(lines).strip()
