@@ -164,7 +164,7 @@ def update_head(catalog: ScanCatalog, name: str | None, selected: Any) -> tuple[
     try:
         scan = catalog.get(name)
         key = _as_head(selected)
-        if not _has_head(scan, key):
+        if key is None or not _has_head(scan, key):
             return "", [], [message("Select a head in the atlas, the ranking below, or the dropdowns above.")]
         layer, head = key
         row = scan.heads[(scan.heads["layer"] == layer) & (scan.heads["head"] == head)].iloc[0]
@@ -203,14 +203,14 @@ def update_ranking(catalog: ScanCatalog, name: str | None, trigger: str | None, 
 
 
 def download_ranking(catalog: ScanCatalog, name: str | None, metric: str | None,
-                     row_ids: list[Any] | None) -> dict[str, str] | None:
+                     row_ids: list[Any] | None) -> dict[str, Any] | None:
     """The dcc.Download payload of the ranking CSV (the grid's current filter and order, given as "layer:head" row
     ids; None = every head in ranking order), None if impossible."""
     try:
         scan = catalog.get(name)
         if metric not in metric_choices(scan):
             return None
-        filename, text = head_page.ranking_csv(scan, metric, row_ids, name)
+        filename, text = head_page.ranking_csv(scan, metric, row_ids, str(name))  # get() accepted it: a name
     except ScanUnavailable:
         return None
     return {"content": text, "filename": filename, "type": "text/csv", "base64": False}
@@ -277,7 +277,7 @@ def update_compare(catalog: ScanCatalog, name: str | None, trigger: str | None, 
         a = name if name in names else (names[0] if names else None)
     if b not in names:
         b = next((n for n in names if n != a), a)
-    blank = (a, b, scan_options, [], None)
+    blank: tuple[Any, ...] = (a, b, scan_options, [], None)
     if len(names) < 2:
         hint = message("Compare needs two scans: start the explorer with two scan directories, e.g. "
                        "posprobe app scans/a scans/b.", "info")
@@ -290,13 +290,16 @@ def update_compare(catalog: ScanCatalog, name: str | None, trigger: str | None, 
     try:
         metrics = common_metrics(scan_a, scan_b)
         metric = pick(metric, metrics)
-        note = compare_page.shape_note(scan_a, scan_b, (a, b))
+        labels = (str(a), str(b))  # both opened: catalogue names
+        note = compare_page.shape_note(scan_a, scan_b, labels)
         notes = [m for m in (hint, message(note, "warning") if note else None) if m is not None]
+        data: list[Any]
+        columns: list[Any]
         if metric is None:
             notes.append(message("The two scans share no head metric.", "warning"))
             figure, data, columns = empty_figure(), [], []
         else:
-            figure = compare_atlas(scan_a, scan_b, metric, labels=(a, b))
+            figure = compare_atlas(scan_a, scan_b, metric, labels=labels)
             data, columns = compare_page.difference_rows(scan_a, scan_b, metric)
         curves = common_curves(scan_a, scan_b)
         return (a, b, scan_options, options(metrics), metric, notes, figure, data, columns, options(curves),
@@ -315,8 +318,8 @@ def update_compare_curve(catalog: ScanCatalog, a: str | None, b: str | None, cur
         key = _as_head(selected)
         rows = scan_a.curves[scan_a.curves["curve"] == curve]
         if key is not None and (rows["head"] >= 0).any():
-            return compare_curve(scan_a, scan_b, curve, layer=key[0], head=key[1], labels=(a, b))
-        return compare_curve(scan_a, scan_b, curve, labels=(a, b))
+            return compare_curve(scan_a, scan_b, curve, layer=key[0], head=key[1], labels=(str(a), str(b)))
+        return compare_curve(scan_a, scan_b, curve, labels=(str(a), str(b)))
     except ScanUnavailable:
         return empty_figure()
     except Exception as exc:

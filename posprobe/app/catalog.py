@@ -137,7 +137,7 @@ class ScanCatalog:
                                   f"was started with: {', '.join(self.names) or '(none)'}.")
         entry = self._entries[name]
         with entry.lock:
-            if entry.scan is None and entry.error is None:
+            if entry.scan is None and entry.error is None and entry.path is not None:
                 try:
                     entry.scan = Scan.load(entry.path)
                 except ScanFormatError as exc:
@@ -147,6 +147,8 @@ class ScanCatalog:
                                    f"corrupted or was written by an incompatible posprobe; re-run the scan.")
             if entry.error is not None:
                 raise ScanUnavailable(f"The scan {name!r} cannot be opened. {entry.error}")
+            if entry.scan is None:  # an entry is built with a scan or a path; neither is a bug in the catalogue
+                raise ScanUnavailable(f"The scan {name!r} has neither data nor a directory in this explorer.")
             return entry.scan
 
     def error(self, name: str | None) -> str | None:

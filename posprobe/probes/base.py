@@ -123,7 +123,8 @@ class Budget:
         if unknown:
             raise ProbeError(f"A budget record has unknown fields {unknown}; known: {sorted(known)}. It was not "
                              f"written by this posprobe; build the Budget by hand.")
-        return cls(**{k: tuple(v) if k == "context_lengths" else v for k, v in data.items()})
+        fields: dict[str, Any] = {k: tuple(v) if k == "context_lengths" else v for k, v in data.items()}
+        return cls(**fields)
 
 
 BUDGETS: dict[str, Budget] = {
@@ -288,7 +289,8 @@ def probe_problems(probe: Any) -> list[str]:
     if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls)):
         problems.append(f"`Config` must be a dataclass class; got {config_cls!r}")
     else:
-        if not config_cls.__dataclass_params__.frozen:
+        params = getattr(config_cls, "__dataclass_params__", None)  # typeshed's dataclass type does not declare it
+        if params is not None and not params.frozen:
             problems.append(f"`Config` ({config_cls.__name__}) must be frozen: @dataclass(frozen=True)")
         defaults = {f.name: f.default for f in dataclasses.fields(config_cls)}
         required = [f.name for f in dataclasses.fields(config_cls)

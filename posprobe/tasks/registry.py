@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any
+from typing import Any, cast
 
 from posprobe.errors import UnknownNameError
 from posprobe.tasks.base import Task
@@ -31,7 +31,7 @@ def list_tasks() -> list[str]:
 def get_task(task: str | Task, **overrides: Any) -> Task:
     """A task object from its name (or the object itself); keyword overrides replace config fields."""
     if isinstance(task, Task):
-        return dataclasses.replace(task, **overrides) if overrides else task
+        return dataclasses.replace(cast(Any, task), **overrides) if overrides else task  # every task is a dataclass
     if not isinstance(task, str) or task not in _BUILTIN_TASKS:
         raise UnknownNameError("task", str(task), list_tasks(),
                                hint="Or pass a posprobe.tasks.Task object.")
