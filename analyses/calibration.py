@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -457,16 +458,25 @@ def sweep_figure(summary: pd.DataFrame, x: str, group: str, title: str, baseline
     return fig
 
 
-def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
-    info = access.info
-    tuned = _read_tuned(out)
-    numbers: dict[str, Any] = {"model": info.name, "tuned": tuned, "positions": POSITIONS,
-                               "seeds": {"tuning": TUNING_SEED, "heldout": HELDOUT_SEED}}
-    tables: dict[str, pd.DataFrame] = {}
-    curve_rows: list[pd.DataFrame] = []
-    md: list[str] = [f"# Calibration interventions on {info.name}", ""]
+@dataclass
+class _Report:
+    """What the report stage's sections share: inputs, and the numbers / tables / curves / markdown they add to."""
 
-    # dimension search
+    out: Path
+    args: argparse.Namespace
+    info: Any
+    tuned: dict[str, Any]
+    numbers: dict[str, Any]
+    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    curve_rows: list[pd.DataFrame] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+    trials: pd.DataFrame | None = None  # held-out trials (set by _report_heldout, read by _report_heldout_sweeps)
+    changes: list[dict[str, Any]] = field(default_factory=list)  # paired changes (recorded in the scan's summary)
+
+
+def _report_search(r: _Report) -> None:
+    """The dimension search: the best candidate's curve by layer, the candidates table."""
+    out, numbers, tables, curve_rows, md = r.out, r.numbers, r.tables, r.curve_rows, r.md
     search = json.loads((out / "search.json").read_text())
     candidates = pd.read_csv(out / "search_candidates.csv")
     curves = pd.read_parquet(out / "search_curves.parquet")
@@ -499,7 +509,10 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
            f"Best: dimension **{best}** ({best_row['direction']}, monotonic in layers {best_row['monotonic_layers']}).",
            "Figure: positional_dimension_curve.html.", ""]
 
-    # sweeps
+
+def _report_sweeps(r: _Report) -> None:
+    """The tuning-split sweeps of both interventions: figures, tables, the chosen settings."""
+    out, args, tuned, tables, md = r.out, r.args, r.tuned, r.tables, r.md
     fitm_sweep = pd.read_parquet(out / "tune_fitm.parquet")
     dim_sweep = pd.read_parquet(out / "tune_dim.parquet")
     fitm_summary = pd.read_csv(out / "tune_fitm_summary.csv")
@@ -530,7 +543,10 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
            f"Chosen: `{tuned['dim']['condition']}` ({tuned['dim']['criterion']}).", "",
            "Figures: sweep_fitm.html, sweep_dim.html.", ""]
 
-    # held-out before / after
+
+def _report_heldout(r: _Report) -> None:
+    """Held-out accuracy before / after by gold position, U-curve figures, paired changes with intervals."""
+    out, args, numbers, tables, md = r.out, r.args, r.numbers, r.tables, r.md
     trials = pd.concat([pd.read_parquet(p) for p in sorted((out / "heldout").glob("*.parquet"))], ignore_index=True)
     trials.to_csv(out / "heldout_trials.csv", index=False)
     held = []
@@ -556,6 +572,7 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
             if cond in set(trials["condition"]):
                 changes.append(paired_changes(trials, int(size), cond, args.bootstrap))
     numbers["heldout_changes"] = changes
+    r.trials, r.changes = trials, changes
     lines = ["| pairs | intervention | middle before | middle after | change (95% CI) | mean before | mean after | "
              "change (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for c in changes:
@@ -572,7 +589,11 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
            "Accuracies with Wilson intervals (trials pooled over positions); changes are paired (same prompts) with "
            f"bootstrap intervals over trials ({args.bootstrap} resamples).", "", *lines, ""]
 
-    # held-out sweeps
+
+def _report_heldout_sweeps(r: _Report) -> None:
+    """The held-out temperature / factor sweeps (when the heldout-sweep stage ran)."""
+    out, args, tuned, numbers, tables, md = r.out, r.args, r.tuned, r.numbers, r.tables, r.md
+    trials = r.trials
     sweep_files = sorted((out / "heldout_sweep").glob("*.parquet")) if (out / "heldout_sweep").exists() else []
     if sweep_files:
         base20 = trials[(trials["n_items"] == 20) & (trials["trial"] < args.sweep_trials)
@@ -637,7 +658,10 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
                f"{tuned['dim']['dim']} on layers {tuned_layers(tuned['dim'])} (START:STOP, stop exclusive). "
                "Figure: sweep_heldout.html.", "", *lines, ""]
 
-    # attention-level curves
+
+def _report_attention(r: _Report) -> None:
+    """Attention-level U-curves after calibration (the attention stage's tables)."""
+    out, args, info, tuned, numbers, curve_rows, md = r.out, r.args, r.info, r.tuned, r.numbers, r.curve_rows, r.md
     gold = pd.read_parquet(out / "attention_gold.parquet")
     slots = pd.read_parquet(out / "attention_slots.parquet")
     rel = pd.read_parquet(out / "attention_relative.parquet")
@@ -676,7 +700,17 @@ def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
         md.append(f"| {curve} u_score | " + " | ".join(f"{v['u_score']:.3f}" for v in per.values()) + " |")
     md.append("")
 
-    # the scan for the explorer
+
+def stage_report(access: Any, out: Path, args: argparse.Namespace) -> None:
+    """Write report.md, summary.json, the figures and a Scan for `posprobe app` from the earlier stages' outputs."""
+    info = access.info
+    tuned = _read_tuned(out)
+    r = _Report(out, args, info, tuned, {"model": info.name, "tuned": tuned, "positions": POSITIONS,
+                                         "seeds": {"tuning": TUNING_SEED, "heldout": HELDOUT_SEED}},
+                md=[f"# Calibration interventions on {info.name}", ""])
+    for section in (_report_search, _report_sweeps, _report_heldout, _report_heldout_sweeps, _report_attention):
+        section(r)
+    out, tables, curve_rows, md, numbers, changes = r.out, r.tables, r.curve_rows, r.md, r.numbers, r.changes
     from posprobe.scan import results_scan
 
     curves_df = curve_frame(pd.concat(curve_rows, ignore_index=True), "calibration")
