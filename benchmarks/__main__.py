@@ -14,16 +14,18 @@ from benchmarks.attention_stats import CASES, run_isolated
 
 
 def table(rows: list[dict]) -> str:
-    floor = {r["tokens"]: r["seconds"] for r in rows if r.get("case") == "forward" and "seconds" in r}
-    lines = ["| tokens | case | wall s | x forward | peak MB over loaded model | process peak MB |",
-             "|---|---|---|---|---|---|"]
+    floor = {(r["tokens"], r.get("batch", 1)): r["seconds"] for r in rows if r.get("case") == "forward"
+             and "seconds" in r}
+    lines = ["| tokens | batch | case | wall s | x forward | peak MB over loaded model | peak MB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
+        key = (r["tokens"], r.get("batch", 1))
         if "error" in r:
-            lines.append(f"| {r['tokens']} | {r['case']} | error: {r['error']} | | | |")
+            lines.append(f"| {key[0]} | {key[1]} | {r['case']} | error: {r['error']} | | | |")
             continue
-        ratio = r["seconds"] / floor[r["tokens"]] if r["tokens"] in floor else float("nan")
-        lines.append(f"| {r['tokens']} | {r['case']} | {r['seconds']:.1f} | {ratio:.2f} | {r['extra_peak_mb']:.0f} "
-                     f"| {r['peak_mb']:.0f} |")
+        ratio = r["seconds"] / floor[key] if key in floor else float("nan")
+        lines.append(f"| {key[0]} | {key[1]} | {r['case']} | {r['seconds']:.2f} | {ratio:.2f} | "
+                     f"{r['extra_peak_mb']:.0f} | {r['peak_mb']:.0f} |")
     return "\n".join(lines)
 
 
@@ -33,14 +35,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--model", default="gemma-3-270m")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks.md"))
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:1 ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="sequences per pass (one row each)")
     args = parser.parse_args(argv)
     rows = []
     for n in args.tokens:
-        for case in args.cases:
-            row = run_isolated(case, n, args.model)
-            print(row, file=sys.stderr, flush=True)
-            rows.append(row)
-    text = f"# posprobe benchmarks ({args.model})\n\n{table(rows)}\n"
+        for batch in args.batch:
+            for case in args.cases:
+                row = run_isolated(case, n, args.model, device=args.device, dtype=args.dtype, batch=batch)
+                print(row, file=sys.stderr, flush=True)
+                rows.append(row)
+    where = ", ".join(sorted({f"{r['device']} {r['dtype']}" for r in rows if "device" in r})) or "?"
+    text = f"# posprobe benchmarks ({args.model}; {where})\n\n{table(rows)}\n"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

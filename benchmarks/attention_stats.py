@@ -47,8 +47,18 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def run_case(case: str, n_tokens: int, model_name: str) -> dict:
-    """Run one case in this process and return its measurements."""
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_case(case: str, n_tokens: int, model_name: str, device: str | None = None, dtype: str | None = None,
+             batch: int = 1, access: object = None) -> dict:
+    """Run one case in this process and return its measurements. device / dtype: as `posprobe.load_model`
+    (defaults: cuda + bfloat16 when available, else cpu + float32); batch: sequences per pass. On CUDA the peak is
+    `torch.cuda.max_memory_allocated` over what the loaded model holds. `access`: reuse a loaded model."""
     import torch
 
     import posprobe
@@ -56,9 +66,11 @@ def run_case(case: str, n_tokens: int, model_name: str) -> dict:
     from posprobe.tasks.text import text_ids
 
     torch.set_num_threads(os.cpu_count() or 2)
-    access = posprobe.load_model(model_name)
-    ids = torch.tensor([text_ids(access, n_tokens, seed=0)])
-    access.run(ids[:, :64])  # warm-up
+    access = access or posprobe.load_model(model_name, device=device, dtype=dtype)
+    where = str(access.input_device)
+    cuda = where.startswith("cuda")
+    ids = torch.tensor([text_ids(access, n_tokens, seed=b) for b in range(batch)])
+    access.run(ids[:1, :64])  # warm-up
     # scan() records a weights hash once per loaded model (provenance). Hashing reads every weight, paging in the
     # mmapped embedding / LM head a logits-free pass never touches (~640 MB file-backed RSS on Gemma 3 270M), so
     # it is done, and reported, before the measured region: the other cases never hash.
@@ -69,20 +81,24 @@ def run_case(case: str, n_tokens: int, model_name: str) -> dict:
     hash_s, hash_peak = time.perf_counter() - start, _peak_mb() - loaded
     loaded = _rss_mb()
     _reset_peak()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        loaded_cuda = torch.cuda.memory_allocated()
+    _sync(where)
     start = time.perf_counter()
     if case == "forward":
         access.run(ids)
     elif case in ("stream_sampled", "stream_all", "stream_scan"):
         queries = n_tokens if case == "stream_all" else 256
-        budget = Budget("bench", context_lengths=(n_tokens,), n_texts=1, max_queries=queries, retrieval_trials=0,
-                        bias_trials=0, implicit_sequences=0)
+        budget = Budget("bench", context_lengths=(n_tokens,), n_texts=batch, max_queries=queries)
         probes = SCAN_PROBES if case == "stream_scan" else STAT_PROBES
-        posprobe.scan(access, probes=probes, budget=budget, progress=False)
+        posprobe.scan(access, probes=probes, budget=budget, progress=False, batch_size=batch)
     elif case == "eager":
         model = access.model
         model.set_attn_implementation("eager")
         with torch.inference_mode():
-            out = access.base(input_ids=ids, output_attentions=True, use_cache=False)
+            out = access.base(input_ids=ids.to(where), output_attentions=True, use_cache=False)
             for pattern in out.attentions:  # the same reductions, on the full cached patterns
                 torch.special.entr(pattern).sum(-1).mean()
                 pattern[..., 0].mean()
@@ -101,15 +117,22 @@ def run_case(case: str, n_tokens: int, model_name: str) -> dict:
                 torch.special.entr(pattern).sum(-1).mean()
     else:
         raise ValueError(f"unknown case {case!r}; choose from {CASES}")
+    _sync(where)
     seconds = time.perf_counter() - start
-    return {"case": case, "tokens": n_tokens, "seconds": seconds, "peak_mb": _peak_mb(), "loaded_mb": loaded,
-            "extra_peak_mb": _peak_mb() - loaded, "weights_hash_s": hash_s, "weights_hash_peak_mb": hash_peak}
+    extra = (torch.cuda.max_memory_allocated() - loaded_cuda) / 2**20 if cuda else _peak_mb() - loaded
+    return {"case": case, "tokens": n_tokens, "batch": batch, "device": where,
+            "dtype": str(next(access.model.parameters()).dtype).removeprefix("torch."), "seconds": seconds,
+            "peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_mb(), "loaded_mb": loaded,
+            "extra_peak_mb": extra, "weights_hash_s": hash_s, "weights_hash_peak_mb": hash_peak}
 
 
-def run_isolated(case: str, n_tokens: int, model_name: str, timeout: float = 1800) -> dict:
+def run_isolated(case: str, n_tokens: int, model_name: str, timeout: float = 1800, device: str | None = None,
+                 dtype: str | None = None, batch: int = 1) -> dict:
     """Run one case in a fresh interpreter (one at a time) and parse its JSON line."""
     cmd = [sys.executable, "-m", "benchmarks.attention_stats", "--case", case, "--tokens", str(n_tokens),
-           "--model", model_name]
+           "--model", model_name, "--batch", str(batch)]
+    cmd += ["--device", device] if device else []
+    cmd += ["--dtype", dtype] if dtype else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -124,8 +147,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", choices=CASES, required=True)
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--model", default="gemma-3-270m")
+    parser.add_argument("--device", default=None, help="cpu | cuda | ... (default: cuda when available)")
+    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: per device)")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per pass")
     args = parser.parse_args(argv)
-    print(json.dumps(run_case(args.case, args.tokens, args.model)))
+    print(json.dumps(run_case(args.case, args.tokens, args.model, args.device, args.dtype, args.batch)))
 
 
 if __name__ == "__main__":
