@@ -13,6 +13,14 @@ from pathlib import Path
 from benchmarks.attention_stats import CASES, run_isolated
 
 
+def write_report(path: Path, text: str) -> int:
+    """Write a benchmark's markdown to `path` (parents created) and print it; the exit status 0."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text)
+    return 0
+
+
 def table(rows: list[dict]) -> str:
     floor = {(r["tokens"], r.get("batch", 1)): r["seconds"] for r in rows if r.get("case") == "forward"
              and "seconds" in r}
@@ -48,10 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
     where = ", ".join(sorted({f"{r['device']} {r['dtype']}" for r in rows if "device" in r})) or "?"
     text = f"# posprobe benchmarks ({args.model}; {where})\n\n{table(rows)}\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return write_report(args.out, text)
 
 
 if __name__ == "__main__":

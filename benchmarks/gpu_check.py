@@ -127,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{dt.date.today().isoformat()}; posprobe {getattr(posprobe, '__version__', '?')}, torch "
               f"{torch.__version__}; total {time.monotonic() - started:.0f} s")
     text = render(speed, agreement, seconds, header)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    from benchmarks.__main__ import write_report
+
+    return write_report(args.out, text)
 
 
 if __name__ == "__main__":

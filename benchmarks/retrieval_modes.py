@@ -20,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from benchmarks.__main__ import write_report
+
 
 class _Timers:
     """Wall time of `access.run` / `access.greedy` calls, outermost call only (greedy may call run)."""
@@ -118,10 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = results["generate", "answer"].tables["trials"]["output"].tolist()
     lines.append("Generated continuations: " + "; ".join(repr(g) for g in generated))
     text = "\n".join(lines) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
-    return 0
+    return write_report(args.out, text)
 
 
 if __name__ == "__main__":
