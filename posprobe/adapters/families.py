@@ -101,16 +101,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("falcon", "falcon", "Falcon (RoPE, multi-query; attention outside the interface)",
            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=True, alibi=False,
                 max_position_embeddings=1024),
-           expect=dict(positional="rr", rotary_dim=16, kv_heads=1)),
+           expect=dict(positional="rr", rotary_dim=16, kv_heads=1),
+           backends=("transformer_lens",)),  # nnsight: Falcon on SDPA returns no attention weights
     Family("falcon_alibi", "falcon", "Falcon with ALiBi (attention outside the interface)",
            dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, multi_query=False, alibi=True,
                 max_position_embeddings=1024),
-           expect=dict(positional="ll")),
+           expect=dict(positional="ll"), backends=("transformer_lens",)),
     Family("gpt_oss", "gpt_oss", "gpt-oss (RoPE yarn, learned attention sinks, window, MoE)",
            dict(_COMMON, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
                 layer_types=["sliding_attention", "full_attention"],
                 rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
-                                 "beta_slow": 1.0, "original_max_position_embeddings": 64, "truncate": False}),
+                                 "beta_slow": 1.0, "original_max_position_embeddings": 256, "truncate": False}),
            expect=dict(positional="rr", rotary_dim=16, windows=[WINDOW, None], sinks=True, moe=True)),
     Family("llama4_text", "llama4_text", "Llama 4 (chunked attention on RoPE layers, NoPE layers, MoE)",
            dict(_COMMON, num_hidden_layers=4, head_dim=16, attention_chunk_size=WINDOW, no_rope_layers=[1, 1, 1, 0],
@@ -171,3 +172,89 @@ def build_family(name: str, *, seed: int = 0, attn_implementation: str = "sdpa")
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The support matrix (README section, `posprobe models --families`)
+
+INTERVENTIONS = ("mask_heads", "found_in_the_middle", "positional_dimension", "disable_rope")
+MATRIX_COLUMNS = ("family", "model", "positional", "attention", "probes", "interventions", "backends")
+
+
+def _positional_summary(info: Any) -> str:
+    layers = info.layers
+    kinds = [layer.positional.value for layer in layers]
+    rope = [layer for layer in layers if layer.has_rope]
+    if not rope:
+        word = {"absolute": "learned absolute", "alibi": "ALiBi", "none": "NoPE"}[kinds[0]]
+        return word
+    parts = ["RoPE"]
+    partial = {layer.rotary_dim for layer in rope if layer.rotary_dim < info.head_dim}
+    if partial:
+        parts.append(f"partial {max(partial)}/{info.head_dim} dims")
+    if any(layer.rotary_offset for layer in rope):
+        parts.append("MLA: rope part last")
+    if rope[0].chunk_layout.value == "interleaved":
+        parts.append("interleaved pairs")
+    if len({layer.rope_theta for layer in rope}) > 1:
+        parts.append("theta per layer type")
+    nope = kinds.count("none")
+    if nope:
+        parts.append(f"NoPE in {nope}/{len(layers)} layers")
+    return ", ".join(parts)
+
+
+def _attention_summary(info: Any, outside: bool) -> str:
+    layers = info.layers
+    parts = [f"GQA {info.n_heads}/{info.n_kv_heads}" if info.n_kv_heads not in (info.n_heads, 1)
+             else ("MQA" if info.n_kv_heads == 1 else "MHA")]
+    if any(layer.sliding_window for layer in layers):
+        parts.append("sliding window")
+    if any(layer.attention_chunk for layer in layers):
+        parts.append("chunked")
+    if any(layer.attn_softcap for layer in layers):
+        parts.append("softcap")
+    if any(layer.learned_sinks for layer in layers):
+        parts.append("learned sinks")
+    if info.moe:
+        parts.append("MoE MLP")
+    if outside:
+        parts.append("eager weights (no attention interface)")
+    return ", ".join(parts)
+
+
+def support_row(name: str) -> dict[str, str]:
+    """One row of the support matrix, derived from what posprobe finds in the family's tiny model."""
+    from posprobe.adapters.hf import HFAccess
+    from posprobe.probes import get_probe, list_probes
+
+    model, tokenizer = build_family(name)
+    access = HFAccess(model, tokenizer, name=name)
+    info = access.info
+    skipped = []
+    for probe_name in list_probes():
+        probe = get_probe(probe_name)
+        skip = getattr(probe, "skip_reason", None)
+        if skip is not None and skip(info, probe.Config()) is not None:
+            skipped.append(probe_name)
+    probes = "all" if not skipped else f"all but {', '.join(skipped)} (no RoPE)"
+    applies = {"mask_heads": not access.outside_interface, "found_in_the_middle": not access.outside_interface,
+               "positional_dimension": access.paths.q_proj is not None and access.paths.k_proj is not None,
+               "disable_rope": info.has_rope}
+    fam = FAMILIES[name]
+    return {"family": name, "model": fam.description, "positional": _positional_summary(info),
+            "attention": _attention_summary(info, access.outside_interface), "probes": probes,
+            "interventions": ", ".join(k for k in INTERVENTIONS if applies[k]) or "none",
+            "backends": ", ".join(("hf", *fam.backends))}
+
+
+def support_matrix() -> list[dict[str, str]]:
+    """The support matrix over the whole registry (builds each tiny model once; a few seconds)."""
+    return [support_row(name) for name in FAMILIES]
+
+
+def support_matrix_markdown(rows: list[dict[str, str]] | None = None) -> str:
+    rows = support_matrix() if rows is None else rows
+    lines = ["| " + " | ".join(MATRIX_COLUMNS) + " |", "|" + "---|" * len(MATRIX_COLUMNS)]
+    lines += ["| " + " | ".join(row[c] for c in MATRIX_COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)

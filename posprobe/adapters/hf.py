@@ -261,6 +261,12 @@ def _as_layout(x: Tensor, post: Tensor, info: Any) -> Tensor | None:
     return _fill(candidates[0], post, info)
 
 
+def _deinterleave(x: Tensor) -> Tensor:
+    """transformers' `apply_rotary_pos_emb_interleave` reorder: pairs (2k, 2k+1) become (k, k + r/2)."""
+    *lead, r = x.shape
+    return x.view(*lead, r // 2, 2).transpose(-1, -2).reshape(*lead, r)
+
+
 def _fill(x: Tensor, post: Tensor, info: Any) -> Tensor:
     """Put the rotated part `x` (pre-rotation) into the non-rotated dims of the post-rotary head."""
     if x.shape[-1] == post.shape[-1]:
@@ -499,11 +505,14 @@ class HFAccess(ModelAccess):
                         out = tuple(args[: len(out)]) if isinstance(out, tuple) else args[0]
                     if record and isinstance(out, tuple) and len(out) == 2:
                         cap = state.capture(layer)
+                        pre = (args[0], args[1])
+                        if _original.__name__ == "apply_rotary_pos_emb_interleave":  # it first reorders the pairs
+                            pre = tuple(_deinterleave(x) for x in pre)  # (2k, 2k+1) -> (k, k + r/2), as it does
                         if outside:
                             cap.q, cap.k = out
-                            cap.q_pre, cap.k_pre = args[0], args[1]
+                            cap.q_pre, cap.k_pre = pre
                         else:
-                            cap.extras["rotary_inputs"] = (args[0], args[1])
+                            cap.extras["rotary_inputs"] = pre
                     return out
 
                 setattr(owner, fname, wrapped)
