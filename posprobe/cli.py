@@ -81,6 +81,14 @@ def scan(
     what_if: Annotated[Optional[list[str]], typer.Option(
         "--what-if", help="a context-extension what-if as NAME:KEY=VAL,... (e.g. yarn:factor=4), applied for the "
                           "whole scan; repeat to apply several together. `posprobe interventions` lists them")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:1 | mps | auto (accelerate device_map; "
+                                                  "default: cuda when available, else cpu)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+                                                 "bfloat16 on CUDA)")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward pass (results do "
+                                            "not depend on it)")] = 1,
+    remote: Annotated[bool, typer.Option("--remote", help="run the passes on NDIF through nnsight (the model is a "
+                                         "hub id NDIF serves; key: NDIF_API_KEY). See docs/hardware.md")] = False,
 ) -> None:
     """Scan a model and save the result (Parquet + JSON) to OUT (several --model: OUT/<model>/ each, resumable)."""
     from posprobe._io import check_output_dir
@@ -88,6 +96,10 @@ def scan(
 
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
     what_ifs = [parse(text) for text in what_if or []]  # a bad spec fails before anything is loaded
+    hardware = {"device": device, "dtype": dtype, "batch_size": batch_size, "remote": remote}
+    if model and len(model) > 1 and (device or dtype or batch_size != 1 or remote):
+        raise typer.BadParameter("--device / --dtype / --batch-size / --remote apply to one --model at a time; "
+                                 "run one `posprobe scan` per model", param_hint="--model")
     if model and len(model) > 1:
         from posprobe.sweep import SweepSpec
 
@@ -109,7 +121,8 @@ def scan(
         from posprobe.what_if import Stack
 
         applied = what_ifs[0] if len(what_ifs) == 1 else Stack(tuple(what_ifs))
-    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied)
+    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied,
+                      **hardware)
     result.save(out)
     typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
                f"{', '.join(result.metrics)}) to {out} in {result.meta['timings_s']['total']:.0f} s", err=True)

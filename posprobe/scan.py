@@ -470,6 +470,10 @@ def scan(
         return _scan_with(intervention, model, probes=probes, budget=budget, seed=seed, configs=configs,
                           tokenizer=tokenizer, backend=backend, progress=progress, device=device, dtype=dtype,
                           batch_size=batch_size, remote=remote)
+    if remote and isinstance(model, str) and remote != "local":
+        from posprobe.adapters.nnsight import remote_model
+
+        model = remote_model(model)  # a hub id NDIF serves: meta weights here, no download of the weights
     access = load_model(model, tokenizer=tokenizer, backend=backend, device=device, dtype=dtype)
     if remote:
         access = _remote_access(access, remote)

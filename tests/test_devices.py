@@ -244,3 +244,18 @@ def test_gemma_batched_retrieval_equals_unbatched(gemma):
     assert int(a["copies"].sum()) > 0  # Gemma copies: the comparison is not vacuous
     assert (a["copies"] == b["copies"]).mean() >= 0.99  # argmax ties may flip in the 6th digit
     assert _table(one, "trials")["correct"].tolist() == _table(three, "trials")["correct"].tolist()
+
+
+# --- the command line ------------------------------------------------------------------------------------------------
+
+
+def test_cli_hardware_options_reach_the_scan(tmp_path, capsys):
+    from posprobe.cli import main
+
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", "tiny-rope", "--budget", "quick", "--probes", "head_basics", "--dtype",
+                 "bfloat16", "--batch-size", "2", "--device", "cpu", "--out", str(out)]) == 0
+    hardware = posprobe.load(out).meta["hardware"]
+    assert hardware["dtype"] == "bfloat16" and hardware["batch_size"] == 2 and hardware["remote"] is False
+    assert main(["scan", "--model", "tiny-rope", "--dtype", "int4", "--out", str(tmp_path / "bad")]) == 2
+    assert "dtype" in capsys.readouterr().err

@@ -436,6 +436,73 @@ class NNsightAccess(ModelAccess):
         local-only objects), `state()` and `adopt(state)`.
         """
         nnsight = _nnsight()
+        read = {t for t in taps if t not in (Tap.PATTERN, Tap.SCORES)}
+        if taps & {Tap.PATTERN, Tap.SCORES}:
+            read |= {Tap.Q, Tap.K}
+        names = {tap.value for tap in read}
+        info, lm = self.info, self.lm
+        blocks = _envoy(lm, self.paths.layers)
+        attention_name, rotary_op, attention_op = self.paths.attention, _ROTARY_OP, _ATTENTION_OP
+        plan = [(layer_info.has_rope and bool(read & _PRE_TAPS), bool(read & _QK_TAPS) or bool(read & _PRE_TAPS))
+                for layer_info in info.layers]
+        position_ids = kwargs["position_ids"]
+        kwargs = {**kwargs, "remote": self.remote}
+        logits = None
+        with reducer.shipped():
+            with lm.trace(input_ids, **kwargs):
+                for layer, (read_rotary, read_qk) in enumerate(plan):
+                    block = blocks[layer]
+                    attn = getattr(block, attention_name)
+                    source = attn.source if (read_rotary or read_qk) else None
+                    cap = LayerCapture(layer=layer, info=info.layers[layer], model=info, position_ids=position_ids)
+                    cap.extras["attn_scale"] = info.attn_scale
+                    if "resid_pre" in names:
+                        cap.resid_pre = block.input
+                    if "attn_in" in names:
+                        cap.attn_in = attn.input
+                    if read_rotary:
+                        rotary_inputs = getattr(source, rotary_op).inputs[0]
+                        cap.q_pre, cap.k_pre = rotary_inputs[0], rotary_inputs[1]
+                    if read_qk:
+                        attention_args = getattr(source, attention_op).inputs[0]
+                        cap.q, cap.k = attention_args[1], attention_args[2]
+                        if not info.layers[layer].has_rope:
+                            cap.q_pre, cap.k_pre = cap.q, cap.k
+                    if "attn_out" in names:
+                        cap.attn_out = attn.output[0]
+                    if "resid_post" in names:
+                        block_output = block.output
+                        cap.resid_post = block_output[0] if isinstance(block_output, tuple) else block_output
+                    reducer(cap)
+                returned = nnsight.save(reducer.state())
+                if logit_positions is not None:
+                    logits = nnsight.save(lm.output.logits)
+        reducer.adopt(returned)
+        return logits
+
+    def remote_view(self, remote: bool | str) -> NNsightAccess:
+        """This access with its passes run remotely: True = NDIF (needs an NDIF key, see docs/hardware.md), "local"
+        = nnsight's serialising dry run here. Same model, info and hash; streaming off (nothing runs locally)."""
+        view = copy.copy(self)
+        view._edits = list(self._edits)
+        view.remote, view.streaming = remote, False
+        return view
+
+    def _reducing_trace(
+        self, input_ids: Tensor, kwargs: dict[str, Any], taps: frozenset[Tap], reducer: Any,
+        logit_positions: Tensor | None,
+    ) -> Tensor | None:
+        """One remote trace that runs `reducer` (scan's shippable dispatch over the streaming probes) on the server
+        as the model runs, and brings back only its state: per-head reductions, O(layers x heads x bins / pairs),
+        never a pattern or an activation. Patterns are computed chunk-wise from the q/k the model hands its attention
+        function (`LayerCapture` from Q/K), so the model keeps its own (SDPA) attention.
+
+        The body uses envoys, plain data, `nnsight.save` and posprobe's reducers, which nnsight ships by value;
+        `remote="local"` (nnsight's LocalSimulationBackend) serialises the request, deserialises it with posprobe's
+        modules hidden as on a server, and runs it. `reducer` provides `shipped()` (a context in which it carries no
+        local-only objects), `state()` and `adopt(state)`.
+        """
+        nnsight = _nnsight()
         nnsight.register("posprobe")  # the server has no posprobe: its reducers ship by value (source)
         read = {t for t in taps if t not in (Tap.PATTERN, Tap.SCORES)}
         if taps & {Tap.PATTERN, Tap.SCORES}:
