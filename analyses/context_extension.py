@@ -72,6 +72,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
     parser.add_argument("--device", default=None, help="device for the full variant (e.g. cuda)")
+    parser.add_argument("--batch-size", type=int, default=None, help="prompts per greedy call (default: all depths "
+                        "in quick, 1 in full: each [9, n, n] float32 logit tensor is ~10 GB at 16k tokens)")
     return parser.parse_args()
 
 
@@ -98,10 +100,7 @@ def load(variant: str, device: str | None) -> Any:
 
         model, tokenizer = tiny_model("rope", n_layers=3, d_model=64, n_heads=4, n_kv_heads=2, max_positions=256)
         return posprobe.load_model(model, tokenizer=tokenizer)
-    access = posprobe.load_model("smollm2-135m")
-    if device:
-        access.model.to(device)
-    return access
+    return posprobe.load_model("smollm2-135m", device=device)  # device None: cuda when available (bfloat16)
 
 
 def kv_task(access: Any, tokens: int, seed: int) -> tuple[Any, int]:
@@ -125,7 +124,7 @@ def kv_task(access: Any, tokens: int, seed: int) -> tuple[Any, int]:
 
 
 def evaluate(access: Any, name: str, spec: Any, lengths: list[int], trials: int, seed: int,
-             depths: int) -> list[pd.DataFrame]:
+             depths: int, batch_size: int | None) -> list[pd.DataFrame]:
     rows = []
     for length in lengths:
         cells = []
@@ -139,7 +138,8 @@ def evaluate(access: Any, name: str, spec: Any, lengths: list[int], trials: int,
         for task, n_items in cells:
             start = time.perf_counter()
             table = posprobe.evaluate_positions(access, task, n_items=n_items, gold_positions=depths,
-                                                n_trials=trials, intervention=spec, seed=seed, progress=False)
+                                                n_trials=trials, intervention=spec, seed=seed, progress=False,
+                                                batch_size=batch_size)
             table = table.assign(method=name, length=length, ratio=length / access.info.max_positions,
                                  seconds=time.perf_counter() - start,
                                  prompt_tokens=table.attrs.get("prompt_tokens"))
@@ -240,7 +240,8 @@ def main() -> None:
     frames = []
     for name, spec in specs.items():
         print(f"[{time.perf_counter() - started:7.1f}s] {name}", flush=True)
-        frames += evaluate(access, name, spec, lengths, args.trials, args.seed, DEPTHS[args.variant])
+        frames += evaluate(access, name, spec, lengths, args.trials, args.seed, DEPTHS[args.variant],
+                           args.batch_size or (None if args.variant == "quick" else 1))
     by_depth = pd.concat(frames, ignore_index=True)
     acc = pooled(by_depth)
     scan = None if args.no_rescan else rescan(access, {k: v for k, v in specs.items()}, native, args.variant)
