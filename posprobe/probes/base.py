@@ -3,8 +3,8 @@
 Owns `ProbeResult`, `Budget` (named sizes of the shared text passes, plus per-probe knob overrides; every value is
 recorded in the scan), the budget knobs each probe declares in its Config (`BUDGET_KNOBS`, `per_level`,
 `resolve_budget`), `ScanContext` (what `scan()` hands a probe: the access, budget, seed, shared text samples), the
-`Probe` protocol with the checks `register()` runs (`probe_problems`) and `StreamingProbe`, the shell of a
-streaming probe. Streaming probes see the shared text passes layer by layer and are fused into one pass with every
+`Probe` protocol with the checks `register()` runs (`probe_problems`) and `StreamingProbe` / `TaskProbe`, the
+shells of the two kinds of probe. Streaming probes see the shared text passes layer by layer and are fused into one pass with every
 other streaming probe; task probes build their own inputs and run their own passes. See the docs pages "Budgets"
 and "How to add a probe".
 """
@@ -251,26 +251,47 @@ class Probe(Protocol):
 
 
 @dataclass(frozen=True)
-class StreamingProbe:
-    """The whole registration object of a streaming probe: its name, Config, description and reducer factory.
-
-    `PROBE = StreamingProbe("head_basics", HeadBasicsConfig, "sink mass, ...", _Reducer)`. `make_reducer(ctx,
-    config)` builds the per-scan reducer and receives the config with its budget knobs resolved; `skip(info,
-    config)` says why the probe does not apply to a model (None, the default, when it always applies).
-    """
-
+class _ProbeShell:
     name: str
     Config: type
     description: str
-    make_reducer: Callable[[ScanContext, Any], Reducer]
-    skip: Callable[[ModelInfo, Any], str | None] | None = None
-    streaming: ClassVar[bool] = True
+    # why the probe does not apply to a model (None when it applies); None: it always applies
+    skip: Callable[[ModelInfo, Any], str | None] | None = field(default=None, kw_only=True)
 
     def skip_reason(self, info: ModelInfo, config: Any) -> str | None:
         return self.skip(info, config) if self.skip is not None else None
 
+
+@dataclass(frozen=True)
+class StreamingProbe(_ProbeShell):
+    """The whole registration object of a streaming probe: its name, Config, description and reducer factory.
+
+    `PROBE = StreamingProbe("head_basics", HeadBasicsConfig, "sink mass, ...", _Reducer)`. `make_reducer(ctx,
+    config)` builds the per-scan reducer and receives the config with its budget knobs resolved; `skip=(info,
+    config) -> reason | None` says why the probe does not apply to a model (default: it always applies).
+    """
+
+    make_reducer: Callable[[ScanContext, Any], Reducer]
+    streaming: ClassVar[bool] = True
+
     def reducer(self, ctx: ScanContext, config: Any) -> Reducer:
         return self.make_reducer(ctx, ctx.budgeted(self.name, config))
+
+
+@dataclass(frozen=True)
+class TaskProbe(_ProbeShell):
+    """The whole registration object of a task probe: its name, Config, description and run function.
+
+    `PROBE = TaskProbe("retrieval", RetrievalConfig, "retrieval heads ...", run_retrieval)`. `run_fn(ctx, config)`
+    builds its own inputs, runs its own passes and returns a ProbeResult; it receives the config with its budget
+    knobs resolved. `skip=` as for `StreamingProbe`.
+    """
+
+    run_fn: Callable[[ScanContext, Any], ProbeResult]
+    streaming: ClassVar[bool] = False
+
+    def run(self, ctx: ScanContext, config: Any) -> ProbeResult:
+        return self.run_fn(ctx, ctx.budgeted(self.name, config))
 
 
 PROBE_NAME = re.compile(r"[a-z][a-z0-9_]*")

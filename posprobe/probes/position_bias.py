@@ -36,9 +36,9 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
+from posprobe.access import LayerCapture, ModelAccess, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame, per_level
+from posprobe.probes.base import ProbeResult, ScanContext, TaskProbe, curve_frame, head_frame, per_level
 from posprobe.tasks.base import Prompt, Task
 
 
@@ -318,18 +318,6 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
     return ProbeResult(heads=heads, curves=curves_df, tables={"documents": table}, summary=summary)
 
 
-class PositionBias:
-    name = "position_bias"
-    Config = PositionBiasConfig
-    description = ("U-shaped positional bias: attention by relative key position (u_score) and attention to a "
-                   "document moved through every slot")
-    streaming = False
-
-    def skip_reason(self, info: ModelInfo, config: PositionBiasConfig) -> str | None:
-        return None
-
-    def run(self, ctx: ScanContext, config: PositionBiasConfig) -> ProbeResult:
-        return run_position_bias(ctx, config)
-
-
-PROBE = PositionBias()
+PROBE = TaskProbe("position_bias", PositionBiasConfig,
+                  "U-shaped positional bias: attention by relative key position (u_score) and attention to a "
+                  "document moved through every slot", run_position_bias)

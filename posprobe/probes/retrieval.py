@@ -38,7 +38,7 @@ from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
 from posprobe.errors import ProbeError
-from posprobe.probes.base import ProbeResult, ScanContext, curve_frame, head_frame, per_level
+from posprobe.probes.base import ProbeResult, ScanContext, TaskProbe, curve_frame, head_frame, per_level
 from posprobe.tasks.base import pad_left, pad_token_id
 from posprobe.tasks.needle import NeedleTrial, grid_for_trials, make_needle_trial, minimum_context_length
 
@@ -316,23 +316,15 @@ def build_trials(access: ModelAccess, n_trials: int, lengths: Sequence[int], con
             for index, (length, depth) in enumerate(cells)]
 
 
-class Retrieval:
-    name = "retrieval"
-    Config = RetrievalConfig
-    description = "retrieval heads (Wu et al.): needle-copying score per head over needle trials (lengths x depths)"
-    streaming = False
-
-    def skip_reason(self, info: ModelInfo, config: RetrievalConfig) -> str | None:
-        return None
-
-    def run(self, ctx: ScanContext, config: RetrievalConfig) -> ProbeResult:
-        _check(config)
-        access = ctx.access
-        config = ctx.budgeted(self.name, config)
-        n_trials = config.n_trials
-        lengths = context_lengths(access, config.context_lengths or ctx.budget.context_lengths, config)
-        trials = build_trials(access, n_trials, lengths, config, ctx.seed)
-        return score_trials(access, trials, config, progress=ctx.progress, batch_size=ctx.batch_size)
+def run_retrieval(ctx: ScanContext, config: RetrievalConfig) -> ProbeResult:
+    """The retrieval probe on the scan's model: needle trials over the budget's lengths x depths, then scoring."""
+    config = ctx.budgeted(PROBE.name, config)
+    _check(config)
+    lengths = context_lengths(ctx.access, config.context_lengths or ctx.budget.context_lengths, config)
+    trials = build_trials(ctx.access, config.n_trials, lengths, config, ctx.seed)
+    return score_trials(ctx.access, trials, config, progress=ctx.progress, batch_size=ctx.batch_size)
 
 
-PROBE = Retrieval()
+PROBE = TaskProbe("retrieval", RetrievalConfig,
+                  "retrieval heads (Wu et al.): needle-copying score per head over needle trials (lengths x depths)",
+                  run_retrieval)

@@ -25,6 +25,7 @@ from posprobe.probes.base import (
     Budget,
     ProbeResult,
     StreamingProbe,
+    TaskProbe,
     budget_knobs,
     head_frame,
     per_level,
@@ -108,6 +109,21 @@ def test_bad_overrides_fail_before_the_model_is_loaded():
         posprobe.scan(not_a_model, budget=Budget("b", **SMALL, probes={"counting_test_prob": {"n_seen": 1}}))
     with pytest.raises(UnknownNameError, match="budget level"):
         Budget("b", **SMALL, level="huge")
+
+
+def _counting_run(ctx, config):
+    info = ctx.info
+    return ProbeResult(heads=head_frame(info, {"task_counted": [[float(config.n_seen)] * info.n_heads
+                                                                 for _ in range(info.n_layers)]}))
+
+
+def test_a_task_probe_gets_its_knobs_resolved_too():
+    register(TaskProbe("counting_task_test_probe", CountingConfig, "test double: a task probe", _counting_run),
+             replace=True)
+    scan = posprobe.scan(_access(), probes=["counting_task_test_probe"], budget=Budget("full", **SMALL),
+                         progress=False)
+    assert set(scan.heads["task_counted"]) == {3.0} and scan.meta["probes"]["counting_task_test_probe"]["n_seen"] == 3
+    assert get_probe("counting_task_test_probe").streaming is False
 
 
 def test_tables_are_probe_dot_table():
