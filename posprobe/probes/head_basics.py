@@ -1,6 +1,7 @@
 """Head basics: sink mass, previous-token score, attention vs distance (docs/probes/head_basics.md).
 
-Owns the head columns `sink_mass` (mean a_{i,0}), `previous_token_score` (mean a_{i,i-1}) and `distance_corr`
+Owns the head columns `sink_mass` (mean a_{i,0}), `learned_sink_mass` (mean 1 - sum_j a_ij: the share a learned
+sink logit takes; only for models with learned sinks, gpt-oss, NaN on their layers without one), `previous_token_score` (mean a_{i,i-1}) and `distance_corr`
 (Spearman correlation of attention with log(1 + i - j) over visible causal pairs, sink column j = 0 excluded; after
 Hong et al. 2024; attention is taken relative to uniform by default, see the config), and the curve `attention_vs_distance` (mean attention per key at distance d, log2 bins, sink
 excluded). Streaming: reduced per layer from chunked patterns over sampled queries; pairs for the rank correlation
@@ -80,6 +81,7 @@ class _Reducer:
         shape = (info.n_layers, info.n_heads)
         self.sink = torch.zeros(shape, dtype=torch.float64)
         self.prev = torch.zeros(shape, dtype=torch.float64)
+        self.learned_sink = torch.zeros(shape, dtype=torch.float64)  # 1 - row sum: the learned sink's share (gpt-oss)
         self.count = torch.zeros(shape[0], dtype=torch.float64)
         self.dist_sum = torch.zeros(*shape, config.n_distance_bins, dtype=torch.float64)
         self.dist_n = torch.zeros(config.n_distance_bins, dtype=torch.float64).repeat(shape[0], 1)
@@ -106,6 +108,8 @@ class _Reducer:
             rows = torch.arange(len(qidx), device=qidx.device)
             chunk_sink = probs[:, :, :, 0].sum((0, 2), dtype=acc)
             chunk_prev = probs[:, :, rows, qidx - 1].sum((0, 2), dtype=acc)
+            if cap.info.learned_sinks:  # the sink logit's softmax share is what the rows are missing
+                self.learned_sink[layer] += (1 - probs.sum(-1, dtype=acc)).sum((0, 2)).cpu().double()
             mass, n_keys = binned_key_sums(probs.sum(0, dtype=acc) if b > 1 else probs[0], qidx, window,
                                            cfg.n_distance_bins)
             sink = chunk_sink if sink is None else sink + chunk_sink
@@ -163,6 +167,9 @@ class _Reducer:
             "sink_mass": self.sink / count,
             "previous_token_score": self.prev / count,
             "distance_corr": corr,
+            **({"learned_sink_mass": torch.where(torch.tensor([[lay.learned_sinks] for lay in info.layers]),
+                                                 self.learned_sink / count, float("nan"))}
+               if any(lay.learned_sinks for lay in info.layers) else {}),
         })
         mean = self.dist_sum / self.dist_n.clamp(min=1)[:, None, :]
         rows = []

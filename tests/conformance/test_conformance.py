@@ -269,3 +269,19 @@ def test_backend_parity(name, backend):
     for layer in ref:
         assert float((got[layer]["pattern"] - ref[layer]["pattern"]).abs().max()) <= 1e-4, (name, backend, layer)
     assert float((got_out.logits - ref_out.logits).abs().max()) <= 1e-3
+
+
+def test_learned_sink_mass_is_reported_next_to_the_first_token_sink():
+    """gpt-oss: rows of the pattern sum to 1 - (the learned sink's share); head_basics reports that share."""
+    import posprobe
+
+    access = family_access("gpt_oss")
+    scan = posprobe.scan(access, probes=["head_basics"], budget=_budget(), progress=False)
+    learned = scan.heads["learned_sink_mass"]
+    assert learned.between(0, 1).all() and float(learned.max()) > 0.01
+    ids = token_ids(access, 20)
+    caps, _ = _collect(access, ids, [Tap.PATTERN])
+    rows = caps[0]["pattern"].sum(-1)
+    assert float(rows.max()) < 1.0  # some mass went to the sink logit
+    assert "learned_sink_mass" not in posprobe.scan(family_access("llama"), probes=["head_basics"],
+                                                    budget=_budget(), progress=False).heads
