@@ -166,7 +166,10 @@ def visible_keys(cap: LayerCapture, query_index: Tensor) -> tuple[int, int, Tens
         raise ProbeError(f"Layer {cap.layer}: the capture holds no post-rotary q/k. The RoPE probes need "
                          f"Tap.Q and Tap.K; request them in the probe's taps.")
     start, stop = query_key_range(query_index, cap.info.sliding_window)
-    return start, stop, cap.q[:, :, query_index], expand_kv(cap.k[:, :, start:stop], cap.model.n_heads)
+    wide = torch.promote_types(cap.q.dtype, torch.float32)  # chunk products of bf16 / fp16 models in float32
+    query_index = query_index.to(cap.q.device)
+    return (start, stop, cap.q[:, :, query_index].to(wide),
+            expand_kv(cap.k[:, :, start:stop], cap.model.n_heads).to(wide))
 
 
 @dataclass
@@ -190,6 +193,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 1
     scale = float(cap.extras.get("attn_scale", model.attn_scale))
     usage = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
     max_error = 0.0
+    queries = queries.to(cap.device)  # indices live with the layer's tensors (masks, gathers); sums go to the CPU
     for s in range(0, len(queries), block_size):
         qi = queries[s : s + block_size]
         start, stop, q, k = visible_keys(cap, qi)
@@ -199,7 +203,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 1
             visible = causal_key_mask(qi, stop, layer.sliding_window, key_start=start)
             logits = torch.matmul(q, k.transpose(-1, -2)) * scale
             max_error = float((c.sum(2) * scale - logits).abs()[..., visible].max())
-        usage += torch.einsum("bhcqk,bhqk->hc", c.abs_(), probs.to(c.dtype)).double()
+        usage += torch.einsum("bhcqk,bhqk->hc", c.abs_(), probs.to(c.dtype)).double().cpu()
     return ChunkUsage(usage=usage, n_rows=int(cap.q.shape[0]) * len(queries), max_logit_error=max_error)
 
 
@@ -225,14 +229,14 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
     mass = torch.zeros(model.n_heads, dtype=torch.float64)
     for qidx, probs in cap.pattern_chunks(pattern_chunk, queries):
         start, stop, q, k = visible_keys(cap, qidx)
-        far = (qidx[:, None] - torch.arange(start, stop)[None, :]) >= distance  # [cq, nk]
+        far = (qidx[:, None] - torch.arange(start, stop, device=qidx.device)[None, :]) >= distance  # [cq, nk]
         if exclude_sink and start == 0:
             far[:, 0] = False
         if not bool(far.any()):
             continue
         w = probs[..., start:stop] * far.to(probs.dtype)
-        signed += weighted_chunk_contributions(q, k, w.to(q.dtype), layer).sum((0, 2)).double()
-        mass += w.sum((0, 2, 3)).double()
+        signed += weighted_chunk_contributions(q, k, w.to(q.dtype), layer).sum((0, 2)).double().cpu()
+        mass += w.sum((0, 2, 3)).double().cpu()
     n_rows = int(cap.q.shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
     return LongRange(signed=signed, mass=mass, n_rows=n_rows)
 
