@@ -6,7 +6,9 @@ Two checks per family, each against transformers itself on identical weights:
 - Ms-PoE with every head at ratio 2 (positions p / 2, through the logit engine's delta rotations of the layer's own
   rotated q/k) equals PI x2 loaded in transformers (rope_type linear, factor 2): the engine agrees with the family's
   own rotation, q/k norms, partial rotary, scale, softcap and windows.
-Families the what-ifs cannot serve must refuse with an InterventionError saying why (listed below, checked).
+STRING and Self-Extend (the same engine) then run on the family and change its logits (finite), and the model is
+bit-for-bit restored after each. Families the what-ifs cannot serve must refuse with an InterventionError saying
+why (listed below, checked).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from posprobe.errors import InterventionError
-from posprobe.what_if import MsPoE, PositionInterpolation, YaRN
+from posprobe.what_if import STRING, MsPoE, PositionInterpolation, SelfExtend, YaRN
 from tests.what_if.conftest import wrap
 
 # Families whose RoPE the what-ifs do not implement, and why (the error must say so).
@@ -72,6 +74,15 @@ def test_family(name):
     with yarn.applied(access):
         got = access.run(ids, logits="all").logits
     torch.testing.assert_close(got, _reference(name, yarn, access, ids), atol=1e-5, rtol=0)
+    plain = access.run(ids, logits="all").logits
+    windowed = all(layer.sliding_window for layer in access.info.layers if layer.has_rope)
+    for spec in (SelfExtend(group=2, window=8, layers="0:"), STRING(shift=12, window=4, layers="0:")):
+        with spec.applied(access):
+            got = access.run(ids, logits="all").logits
+        assert torch.isfinite(got).all()
+        if not windowed:  # windows of 8 tokens hide every pair these settings remap: nothing may change there
+            assert (got - plain).abs().max() > 1e-4
+        assert torch.equal(plain, access.run(ids, logits="all").logits)
     if any(layer.rope_scaling for layer in access.info.layers):  # gpt-oss ships YaRN: p / 2 is no named type
         return
     with ms_poe.applied(access):
