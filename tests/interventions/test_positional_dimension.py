@@ -263,5 +263,9 @@ def test_gemma_recorded_scaling_equals_the_weight_edited_reference(gemma):
     with positional_dimension(gemma):
         scaled = gemma.run(ids, logits="last").logits[:, -1]
     reference = _weight_edited_reference(gemma, ids, 558, -1.0, list(range(9, 18)))
-    assert (reference - gemma.run(ids, logits="last").logits[:, -1]).abs().max() > 1e-3
-    torch.testing.assert_close(scaled, reference, atol=1e-5, rtol=0)
+    effect = (reference - gemma.run(ids, logits="last").logits[:, -1]).abs().max()
+    assert effect > 1e-1  # the edit moves the logits a lot, so agreement is evidence
+    # float32 over 18 layers and 262k logits: (W * f) x and W (x * f) round differently (seen: 1.7e-5 at most, 0.8%
+    # of the logits above 1e-5), so Gemma gets 5e-5; the tiny models above meet 1e-5
+    torch.testing.assert_close(scaled, reference, atol=5e-5, rtol=0)
+    print(f"effect {float(effect):.3g}, largest difference {float((scaled - reference).abs().max()):.3g}")
