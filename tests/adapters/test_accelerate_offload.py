@@ -54,3 +54,27 @@ def test_offloaded_model_scans_like_the_undispatched_one(saved, tmp_path):
                                posprobe.load_model(plain, tokenizer=tokenizer).run(ids, logits="all").logits,
                                atol=1e-5, rtol=1e-5)
     assert any(p.device.type == "meta" for p in dispatched.parameters())  # left dispatched as found
+
+
+def test_device_auto_dispatches_a_model_loaded_by_path(saved, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    folder, plain, tokenizer = saved
+    seen = []
+    original = AutoModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(spy))
+    access = posprobe.load_model(str(folder), device="auto", dtype="float32")
+    assert seen and seen[-1]["device_map"] == "auto" and seen[-1]["dtype"] == torch.float32
+    # device_map="auto" reached from_pretrained: on this CPU-only machine everything fits on the CPU, so transformers
+    # places the whole model there (no map is kept when it is one device)
+    where = access.placement()
+    assert where["devices"] == ["cpu"] and where["dtype"] == "float32"
+    assert where["device_map"] in (None, {"": "cpu"})
+    ids = torch.randint(4, 250, (1, 20))
+    torch.testing.assert_close(access.run(ids, logits="all").logits,
+                               posprobe.load_model(plain, tokenizer=tokenizer).run(ids, logits="all").logits)
