@@ -1,10 +1,10 @@
 """Architecture facts of an HF causal LM, found generically, with one declarative entry per family exception.
 
 Owns the translation from an HF model (its modules and config; never TransformerLens' cfg, which is wrong for
-Gemma 3 / SmolLM2) to `ModulePaths` and `ModelInfo`, implementing the "RoPE layout" of docs/probes/index.md: per-layer positional
-scheme (RoPE / NoPE / absolute / ALiBi), theta, rotary width and offset, chunk layout, scaling, sliding window,
-attention chunk, softcap, learned sinks and the attention scale. Used by every adapter, so that all backends report
-identical facts for identical weights.
+Gemma 3 / SmolLM2) to `ModulePaths` and `ModelInfo`, implementing the "RoPE layout" of docs/probes/index.md:
+per-layer positional scheme (RoPE / NoPE / absolute / ALiBi), theta, rotary width and offset, chunk layout, scaling,
+sliding window, attention chunk, softcap, learned sinks and the attention scale. Used by every adapter, so that all
+backends report identical facts for identical weights.
 
 What is found generically (no per-family table):
 - decoder blocks: the ModuleList under the model whose children each hold a submodule with `layer_idx` whose
@@ -262,9 +262,9 @@ def layer_infos(model: nn.Module, paths: ModulePaths | None = None) -> tuple[Lay
         softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
         sinks = isinstance(getattr(attn, "sinks", None), torch.Tensor)
         scale = _attr((attn,), ("scaling", "inv_norm_factor"))
-        common = dict(index=index, layer_type=layer_type, sliding_window=window, attention_chunk=chunk,
-                      attn_softcap=float(softcap) if softcap else None, learned_sinks=sinks,
-                      attn_scale=float(scale) if scale is not None else head_dim**-0.5)
+        common = {"index": index, "layer_type": layer_type, "sliding_window": window, "attention_chunk": chunk,
+                      "attn_softcap": float(softcap) if softcap else None, "learned_sinks": sinks,
+                      "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
         nope = (getattr(attn, "use_rope", True) in (0, False)) or (
             exc is not None and exc.nope_on_full_layers and window_cfg and layer_type != "sliding_attention")
         if alibi:

@@ -46,7 +46,12 @@ from posprobe.access import (
 )
 from posprobe.adapters._compat import cache_kwargs
 from posprobe.adapters._wrapping import state_dict_hash
-from posprobe.adapters.architectures import exception_for, get_path, model_info, module_paths
+from posprobe.adapters.architectures import (
+    exception_for,
+    get_path,
+    model_info,
+    module_paths,
+)
 from posprobe.errors import InterventionError, UnsupportedModelError
 
 ATTN_NAME = "posprobe"  # output through SDPA (masks in SDPA's format)

@@ -19,11 +19,28 @@ import numpy as np
 import pytest
 import torch
 
-from posprobe.access import AttentionEdit, ChunkLayout, Positional, ProjectionInputEdit, RotaryEdit, Tap
+from posprobe.access import (
+    AttentionEdit,
+    ChunkLayout,
+    Positional,
+    ProjectionInputEdit,
+    RotaryEdit,
+    Tap,
+)
 from posprobe.adapters.families import FAMILIES
-from posprobe.errors import InputError, InterventionError, MissingDependencyError, UnsupportedModelError
+from posprobe.errors import (
+    InputError,
+    InterventionError,
+    MissingDependencyError,
+    UnsupportedModelError,
+)
 from posprobe.probes.rope_chunks import chunk_contributions, chunk_norms, n_bands
-from tests.conformance.conftest import eager_reference, family_access, lengths, token_ids
+from tests.conformance.conftest import (
+    eager_reference,
+    family_access,
+    lengths,
+    token_ids,
+)
 
 NAMES = list(FAMILIES)
 _LETTER = {Positional.ROPE: "r", Positional.NONE: "n", Positional.ABSOLUTE: "a", Positional.ALIBI: "l"}
@@ -138,7 +155,7 @@ def test_chunk_decomposition_is_exact(name):
         assert torch.allclose(logits, torch.matmul(q, k_full.transpose(-1, -2)) * scale, atol=1e-9)
         if call is not None:  # the same logits, through the model's own mask / softcap / sinks
             rebuilt = dataclasses.replace(call, q=cap["q"].double(), k=cap["k"].double(),
-                                          sinks=None if call.sinks is None else call.sinks.double())
+                                          sinks=None if call.sinks is None else call.sinks.detach().double())
             full = torch.arange(ids.shape[1])
             s = logits
             if rebuilt.softcap is not None:
@@ -237,9 +254,8 @@ def test_edits_restore_logits_bitwise(name):
     before = access.run(ids, logits="all").logits
     for kind, edit in _edits(access).items():
         if not _applies(access, kind):
-            with pytest.raises((InterventionError, InputError)) as err:
-                with access.editing([edit]):
-                    access.run(ids, logits="all")
+            with pytest.raises((InterventionError, InputError)) as err, access.editing([edit]):
+                access.run(ids, logits="all")
             assert len(str(err.value)) > 40  # says what and why
             continue
         with access.editing([edit]):
