@@ -160,8 +160,8 @@ class _Reducer:
         if cfg.max_queries is not None and len(queries) > cfg.max_queries:
             queries = queries[torch.linspace(0, len(queries) - 1, cfg.max_queries).round().long().unique()]
         sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness)
-        qn = _norm_sums(cap.q_pre, cap.q, cap.info)  # [H, bands]
-        kn = _norm_sums(cap.k_pre, cap.k, cap.info)  # [G, bands]
+        qn = _norm_sums(cap.q_pre, cap.q, cap.info).cpu()  # [H, bands], to the CPU accumulators once per layer
+        kn = _norm_sums(cap.k_pre, cap.k, cap.info).cpu()  # [G, bands]
         q = cap.q
         if layer not in self.usage:  # first pass over this layer
             self.usage[layer] = torch.zeros_like(sums.usage)
