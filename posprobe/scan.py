@@ -330,9 +330,12 @@ class _InfoOnly(ModelAccess):
 class Dispatch:
     """The `on_layer` of the shared text passes: every streaming reducer in turn.
 
-    It can also run on the server of a remote pass (nnsight / NDIF): `shipped()` swaps each reducer's context for one
-    that holds no local objects (no model, no progress bar), `state()` is what the pass brings back (the reducers'
-    accumulated per-head reductions) and `adopt(state)` puts it into the local reducers.
+    It can also run on the server of a remote pass (nnsight / NDIF). `shipped()` swaps each reducer's context for one
+    that holds no local objects (no model, no progress bar) and its list accumulators (lists, also as dict values:
+    head_basics' Spearman pairs) for empty ones, so a request carries the fixed-size sums and nothing that grows
+    with the texts already seen. `state()` is what the pass brings back (the per-head sums, this pass's list items)
+    and `adopt(state)` puts it into the local reducers: sums replace theirs, list items are appended. The contract of
+    a remotely runnable reducer is thus: lists are append-only accumulators; everything else it may update in place.
     """
 
     ships_to_remote = True
@@ -345,18 +348,32 @@ class Dispatch:
         for reducer in self.reducers:
             reducer.on_layer(capture)
 
+    @staticmethod
+    def _empty_lists(value: Any) -> Any:
+        if isinstance(value, list):
+            return []
+        if isinstance(value, dict) and any(isinstance(v, list) for v in value.values()):
+            return {k: [] if isinstance(v, list) else v for k, v in value.items()}
+        return value
+
     @contextlib.contextmanager
     def shipped(self) -> Iterator[None]:
-        saved = [getattr(r, "ctx", None) for r in self.reducers]
+        saved = [dict(vars(r)) for r in self.reducers]
         try:
-            for reducer, ctx in zip(self.reducers, saved):
+            for reducer, original in zip(self.reducers, saved):
+                for name, value in original.items():
+                    emptied = self._empty_lists(value)
+                    if emptied is not value:
+                        setattr(reducer, name, emptied)
+                ctx = original.get("ctx")
                 if ctx is not None:
                     reducer.ctx = dataclasses.replace(ctx, access=_InfoOnly(ctx.info), progress=_no_progress)
             yield
         finally:
-            for reducer, ctx in zip(self.reducers, saved):
-                if ctx is not None:
-                    reducer.ctx = ctx
+            for reducer, original in zip(self.reducers, saved):
+                for name, value in original.items():
+                    if self._empty_lists(value) is not value or name == "ctx":
+                        setattr(reducer, name, value)
 
     def state(self) -> list[dict[str, Any]]:
         return [{k: v for k, v in vars(r).items() if k not in self._LOCAL} for r in self.reducers]
@@ -366,7 +383,18 @@ class Dispatch:
             raise ProbeError(f"A remote pass returned the state of {len(state)} reducers for {len(self.reducers)}; "
                              f"the request and the result do not match.")
         for reducer, values in zip(self.reducers, state):
-            vars(reducer).update(values)
+            for name, value in values.items():
+                mine = getattr(reducer, name, None)
+                if isinstance(mine, list) and isinstance(value, list):
+                    mine.extend(value)
+                elif isinstance(mine, dict) and isinstance(value, dict) and self._empty_lists(mine) is not mine:
+                    for key, item in value.items():
+                        if isinstance(mine.get(key), list) and isinstance(item, list):
+                            mine[key].extend(item)
+                        else:
+                            mine[key] = item
+                else:
+                    setattr(reducer, name, value)
 
 
 def _no_progress(iterable: Iterable[Any], desc: str) -> Iterable[Any]:

@@ -107,13 +107,11 @@ def test_remote_scan_serialises_the_trace_and_matches_hf():
     report = json.loads(lines[-1].removeprefix("REPORT"))
     assert report["backend_calls"] == 4 and len(report["payloads"]) == 4  # one serialised request per text pass
     assert len(report["returned"]) == 4
-    # What comes back is the reducers' state: per-head sums plus head_basics' Spearman pairs (pairs_per_sample per
-    # head per text), never an [H, n, n] pattern: it grows by the same amount per text whatever its length (40 or 64
-    # tokens), i.e. O(layers x heads x pairs), not O(n^2).
+    # What comes back is the reducers' state: per-head sums plus this pass's Spearman pairs of head_basics
+    # (pairs_per_sample per head and layer), never an [H, n, n] pattern; the pairs already adopted are not shipped
+    # again, so every pass returns about the same amount whatever its length (40 or 64 tokens) or position.
     returned = report["returned"]
-    steps = [b - a for a, b in zip([0, *returned[:-1]], returned)]
-    assert max(returned) < 2_000_000, returned
-    assert max(steps) < 1.1 * min(steps), steps
+    assert max(returned) < 500_000 and max(returned) < 1.1 * min(returned), returned
     assert report["largest_tensor"] < 64 * 64, report["largest_tensor"]
     assert report["remote_metrics"] == report["metrics"]
     for metric, diff in report["max_abs_diff"].items():
