@@ -187,6 +187,25 @@ def test_batched_position_bias_equals_batch_size_one(tiny_rope):
     _metrics_close(one, three)
 
 
+def test_batched_implicit_position_equals_batch_size_one(tiny_rope):
+    from posprobe.probes.implicit_position import ImplicitPositionConfig
+
+    configs = {"implicit_position": ImplicitPositionConfig(context_length=64, n_sequences=7, positions_per_sequence=16,
+                                                           regressors=("ridge",), shuffled_control=("ridge",))}
+    one, three = (posprobe.scan(tiny_rope, probes=["implicit_position"], budget=TINY_BUDGET, configs=configs,
+                                batch_size=b, progress=False) for b in (1, 3))  # passes of 3 + 3 + 1
+    key = ["probe", "curve", "series", "layer", "head", "x"]
+    c1, c3 = (s.curves.sort_values(key).reset_index(drop=True) for s in (one, three))
+    assert len(c1) and c1.drop(columns="y").equals(c3.drop(columns="y"))
+    np.testing.assert_allclose(c1["y"], c3["y"], atol=1e-6, rtol=1e-5)
+    assert one.tables.keys() == three.tables.keys()
+    for name in one.tables:
+        a, b = one.tables[name], three.tables[name]
+        numeric = a.select_dtypes("number").columns
+        np.testing.assert_allclose(a[numeric].to_numpy(float), b[numeric].to_numpy(float), atol=1e-6, rtol=1e-5,
+                                   equal_nan=True, err_msg=name)
+
+
 # --- memory --------------------------------------------------------------------------------------------------------
 
 

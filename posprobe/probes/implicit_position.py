@@ -155,26 +155,33 @@ class _Collector:
         self.seen = np.zeros(n_layers, dtype=np.int64)
         self.anchors = torch.linspace(1, n_tokens - 1, min(n_tokens - 1, max_anchors)).round().long().unique()
         self.offset_index = torch.as_tensor(offsets, dtype=torch.long)
-        self.index = 0
-        self.sample: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.batch: list[tuple[int, np.ndarray]] = []  # (sequence index, sampled positions) of each row of a pass
 
     def begin(self, index: int, sample: np.ndarray, position_ids: np.ndarray) -> None:
-        self.index, self.sample = index, sample
-        rows = slice(index * self.k, index * self.k + len(sample))
-        self.positions[rows] = position_ids[sample]
-        self.groups[rows] = index
+        self.begin_batch([(index, sample)], position_ids)
+
+    def begin_batch(self, rows: list[tuple[int, np.ndarray]], position_ids: np.ndarray) -> None:
+        """The sequences of one pass, in batch-row order (equal lengths: no padding)."""
+        self.batch = list(rows)
+        for index, sample in rows:
+            where = slice(index * self.k, index * self.k + len(sample))
+            self.positions[where] = position_ids[sample]
+            self.groups[where] = index
 
     def on_layer(self, cap: LayerCapture) -> None:
         if cap.resid_post is None or cap.attn_out is None:
             raise ProbeError(f"Layer {cap.layer} handed no resid_post / attn_out; implicit_position needs both taps.")
-        layer = cap.layer
-        resid = cap.resid_post[0].detach().float()  # [n, D] on the layer's device; batch of one sequence
-        attn = cap.attn_out[0].detach().float()
+        for row, (index, sample) in enumerate(self.batch):
+            self._row(cap.layer, cap.resid_post[row].detach().float(), cap.attn_out[row].detach().float(), index,
+                      sample)
+
+    def _row(self, layer: int, resid: torch.Tensor, attn: torch.Tensor, index: int, sample: np.ndarray) -> None:
+        """One sequence's features at one layer. resid / attn: [n, D] float32 on the layer's device."""
         resid_var = resid.var(-1, unbiased=False)
         attn_var = attn.var(-1, unbiased=False)
         resid_norm = resid.norm(dim=-1)
         attn_norm = attn.norm(dim=-1)
-        idx = torch.as_tensor(self.sample, device=resid.device)
+        idx = torch.as_tensor(sample, device=resid.device)
         scale = torch.stack([
             resid_var[idx].clamp(min=_TINY).log(), resid_norm[idx].clamp(min=_TINY).log(),
             attn_var[idx].clamp(min=_TINY).log(), attn_norm[idx].clamp(min=_TINY).log(),
@@ -187,8 +194,8 @@ class _Collector:
         valid = partner < self.n_tokens
         values = gram.gather(1, partner.clamp(max=self.n_tokens - 1)) * valid
         similarity = values.sum(0) / valid.sum(0).clamp(min=1)
-        rows = slice(self.index * self.k, self.index * self.k + len(idx))
-        # to the CPU once per layer: the sampled rows and per-position / per-offset vectors, never [n, D] sums
+        rows = slice(index * self.k, index * self.k + len(idx))
+        # to the CPU once per layer and row: the sampled rows and per-position / per-offset vectors, never [n, D]
         hidden, scale, resid_var, attn_var, similarity = (t.cpu() for t in (resid[idx], scale, resid_var, attn_var,
                                                                               similarity))
         self.resid_var[layer] += resid_var.double().numpy()
@@ -296,10 +303,12 @@ class ImplicitPosition:
         k = min(config.positions_per_sequence, n_tokens - 1)
         offsets = log_spaced(1, max(1, (n_tokens - 1) // 2), config.n_offsets)
         col = _Collector(info, n_sequences, n_tokens, k, offsets, config.similarity_anchors)
-        for index in ctx.progress(range(n_sequences), "implicit_position passes"):
-            ids = torch.tensor([_sequence_ids(ctx, config, index, n_tokens)])
-            position_ids = torch.arange(n_tokens)[None]
-            col.begin(index, stratified_positions(n_tokens, k, rng), position_ids[0].numpy())
+        groups = [list(range(i, min(i + ctx.batch_size, n_sequences))) for i in range(0, n_sequences, ctx.batch_size)]
+        for group in ctx.progress(groups, "implicit_position passes"):  # batch_size sequences per pass (equal n)
+            ids = torch.tensor([_sequence_ids(ctx, config, index, n_tokens) for index in group])
+            position_ids = torch.arange(n_tokens)[None].expand(len(group), -1)
+            col.begin_batch([(index, stratified_positions(n_tokens, k, rng)) for index in group],
+                            position_ids[0].numpy())
             ctx.access.run(ids, taps=(Tap.RESID_POST, Tap.ATTN_OUT), on_layer=col.on_layer, position_ids=position_ids)
         passes_s = time.time() - started
 
