@@ -502,8 +502,12 @@ class ModelAccess(abc.ABC):
     # --- hardware ------------------------------------------------------------------------------------------------
     def torch_model(self) -> Any:
         """The torch module whose parameters hold the weights (for devices, dtypes and memory); adapters keep it
-        as `hf_model` or `model`."""
-        return getattr(self, "hf_model", None) or getattr(self, "model", None)
+        as `hf_model` (nnsight), `model` (HF) or `bridge` (TransformerLens)."""
+        for name in ("hf_model", "model", "bridge"):
+            module = getattr(self, name, None)
+            if module is not None:
+                return module
+        return None
 
     @property
     def input_device(self) -> torch.device:

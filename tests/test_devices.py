@@ -278,3 +278,13 @@ def test_cli_hardware_options_reach_the_scan(tmp_path, capsys):
     assert hardware["dtype"] == "bfloat16" and hardware["batch_size"] == 2 and hardware["remote"] is False
     assert main(["scan", "--model", "tiny-rope", "--dtype", "int4", "--out", str(tmp_path / "bad")]) == 2
     assert "dtype" in capsys.readouterr().err
+
+
+def test_every_adapter_reports_where_its_weights_are():
+    pytest.importorskip("transformer_lens")
+    pytest.importorskip("nnsight")
+    model, tokenizer = tiny_model("rope")
+    for backend in ("hf", "transformer_lens", "nnsight"):
+        access = posprobe.load_model(model, tokenizer=tokenizer, backend=backend)
+        assert isinstance(access.torch_model(), torch.nn.Module), backend
+        assert access.input_device == torch.device("cpu") and access.placement()["dtype"] == "float32", backend
