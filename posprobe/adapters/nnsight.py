@@ -436,6 +436,7 @@ class NNsightAccess(ModelAccess):
         local-only objects), `state()` and `adopt(state)`.
         """
         nnsight = _nnsight()
+        nnsight.register("posprobe")  # the server has no posprobe: its reducers ship by value (source)
         read = {t for t in taps if t not in (Tap.PATTERN, Tap.SCORES)}
         if taps & {Tap.PATTERN, Tap.SCORES}:
             read |= {Tap.Q, Tap.K}
