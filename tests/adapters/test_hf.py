@@ -53,7 +53,6 @@ def test_pattern_invariants(name, request):
     access = request.getfixturevalue(name)
     ids = access.encode("A quiet student found the blue lantern. " * 4)
     caps, _ = _collect(access, ids, [Tap.PATTERN])
-    n = len(ids)
     for cap in caps.values():
         p = cap["pattern"][0]
         assert torch.allclose(p.sum(-1), torch.ones(p.shape[:-1]), atol=1e-5)
@@ -61,9 +60,10 @@ def test_pattern_invariants(name, request):
 
 
 def test_sliding_window_puts_no_mass_beyond_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
     from posprobe.adapters.hf import HFAccess
     from posprobe.models import tiny_model
-    from transformers import MistralConfig, MistralForCausalLM
 
     _, tok = tiny_model("rope")
     torch.manual_seed(0)
@@ -139,9 +139,8 @@ def test_kv_cached_greedy_matches_recompute(tiny_rope):
 
 
 def test_rotary_edit_on_nope_model_is_an_error(tiny_nope):
-    with pytest.raises((InterventionError, InputError), match="no (RoPE|rotary)"):
-        with tiny_nope.editing([RotaryEdit(0)]):
-            tiny_nope.run(tiny_nope.encode("hello"))
+    with pytest.raises((InterventionError, InputError), match="no (RoPE|rotary)"), tiny_nope.editing([RotaryEdit(0)]):
+        tiny_nope.run(tiny_nope.encode("hello"))
 
 
 def test_weights_hash_is_blake2b_of_names_and_raw_bytes(tiny_rope):
@@ -183,3 +182,20 @@ def test_qwen3_rope_frequency_over_two_context_lengths():
     for q, q_pre, info in caps.values():
         assert q_pre.shape == q.shape
         assert torch.allclose(chunk_norms(q_pre, info), chunk_norms(q, info), atol=1e-5)
+
+
+def test_model_info_of_old_scans_still_loads(tiny_rope):
+    """ModelInfo / LayerInfo dicts saved before the round-2 fields (family, moe, rotary_offset, alibi_slopes, ...)
+    load with the defaults; fields a newer posprobe wrote are ignored."""
+    from posprobe.access import ModelInfo
+
+    old = tiny_rope.info.to_dict()
+    for key in ("family", "moe"):
+        old.pop(key)
+    new_layer_fields = ("rotary_offset", "rotary_cos_scale", "attention_chunk", "attn_scale", "attn_softcap",
+                        "learned_sinks", "alibi_slopes")
+    old["layers"] = [{k: v for k, v in layer.items() if k not in new_layer_fields} for layer in old["layers"]]
+    info = ModelInfo.from_dict(old)
+    assert info.family is None and info.layers[0].rotary_offset == 0 and info.layers[0].alibi_slopes is None
+    future = tiny_rope.info.to_dict() | {"a_field_of_the_future": 1}
+    assert ModelInfo.from_dict(future) == tiny_rope.info
