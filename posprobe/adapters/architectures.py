@@ -237,8 +237,11 @@ def _head_shapes(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
     return n_heads, int(kv or n_heads), int(head_dim)
 
 
-def layer_infos(model: nn.Module, paths: ModulePaths | None = None) -> tuple[LayerInfo, ...]:
-    """Per-layer positional facts of an HF causal LM (its config and its modules)."""
+def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo, ...]:
+    """Per-layer positional facts of an HF causal LM (its config and its modules; given a config alone, its modules
+    are read from a meta-device skeleton and the rotary width from the config)."""
+    if not isinstance(model, nn.Module):
+        model = _skeleton(model)
     config = model.config
     paths = paths or module_paths(model)
     blocks = get_path(model, paths.layers)
@@ -263,8 +266,8 @@ def layer_infos(model: nn.Module, paths: ModulePaths | None = None) -> tuple[Lay
         sinks = isinstance(getattr(attn, "sinks", None), torch.Tensor)
         scale = _attr((attn,), ("scaling", "inv_norm_factor"))
         common = {"index": index, "layer_type": layer_type, "sliding_window": window, "attention_chunk": chunk,
-                      "attn_softcap": float(softcap) if softcap else None, "learned_sinks": sinks,
-                      "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
+                  "attn_softcap": float(softcap) if softcap else None, "learned_sinks": sinks,
+                  "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
         nope = (getattr(attn, "use_rope", True) in (0, False)) or (
             exc is not None and exc.nope_on_full_layers and window_cfg and layer_type != "sliding_attention")
         if alibi:
