@@ -76,7 +76,7 @@ EXCEPTIONS: dict[str, FamilyException] = {
 
 
 def exception_for(config: Any) -> FamilyException | None:
-    return EXCEPTIONS.get(getattr(config, "model_type", None))
+    return EXCEPTIONS.get(str(getattr(config, "model_type", "")))
 
 
 def get_path(root: nn.Module, dotted: str) -> Any:
@@ -123,14 +123,16 @@ def module_paths(model: Any) -> ModulePaths:
     """
     if not isinstance(model, nn.Module):
         model = _skeleton(model)
-    n_layers = getattr(model.config, "num_hidden_layers", None)
+    config: Any = model.config
+    n_layers = getattr(config, "num_hidden_layers", None)
     candidates = []
     for name, mod in model.named_modules():
         if not isinstance(mod, nn.ModuleList) or len(mod) == 0 or (n_layers and len(mod) != n_layers):
             continue
         found = [_attention_in(block) for block in mod]
-        if all(found) and len({f[0] for f in found}) == 1:
-            candidates.append((name, found[0]))
+        named = [f for f in found if f is not None]
+        if len(named) == len(found) and len({f[0] for f in named}) == 1:
+            candidates.append((name, named[0]))
     if not candidates:
         raise UnsupportedModelError(
             f"posprobe found no decoder blocks in {type(model).__name__}: it looks for a ModuleList of "
@@ -226,7 +228,7 @@ def _attr(objs: tuple[Any, ...], names: tuple[str, ...]) -> Any:
 
 
 def _head_shapes(model: nn.Module, attn: nn.Module) -> tuple[int, int, int]:
-    config = model.config
+    config: Any = model.config
     n_heads = int(_attr((attn, config), ("num_heads", "num_attention_heads", "n_head")))
     kv = _attr((attn, config), ("num_key_value_heads", "num_kv_heads"))
     if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
@@ -242,7 +244,7 @@ def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo
     are read from a meta-device skeleton and the rotary width from the config)."""
     if not isinstance(model, nn.Module):
         model = _skeleton(model)
-    config = model.config
+    config: Any = model.config
     paths = paths or module_paths(model)
     blocks = get_path(model, paths.layers)
     exc = exception_for(config)
@@ -265,7 +267,7 @@ def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo
         softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
         sinks = isinstance(getattr(attn, "sinks", None), torch.Tensor)
         scale = _attr((attn,), ("scaling", "inv_norm_factor"))
-        common = {"index": index, "layer_type": layer_type, "sliding_window": window, "attention_chunk": chunk,
+        common: dict[str, Any] = {"index": index, "layer_type": layer_type, "sliding_window": window, "attention_chunk": chunk,
                   "attn_softcap": float(softcap) if softcap else None, "learned_sinks": sinks,
                   "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
         nope = (getattr(attn, "use_rope", True) in (0, False)) or (
@@ -287,8 +289,9 @@ def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo
             if partial and not _attr((attn, config), ("rotary_dim",)):
                 rotary_dim = int(head_dim * partial)
         rotary_dim -= rotary_dim % 2
-        scaling = {k: v for k, v in params.items() if k not in ("rope_theta", "partial_rotary_factor")}
-        if scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
+        scaling: dict[str, Any] | None = {k: v for k, v in params.items()
+                                          if k not in ("rope_theta", "partial_rotary_factor")}
+        if scaling is not None and scaling.get("rope_type", "default") == "default" and len(scaling) <= 1:
             scaling = None
         infos.append(LayerInfo(
             positional=Positional.ROPE, rope_theta=float(params.get("rope_theta", 10000.0)), rotary_dim=rotary_dim,
@@ -300,7 +303,7 @@ def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo
 
 def model_info(model: nn.Module, name: str, tokenizer: Any | None, paths: ModulePaths | None = None) -> ModelInfo:
     """ModelInfo of an HF causal LM: shapes and positional facts from its config and its own modules."""
-    config = model.config
+    config: Any = model.config
     paths = paths or module_paths(model)
     blocks = get_path(model, paths.layers)
     attn = get_path(blocks[0], paths.attention)
@@ -322,7 +325,7 @@ def model_info(model: nn.Module, name: str, tokenizer: Any | None, paths: Module
         d_model=config.hidden_size,
         vocab_size=config.vocab_size,
         max_positions=max_positions,
-        attn_scale=layers[0].attn_scale,
+        attn_scale=float(layers[0].attn_scale or head_dim**-0.5),
         attn_softcap=layers[0].attn_softcap,
         adds_bos=adds_bos,
         layers=layers,

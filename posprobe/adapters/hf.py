@@ -25,7 +25,7 @@ import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -347,12 +347,16 @@ class HFAccess(ModelAccess):
     @property
     def base(self) -> nn.Module:
         """The decoder without the LM head (`base_model_prefix`; Llama 4's text model names it `model` instead)."""
-        base = getattr(self.model, self.model.base_model_prefix, None)
+        base = getattr(self.model, str(self.model.base_model_prefix), None)
         if base is None:
             blocks = self.blocks
             base = next(child for child in self.model.children()
                         if any(m is blocks for m in child.modules()))
         return base
+
+    @property
+    def _exception_reason(self) -> str:
+        return self.exception.reason if self.exception is not None else ""
 
     @property
     def outside_interface(self) -> bool:
@@ -377,7 +381,7 @@ class HFAccess(ModelAccess):
         for edit in edits:
             if isinstance(edit, AttentionEdit) and self.outside_interface:
                 raise InterventionError(
-                    f"{self.info.architecture} computes attention inside its module ({self.exception.reason}); "
+                    f"{self.info.architecture} computes attention inside its module ({self._exception_reason}); "
                     f"posprobe cannot replace its attention probabilities, so AttentionEdit (mask_heads, "
                     f"found_in_the_middle) does not apply. Read-only probes work on this family."
                 )
@@ -401,7 +405,7 @@ class HFAccess(ModelAccess):
             if isinstance(edit, AttentionEdit):
                 attention_edits.setdefault(edit.layer, []).append(edit)
         rotary_off = frozenset(e.layer for e in edits if isinstance(e, RotaryEdit))
-        original_impl = self.model.config._attn_implementation
+        original_impl = cast(Any, self.model.config)._attn_implementation
         state = _PassState(self, taps, on_layer, position_ids, attention_edits, rotary_off,
                            output_eager=original_impl == "eager" or not getattr(self.model, "_supports_sdpa", True))
         handles: list[Any] = []
@@ -421,7 +425,7 @@ class HFAccess(ModelAccess):
         finally:
             for handle in reversed(handles):
                 handle.remove()
-            if self.model.config._attn_implementation != original_impl:
+            if cast(Any, self.model.config)._attn_implementation != original_impl:
                 self._set_attention(original_impl)
             _ACTIVE.reset(token)
 
@@ -434,10 +438,10 @@ class HFAccess(ModelAccess):
                 if config is not None and hasattr(config, "_attn_implementation"):
                     config._attn_implementation = name
         else:
-            self.model.set_attn_implementation(name)
+            cast(Any, self.model).set_attn_implementation(name)
 
     def _install_tap_hooks(self, state: _PassState) -> list[Any]:
-        taps, handles = state.taps, []
+        taps, handles = state.taps, list[Any]()
         if not taps and state.on_layer is None:
             return handles
         outside = self.outside_interface and bool(taps & _ATTENTION_TAPS)
@@ -463,7 +467,7 @@ class HFAccess(ModelAccess):
                     if probs is None:
                         raise UnsupportedModelError(
                             f"{type(module).__name__} returned no attention weights under eager attention; posprobe "
-                            f"reads this family's patterns from them ({self.exception.reason}).")
+                            f"reads this family's patterns from them ({self._exception_reason}).")
                     cap.pattern_source = lambda query_index, probs=probs: probs[:, :, query_index]
                     cap.extras["attn_scale"] = cap.info.attn_scale
                     if not cap.info.has_rope:
@@ -510,7 +514,7 @@ class HFAccess(ModelAccess):
                         out = tuple(args[: len(out)]) if isinstance(out, tuple) else args[0]
                     if record and isinstance(out, tuple) and len(out) == 2:
                         cap = state.capture(layer)
-                        pre = (args[0], args[1])
+                        pre: tuple[Any, ...] = (args[0], args[1])
                         if _original.__name__ == "apply_rotary_pos_emb_interleave":  # it first reorders the pairs
                             pre = tuple(_deinterleave(x) for x in pre)  # (2k, 2k+1) -> (k, k + r/2), as it does
                         if outside:
