@@ -148,13 +148,6 @@ def module_paths(model: Any) -> ModulePaths:
     )
 
 
-def supported_model_types() -> list[str]:
-    """Model types with a conformance entry (`posprobe.adapters.families`); others are tried generically."""
-    from posprobe.adapters.families import FAMILIES
-
-    return sorted({f.model_type for f in FAMILIES.values()})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Positional facts
 

@@ -141,6 +141,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+def supported_model_types() -> list[str]:
+    """Model types with a conformance entry; other model types are tried generically by the HF adapter."""
+    return sorted({f.model_type for f in FAMILIES.values()})
+
+
 def family_names() -> list[str]:
     return list(FAMILIES)
 
