@@ -205,12 +205,29 @@ def expand_kv(k: Tensor, n_heads: int) -> Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
+def grouped_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """a [bt, H, m, x] @ b [bt, G, x, n] -> [bt, H, m, n], query head h reading KV head h // (H / G).
+
+    Grouped-query attention without `expand_kv`: the group's query rows are stacked into one matmul against their
+    KV head (no repeated copy of b). G == H is a plain matmul."""
+    heads, groups = a.shape[1], b.shape[1]
+    if groups == heads:
+        return torch.matmul(a, b)
+    if heads % groups:
+        raise ValueError(f"grouped_matmul: {heads} query heads cannot share {groups} KV heads evenly; the model's "
+                         f"n_heads must be a multiple of n_kv_heads (check ModelInfo).")
+    bt, _, m, x = a.shape
+    out = torch.matmul(a.reshape(bt, groups, (heads // groups) * m, x), b)
+    return out.view(bt, heads, m, out.shape[-1])
+
+
 def attention_scores(q: Tensor, k: Tensor, scale: float, softcap: float | None = None) -> Scores:
-    """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d].
+    """Pre-softmax logits s = scale * q.k (then softcapped as the model does), unmasked. q: [b,H,q,d], k: [b,H,k,d]
+    or [b,G,k,d] (grouped-query KV heads, read through `grouped_matmul` without expanding them).
 
     Computed in float32 or wider whatever the model's dtype (bf16 / fp16 models give float32 statistics)."""
     dtype = torch.promote_types(q.dtype, torch.float32)
-    s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
+    s = grouped_matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     if softcap is not None:
         s = torch.tanh(s / softcap) * softcap
     return s
@@ -228,7 +245,7 @@ def attention_probs(
 ) -> Pattern:
     """Attention probabilities for queries `query_index` over keys [key_start, key_start + k.shape[2]).
 
-    q: [b, H, cq, d] (rows of `query_index`), k: [b, H, nk, d]. Masked entries are exactly 0.
+    q: [b, H, cq, d] (rows of `query_index`), k: [b, H or G, nk, d]. Masked entries are exactly 0.
     """
     n_keys = key_start + k.shape[2]
     s = attention_scores(q, k, scale, softcap)
@@ -296,10 +313,9 @@ class LayerCapture:
 
     def _pattern_from_qk(self, query_index: Tensor) -> Tensor:
         start, stop = query_key_range(query_index, self.info.sliding_window)
-        k = expand_kv(self.k[:, :, start:stop], self.model.n_heads)
         probs = attention_probs(
             self.q[:, :, query_index],
-            k,
+            self.k[:, :, start:stop],
             query_index,
             scale=self.info.attn_scale if self.info.attn_scale is not None else self.model.attn_scale,
             softcap=self.info.attn_softcap if self.info.attn_scale is not None else self.model.attn_softcap,
@@ -359,9 +375,8 @@ class LayerCapture:
             return call.scores(query_index)
         if self.q is None or self.k is None:
             raise RuntimeError("LayerCapture has no q/k: request Tap.SCORES (or Tap.Q and Tap.K).")
-        k = expand_kv(self.k, self.model.n_heads)
         query_index = query_index.to(self.q.device)
-        return attention_scores(self.q[:, :, query_index], k, self.model.attn_scale, self.model.attn_softcap)
+        return attention_scores(self.q[:, :, query_index], self.k, self.model.attn_scale, self.model.attn_softcap)
 
 
 # ---------------------------------------------------------------------------------------------------------------

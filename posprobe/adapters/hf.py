@@ -42,6 +42,7 @@ from posprobe.access import (
     Tap,
     causal_key_mask,
     expand_kv,
+    grouped_matmul,
     query_key_range,
 )
 from posprobe.adapters._compat import cache_kwargs
@@ -111,11 +112,10 @@ class AttentionCall:
     def masked_scores(self, query_index: Tensor, start: int, stop: int) -> Tensor:
         """Softcapped logits [b, H, cq, stop - start] in float32 or wider; disallowed keys are -inf, and an
         additive mask (ALiBi-style biases included) is added as the model adds it."""
-        n_heads = self.q.shape[1]
         q = self.q[:, :, query_index - self.q_offset]
-        k = expand_kv(self.k[:, :, start:stop], n_heads)
+        k = self.k[:, :, start:stop]
         dtype = torch.promote_types(q.dtype, torch.float32)
-        s = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * self.scale
+        s = grouped_matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * self.scale  # GQA without expand_kv
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.mask is None:
@@ -150,7 +150,7 @@ class AttentionCall:
     def scores(self, query_index: Tensor) -> Tensor:
         """Scaled, softcapped, unmasked logits [b, H, cq, nk] (what `LayerCapture.scores` promises)."""
         q = self.q[:, :, query_index - self.q_offset]
-        s = torch.matmul(q, expand_kv(self.k, q.shape[1]).transpose(-1, -2)) * self.scale
+        s = grouped_matmul(q, self.k.transpose(-1, -2)) * self.scale
         return torch.tanh(s / self.softcap) * self.softcap if self.softcap is not None else s
 
 

@@ -21,7 +21,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from posprobe.access import LayerCapture, LayerInfo, causal_key_mask, expand_kv, query_key_range
+from posprobe.access import (
+    LayerCapture,
+    LayerInfo,
+    causal_key_mask,
+    grouped_matmul,
+    query_key_range,
+)
+from posprobe.devices import accumulator_dtype
 from posprobe.errors import ProbeError
 
 NONROTARY = "nonrotary"  # band label of the non-rotated dimensions of a partial-rotary head
@@ -160,16 +167,36 @@ def effective_frequencies(layer: LayerInfo, max_positions: int | None = None) ->
 # Per-layer streaming reductions
 
 
-def visible_keys(cap: LayerCapture, query_index: Tensor) -> tuple[int, int, Tensor, Tensor]:
-    """(start, stop, post-rotary q [b,H,cq,d], post-rotary k [b,H,nk,d] over the keys these queries can see)."""
+def _wide(cap: LayerCapture) -> tuple[Tensor, Tensor]:
+    """Post-rotary q [b,H,n,d] and k [b,G,n,d] (KV heads not expanded) in float32 or wider, converted once per layer
+    (memoised on the capture: chunk products of bf16 / fp16 models in float32)."""
     if cap.q is None or cap.k is None:
         raise ProbeError(f"Layer {cap.layer}: the capture holds no post-rotary q/k. The RoPE probes need "
                          f"Tap.Q and Tap.K; request them in the probe's taps.")
+    hit = cap.extras.get("rope_wide_qk")
+    if hit is None:
+        wide = torch.promote_types(cap.q.dtype, torch.float32)
+        hit = cap.extras["rope_wide_qk"] = (cap.q.to(wide), cap.k.to(wide))
+    return hit
+
+
+def _key_bands(cap: LayerCapture) -> tuple[Tensor, Tensor | None]:
+    """The layer's keys split into bands once per layer (memoised): chunks [b, G, c, n, 2] and the non-rotated
+    dims [b, G, n, rest] (None when the whole head rotates)."""
+    hit = cap.extras.get("rope_key_bands")
+    if hit is None:
+        kc, kr = split_chunks(_wide(cap)[1], cap.info)
+        hit = cap.extras["rope_key_bands"] = (kc.movedim(-2, 2).contiguous(), kr)
+    return hit
+
+
+def visible_keys(cap: LayerCapture, query_index: Tensor) -> tuple[int, int, Tensor, Tensor]:
+    """(start, stop, post-rotary q [b,H,cq,d], post-rotary k [b,G,nk,d] over the keys these queries can see).
+
+    k keeps the model's KV heads (grouped-query models: G < H); read it with `grouped_matmul` or `expand_kv`."""
+    q, k = _wide(cap)
     start, stop = query_key_range(query_index, cap.info.sliding_window)
-    wide = torch.promote_types(cap.q.dtype, torch.float32)  # chunk products of bf16 / fp16 models in float32
-    query_index = query_index.to(cap.q.device)
-    return (start, stop, cap.q[:, :, query_index].to(wide),
-            expand_kv(cap.k[:, :, start:stop], cap.model.n_heads).to(wide))
+    return start, stop, q[:, :, query_index.to(q.device)], k[:, :, start:stop]
 
 
 @dataclass
@@ -182,29 +209,59 @@ class ChunkUsage:
     max_logit_error: float
 
 
-def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 16, check: bool = True) -> ChunkUsage:
+def _grouped_rows(x: Tensor, groups: int) -> Tensor:
+    """Query chunks [b, H, cq, c, 2] -> [b, G, c, (H/G) * cq, 2]: each KV head's query rows in one matrix."""
+    b, heads, cq, c, two = x.shape
+    x = x.view(b, groups, heads // groups, cq, c, two).permute(0, 1, 4, 2, 3, 5)
+    return x.reshape(b, groups, c, (heads // groups) * cq, two)
+
+
+def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 16, check: bool = True,
+                      pattern_chunk: int = 256) -> ChunkUsage:
     """Attention-weighted absolute chunk contributions of one RoPE layer over `queries` (METRICS.md section 1).
 
     Contributions are materialised `block_size` queries at a time over only the keys those queries can see (causal
-    + sliding window): memory is bounded by block_size x keys x bands x heads floats. With `check`, the first block
-    also verifies that the bands sum to the model's logit (`max_logit_error`).
+    + sliding window): memory is bounded by block_size x keys x bands x heads floats, plus the capture's pattern of
+    `pattern_chunk` queries (read once per chunk, shared through the capture's memo with the other probes). Keys are
+    split into bands once per layer and read per KV head (no expanded copy for grouped-query models). With `check`,
+    the first block also verifies that the bands sum to the model's logit (`max_logit_error`).
     """
     layer, model = cap.info, cap.model
     scale = float(cap.extras.get("attn_scale", model.attn_scale))
-    usage = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
+    kc_all, kr_all = _key_bands(cap)
+    b, groups = kc_all.shape[0], kc_all.shape[1]
+    heads, n_chunks = model.n_heads, layer.n_chunks
+    per_group = heads // groups
+    usage = torch.zeros(heads, n_bands(layer, model.head_dim), dtype=accumulator_dtype(cap.device), device=cap.device)
     max_error = 0.0
-    queries = queries.to(cap.device)  # indices live with the layer's tensors (masks, gathers); sums go to the CPU
-    for s in range(0, len(queries), block_size):
-        qi = queries[s : s + block_size]
-        start, stop, q, k = visible_keys(cap, qi)
-        probs = cap.pattern(qi)[..., start:stop]  # [b, H, cq, nk], exactly 0 where masked
-        c = chunk_contributions(q, k, layer)  # [b, H, bands, cq, nk]
-        if check and s == 0:
-            visible = causal_key_mask(qi, stop, layer.sliding_window, key_start=start)
-            logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-            max_error = float((c.sum(2) * scale - logits).abs()[..., visible].max())
-        usage += torch.einsum("bhcqk,bhqk->hc", c.abs_(), probs.to(c.dtype)).double().cpu()
-    return ChunkUsage(usage=usage, n_rows=int(cap.q.shape[0]) * len(queries), max_logit_error=max_error)
+    first = True
+    for cidx, chunk_probs in cap.pattern_chunks(pattern_chunk, queries):
+        _, _, q_chunk, _ = visible_keys(cap, cidx)
+        qc_chunk, qr_chunk = split_chunks(q_chunk, layer)  # [b, H, cq, c, 2], [b, H, cq, rest]
+        for s in range(0, len(cidx), block_size):
+            qi = cidx[s : s + block_size]
+            cq = len(qi)
+            start, stop = query_key_range(qi, layer.sliding_window)
+            probs = chunk_probs[:, :, s : s + cq, start:stop]  # [b, H, cq, nk], exactly 0 where masked
+            kc = kc_all[:, :, :, start:stop].transpose(-1, -2)  # [b, G, c, 2, nk]
+            c = torch.matmul(_grouped_rows(qc_chunk[:, :, s : s + cq], groups), kc)  # [b, G, c, (H/G) cq, nk]
+            c = c.view(b, groups, n_chunks, per_group, cq, stop - start)
+            rest = None
+            if qr_chunk is not None:  # the non-rotated band: one grouped matmul over those dims
+                rest = grouped_matmul(qr_chunk[:, :, s : s + cq], kr_all[:, :, start:stop].transpose(-1, -2))
+            if check and first:
+                visible = causal_key_mask(qi, stop, layer.sliding_window, key_start=start)
+                total = c.sum(2).reshape(b, heads, cq, stop - start) + (rest if rest is not None else 0)
+                logits = grouped_matmul(q_chunk[:, :, s : s + cq], _wide(cap)[1][:, :, start:stop].transpose(-1, -2))
+                max_error = float((total * scale - logits * scale).abs()[..., visible].max())
+            first = False
+            p = probs.to(c.dtype)
+            block = torch.einsum("bgcsqk,bgsqk->gsc", c.abs_(), p.view(b, groups, per_group, cq, -1))
+            block = block.reshape(heads, n_chunks)
+            if rest is not None:
+                block = torch.cat((block, torch.einsum("bhqk,bhqk->h", rest.abs_(), p)[:, None]), dim=1)
+            usage += block.to(usage.dtype)
+    return ChunkUsage(usage=usage.cpu().double(), n_rows=int(cap.q.shape[0]) * len(queries), max_logit_error=max_error)
 
 
 @dataclass
@@ -223,10 +280,12 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
 
     Uses linearity of c_k in the key: sum_j w_ij c_k(i,j) = chunk_dot(q_i, sum_j w_ij k_j), with w_ij = a_ij on keys
     at distance >= D (key 0 dropped when `exclude_sink`), so nothing of size queries x keys x bands is materialised.
+    sum_j w_ij k_j is one grouped matmul per KV head (no expanded keys).
     """
     layer, model = cap.info, cap.model
-    signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=torch.float64)
-    mass = torch.zeros(model.n_heads, dtype=torch.float64)
+    acc = accumulator_dtype(cap.device)
+    signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=acc, device=cap.device)
+    mass = torch.zeros(model.n_heads, dtype=acc, device=cap.device)
     for qidx, probs in cap.pattern_chunks(pattern_chunk, queries):
         start, stop, q, k = visible_keys(cap, qidx)
         far = (qidx[:, None] - torch.arange(start, stop, device=qidx.device)[None, :]) >= distance  # [cq, nk]
@@ -235,10 +294,10 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
         if not bool(far.any()):
             continue
         w = probs[..., start:stop] * far.to(probs.dtype)
-        signed += weighted_chunk_contributions(q, k, w.to(q.dtype), layer).sum((0, 2)).double().cpu()
-        mass += w.sum((0, 2, 3)).double().cpu()
+        signed += chunk_dot(q, grouped_matmul(w.to(q.dtype), k), layer).sum((0, 2)).to(acc)
+        mass += w.sum((0, 2, 3)).to(acc)
     n_rows = int(cap.q.shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
-    return LongRange(signed=signed, mass=mass, n_rows=n_rows)
+    return LongRange(signed=signed.cpu().double(), mass=mass.cpu().double(), n_rows=n_rows)
 
 
 def fastest_slowest(n_chunks: int, fraction: float) -> int:
