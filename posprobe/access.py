@@ -1,9 +1,9 @@
 """The access interface: the only thing probes, interventions and tasks know about a model.
 
-Owns `ModelInfo` / `LayerInfo` (per-layer positional facts, "RoPE layout" in docs/probes/index.md), the `Tap` vocabulary of
-activations a probe may ask for, `LayerCapture` (what one layer hands a probe during a streaming forward pass),
-the edit specs interventions use, and the backend-free attention math (`attention_probs`, `causal_key_mask`) that
-adapters share when they compute attention patterns chunk-wise from the rotated q/k the model already produced.
+Owns `ModelInfo` / `LayerInfo` (per-layer positional facts, "RoPE layout" in docs/probes/index.md), the `Tap` vocabulary
+of activations a probe may ask for, `LayerCapture` (what one layer hands a probe during a streaming forward pass), the
+edit specs interventions use, and the backend-free attention math (`attention_probs`, `causal_key_mask`) that adapters
+share when they compute attention patterns chunk-wise from the rotated q/k the model already produced.
 
 A forward pass goes: `access.run(input_ids, taps=..., on_layer=fn)`; `fn(LayerCapture)` is called once per layer as
 the pass runs, and nothing is retained after it returns unless the probe keeps it (streaming, no activation cache).
@@ -671,7 +671,7 @@ class ModelAccess(abc.ABC):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: adapters that changed the model override it)
         """Give the user's model back exactly as it was (attention implementation, hooks)."""
 
     def __enter__(self) -> ModelAccess:

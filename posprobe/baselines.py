@@ -1,4 +1,5 @@
-"""Random-init baselines of a given shape: what position looks like before any training (docs/probes/implicit_position.md).
+"""Random-init baselines of a given shape: what position looks like before any training
+(docs/probes/implicit_position.md).
 
 Owns `random_init_like(model, kind)`: a seeded random-init HF model with the same layer count, model width, heads,
 KV heads and head dimension as a given model (or `ModelInfo`), built with `posprobe.models.tiny_model` from configs

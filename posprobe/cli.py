@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -31,7 +31,7 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _check_table_out(fmt: Format, out: Optional[Path]) -> None:
+def _check_table_out(fmt: Format, out: Path | None) -> None:
     """Refuse an unusable --out before the scan is read."""
     if fmt is Format.parquet and out is None:
         _fail("--format parquet needs --out FILE (Parquet is binary and cannot go to the terminal).")
@@ -41,7 +41,7 @@ def _check_table_out(fmt: Format, out: Optional[Path]) -> None:
         check_output_file(out)
 
 
-def _write_table(df, fmt: Format, out: Optional[Path]) -> None:
+def _write_table(df, fmt: Format, out: Path | None) -> None:
     if fmt is Format.parquet:
         if out is None:
             _fail("--format parquet needs --out FILE (Parquet is binary and cannot go to the terminal).")
@@ -71,19 +71,19 @@ def _load(scan_dir: Path):
 def scan(
     out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the scan to (with several --model: "
                                       "the directory that receives one scan per model)")],
-    model: Annotated[Optional[list[str]], typer.Option(help="model name or path (default: embedded gemma-3-270m); "
+    model: Annotated[list[str] | None, typer.Option(help="model name or path (default: embedded gemma-3-270m); "
                                                        "repeat for one scan per model under OUT")] = None,
-    probes: Annotated[Optional[str], typer.Option(help="comma-separated probe names (default: all that apply)")] = None,
+    probes: Annotated[str | None, typer.Option(help="comma-separated probe names (default: all that apply)")] = None,
     budget: Annotated[str, typer.Option(help="quick | standard | full")] = "standard",
     seed: Annotated[int, typer.Option(help="seed of every generated input")] = 0,
-    backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
-    rank_metric: Annotated[Optional[str], typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
-    what_if: Annotated[Optional[list[str]], typer.Option(
+    backend: Annotated[str | None, typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
+    rank_metric: Annotated[str | None, typer.Option("--rank", help="also write ranking.csv by this metric")] = None,
+    what_if: Annotated[list[str] | None, typer.Option(
         "--what-if", help="a context-extension what-if as NAME:KEY=VAL,... (e.g. yarn:factor=4), applied for the "
                           "whole scan; repeat to apply several together. `posprobe interventions` lists them")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu | cuda | cuda:1 | mps | auto (accelerate device_map; "
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:1 | mps | auto (accelerate device_map; "
                                                   "default: cuda when available, else cpu)")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32 | bfloat16 | float16 (default: float32 on CPU, "
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: float32 on CPU, "
                                                  "bfloat16 on CUDA)")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward pass (results do "
                                             "not depend on it)")] = 1,
@@ -134,7 +134,7 @@ def scan(
         typer.echo(f"wrote head ranking by {rank_metric} to {out / 'ranking.csv'}", err=True)
 
 
-def _run_sweep(spec, out: Optional[Path], rank_metric: Optional[str] = None, ray: Optional[str] = None) -> None:
+def _run_sweep(spec, out: Path | None, rank_metric: str | None = None, ray: str | None = None) -> None:
     """Run a sweep, print its summary table (markdown) on stdout; exit 1 when a cell failed."""
     from posprobe.sweep import run_sweep
 
@@ -152,9 +152,9 @@ def _run_sweep(spec, out: Optional[Path], rank_metric: Optional[str] = None, ray
 def sweep(
     file: Annotated[Path, typer.Argument(help="a sweep file (TOML): models, budgets, seeds, probes, interventions, "
                                               "what_ifs, backend, out")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="output directory (default: the file's out)")]
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="output directory (default: the file's out)")]
     = None,
-    ray: Annotated[Optional[str], typer.Option("--ray", help="address of a Ray cluster (auto | HOST:PORT): one Ray "
+    ray: Annotated[str | None, typer.Option("--ray", help="address of a Ray cluster (auto | HOST:PORT): one Ray "
                                                              "task per scan, with the file's [ray] request")] = None,
 ) -> None:
     """Run a sweep: one scan per model x budget x seed x intervention x what-if; finished scans are not redone."""
@@ -178,7 +178,7 @@ def rank(
     top: Annotated[int, typer.Option(help="number of heads (0 = all)")] = 20,
     ascending: Annotated[bool, typer.Option(help="lowest first")] = False,
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
     """Rank heads of saved scans by one metric (several scans: each scan's top heads, stacked)."""
     _check_table_out(format, out)
@@ -198,7 +198,7 @@ def export(
                                                         "columns")],
     format: Annotated[Format, typer.Option("--format", "-f")] = Format.csv,
     table: Annotated[str, typer.Option(help="heads | curves | <extra table name>")] = "heads",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default: stdout)")] = None,
 ) -> None:
     """Export a whole table of saved scans (default: the heads table; several scans: one long table)."""
     _check_table_out(format, out)
@@ -274,7 +274,7 @@ def app_command(
     load_explorer().serve(scan_dirs, host=host, port=port)  # a missing Dash: MissingDependencyError, exit code 2
 
 
-def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+def _int_list(text: str | None, option: str) -> list[int] | None:
     if text is None:
         return None
     try:
@@ -286,22 +286,22 @@ def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
 @app.command(name="eval")
 def eval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="directory to write the sweep to (a scan directory)")],
-    model: Annotated[Optional[str], typer.Option(help="model name or path (default: embedded gemma-3-270m)")] = None,
+    model: Annotated[str | None, typer.Option(help="model name or path (default: embedded gemma-3-270m)")] = None,
     task: Annotated[str, typer.Option(help="kv_words | multidoc | needle | passkey ...")] = "kv_words",
-    items: Annotated[Optional[str], typer.Option(help="items per prompt, comma-separated for several "
+    items: Annotated[str | None, typer.Option(help="items per prompt, comma-separated for several "
                                                       "(default: the task's)")] = None,
-    positions: Annotated[Optional[str], typer.Option(help="gold positions, comma-separated, 0-based, negative from "
+    positions: Annotated[str | None, typer.Option(help="gold positions, comma-separated, 0-based, negative from "
                                                           "the end (default: 5 evenly spaced)")] = None,
     trials: Annotated[int, typer.Option(help="trials per gold position")] = 40,
-    intervention: Annotated[Optional[list[str]], typer.Option(
+    intervention: Annotated[list[str] | None, typer.Option(
         help="an intervention as NAME:KEY=VAL,... (repeat for several; each is compared with the baseline). "
              "`posprobe interventions` lists them")] = None,
-    what_if: Annotated[Optional[list[str]], typer.Option(
+    what_if: Annotated[list[str] | None, typer.Option(
         "--what-if", help="a context-extension what-if as NAME:KEY=VAL,... (repeat for several; each is compared "
                           "with the baseline, like --intervention)")] = None,
     baseline: Annotated[bool, typer.Option(help="also run without intervention")] = True,
     seed: Annotated[int, typer.Option(help="base seed of the trials")] = 0,
-    backend: Annotated[Optional[str], typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
 ) -> None:
     """Accuracy by gold position (the behavioural U-curve), baseline and interventions, saved as a scan to OUT."""
     from posprobe._io import check_output_dir

@@ -21,7 +21,8 @@ class UnknownNameError(PosprobeError, KeyError):
         valid = sorted(valid)
         close = difflib.get_close_matches(str(name), valid, n=1)
         suggestion = f" Did you mean {close[0]!r}?" if close else ""
-        message = f"Unknown {kind} {name!r}.{suggestion} Valid {kind}s: {', '.join(valid)}.{(' ' + hint) if hint else ''}"
+        message = (f"Unknown {kind} {name!r}.{suggestion} Valid {kind}s: {', '.join(valid)}."
+                   f"{(' ' + hint) if hint else ''}")
         super().__init__(message)
         self.kind, self.name, self.valid = kind, name, valid
 

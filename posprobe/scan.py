@@ -21,13 +21,13 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
 
 from posprobe._io import check_output_dir, replace_dir
-from posprobe.access import LayerCapture, ModelAccess, ModelInfo, Tap
+from posprobe.access import LayerCapture, ModelAccess, ModelInfo
 from posprobe.errors import InputError, ProbeError, ScanFormatError, UnknownNameError
 from posprobe.probes import get_probe, list_probes
 from posprobe.probes.base import (
@@ -83,7 +83,7 @@ def _jsonable(obj: Any) -> Any:
         return None if math.isnan(value) or math.isinf(value) else value
     if isinstance(obj, np.ndarray):
         return _jsonable(obj.tolist())
-    if hasattr(obj, "value") and isinstance(getattr(obj, "value"), str):  # enums
+    if hasattr(obj, "value") and isinstance(obj.value, str):  # enums
         return obj.value
     return obj
 
@@ -158,8 +158,8 @@ class Scan:
 
     def _repr_html_(self) -> str:
         meta = self.meta
-        lines = [f"<b>posprobe scan</b> of <code>{meta.get('model')}</code> (budget {meta.get('budget', {}).get('name')},"
-                 f" seed {meta.get('seed')}, {len(self.heads)} heads)"]
+        lines = [f"<b>posprobe scan</b> of <code>{meta.get('model')}</code> (budget "
+                 f"{meta.get('budget', {}).get('name')}, seed {meta.get('seed')}, {len(self.heads)} heads)"]
         skipped = meta.get("skipped", {})
         if skipped:
             lines.append("<br>skipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
@@ -407,7 +407,7 @@ def _remote_access(access: ModelAccess, remote: bool | str) -> ModelAccess:
         raise InputError(f"remote={remote!r} runs passes through nnsight's remote execution (NDIF), but the model "
                          f"was wrapped by the {access.backend!r} adapter. Pass an nnsight model (nnsight."
                          f"TransformersModel / LanguageModel of the hub id NDIF serves) or backend='nnsight'.")
-    return access.remote_view(remote)
+    return cast(Any, access).remote_view(remote)  # an NNsightAccess (its backend was checked above)
 
 
 def batch_texts(texts: Sequence[TextSample], batch_size: int) -> list[TextSample]:

@@ -42,13 +42,13 @@ import hashlib
 import json
 import re
 import time
-import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import tomllib
 
 from posprobe.errors import InputError, MissingDependencyError, PosprobeError, ScanFormatError
 from posprobe.probes.base import BUDGETS, Budget, get_budget
@@ -198,7 +198,7 @@ class SweepSpec:
             raise InputError(f"The sweep file {path} has unknown keys {unknown}; the keys are {sorted(_KEYS)}.")
         if "models" not in data:
             raise InputError(f"The sweep file {path} names no models: add e.g. models = [\"gemma-3-270m\"].")
-        lists = {k: (data[k] if isinstance(data[k], list) else [data[k]]) for k in
+        lists: dict[str, Any] = {k: (data[k] if isinstance(data[k], list) else [data[k]]) for k in
                  ("models", "budgets", "seeds", "probes", "interventions", "what_ifs") if k in data}
         return cls.build(**lists, backend=data.get("backend"), out=data.get("out"), ray=data.get("ray"))
 

@@ -110,7 +110,8 @@ class PlantedAccess(ModelAccess):
         return "planted"
 
     def _forward(self, input_ids: Tensor, position_ids: Tensor, taps: frozenset[Tap],
-                 on_layer: LayerCallback | None, logit_positions: Tensor | None, edits: Sequence[Edit]) -> Tensor | None:
+                 on_layer: LayerCallback | None, logit_positions: Tensor | None,
+                 edits: Sequence[Edit]) -> Tensor | None:
         if edits:
             raise InterventionError(
                 f"PlantedAccess cannot apply {type(edits[0]).__name__} (layer {edits[0].layer}): its patterns and "

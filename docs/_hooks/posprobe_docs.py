@@ -1,8 +1,9 @@
 """mkdocs hooks of posprobe's documentation site (configured in mkdocs.yml; not part of the package).
 
-Owns two generated parts of the site, so they cannot drift from the code:
+Owns the generated parts of the site, so they cannot drift from the code:
 - the "Probes and metrics" section of the navigation lists every page in docs/probes/, the ones named in mkdocs.yml
-  first, then any other page in alphabetical order (adding a probe page is adding a file);
+  first, then any other page in alphabetical order (adding a probe page is adding a file); any other page missing
+  from mkdocs.yml's nav is appended at its end;
 - `<!-- cli-reference -->` in a page is replaced by the reference of every `posprobe` subcommand, read from the
   typer application itself (arguments, options, types, defaults and help texts);
 - `<!-- config: module:ClassName -->` is replaced by a table of that config dataclass's fields: name, type, default
@@ -29,15 +30,32 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 CONFIG_MARKER = re.compile(r"<!-- config: ([\w.]+):(\w+) -->")
 
 
+def _listed(nav: Any) -> set[str]:
+    if isinstance(nav, str):
+        return {nav}
+    if isinstance(nav, dict):
+        return set().union(*(_listed(v) for v in nav.values()))
+    if isinstance(nav, list):
+        return set().union(*(_listed(v) for v in nav)) if nav else set()
+    return set()
+
+
 def on_config(config: Any) -> Any:
     docs = Path(config["docs_dir"])
-    for entry in config["nav"] or []:
+    nav = config["nav"] or []
+    for entry in nav:
         if isinstance(entry, dict) and PROBE_SECTION in entry:
-            listed = {next(iter(item.values())) if isinstance(item, dict) else item for item in entry[PROBE_SECTION]}
+            listed = _listed(entry[PROBE_SECTION])
             for page in sorted((docs / "probes").glob("*.md")):
                 rel = page.relative_to(docs).as_posix()
                 if rel not in listed:
                     entry[PROBE_SECTION].append({page.stem: rel})
+    # any other page someone added without a nav entry goes at the end, titled by its file name
+    listed = _listed(nav)
+    for page in sorted(docs.rglob("*.md")):
+        rel = page.relative_to(docs).as_posix()
+        if rel not in listed and not rel.startswith("_"):
+            nav.append({page.stem.replace("-", " ").replace("_", " ").capitalize(): rel})
     return config
 
 

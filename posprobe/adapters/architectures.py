@@ -260,9 +260,10 @@ def layer_infos(model: Any, paths: ModulePaths | None = None) -> tuple[LayerInfo
         softcap = getattr(attn, "attn_logit_softcapping", None) or getattr(config, "attn_logit_softcapping", None)
         sinks = isinstance(getattr(attn, "sinks", None), torch.Tensor)
         scale = _attr((attn,), ("scaling", "inv_norm_factor"))
-        common: dict[str, Any] = {"index": index, "layer_type": layer_type, "sliding_window": window, "attention_chunk": chunk,
-                  "attn_softcap": float(softcap) if softcap else None, "learned_sinks": sinks,
-                  "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
+        common: dict[str, Any] = {"index": index, "layer_type": layer_type, "sliding_window": window,
+                                  "attention_chunk": chunk, "attn_softcap": float(softcap) if softcap else None,
+                                  "learned_sinks": sinks,
+                                  "attn_scale": float(scale) if scale is not None else head_dim**-0.5}
         nope = (getattr(attn, "use_rope", True) in (0, False)) or (
             exc is not None and exc.nope_on_full_layers and window_cfg and layer_type != "sliding_attention")
         if alibi:

@@ -235,7 +235,8 @@ class NNsightAccess(ModelAccess):
         rotary = any(isinstance(e, RotaryEdit) for e in edits)
         attention = [e for e in edits if isinstance(e, AttentionEdit)]
         read_rotary = layer_info.has_rope and (bool(taps & _PRE_TAPS) or rotary)
-        read_attention = bool(taps & _QK_TAPS) or bool(attention) or (bool(taps & _PRE_TAPS) and not layer_info.has_rope)
+        read_attention = (bool(taps & _QK_TAPS) or bool(attention)
+                          or (bool(taps & _PRE_TAPS) and not layer_info.has_rope))
         # `.source` must be reached before the attention module starts running
         source = attn.source if (read_rotary or read_attention) else None
 

@@ -1,4 +1,5 @@
-"""Disable RoPE: the identity rotation in all or chosen layers, a "NoPE ablation" of any RoPE model (docs/interventions.md).
+"""Disable RoPE: the identity rotation in all or chosen layers, a "NoPE ablation" of any RoPE model
+(docs/interventions.md).
 
 Owns the `DisableRope(layers=...)` spec (registered as "disable_rope") and `disable_rope(access, layers=None)`, the
 spec bound to an access: a context manager yielding it with `RotaryEdit`s active: inside the block every pass (and
@@ -15,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from posprobe.access import ModelAccess, ModelInfo, RotaryEdit
+from posprobe.access import Edit, ModelAccess, ModelInfo, RotaryEdit
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import (
     Bound,
@@ -60,9 +61,9 @@ def rotary_edits(info: ModelInfo, layers: Any = None) -> list[RotaryEdit]:
     if layers is None:
         if not with_rope:
             raise InterventionError(
-                f"{info.name} has no RoPE layer (every layer is {info.layers[0].positional.value if info.layers else '?'}"
-                f"), so there is nothing to disable. disable_rope applies to RoPE models; a NoPE model is already "
-                f"its own NoPE ablation."
+                f"{info.name} has no RoPE layer (every layer is "
+                f"{info.layers[0].positional.value if info.layers else '?'}), so there is nothing to disable. "
+                f"disable_rope applies to RoPE models; a NoPE model is already its own NoPE ablation."
             )
         return [RotaryEdit(layer) for layer in with_rope]
     if isinstance(layers, LayerRange):
@@ -98,8 +99,8 @@ class DisableRope(Intervention):
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _layer_choice(self.layers))
 
-    def edits(self, access: ModelAccess) -> list[RotaryEdit]:
-        return rotary_edits(access.info, self.layers)
+    def edits(self, access: ModelAccess) -> list[Edit]:
+        return list(rotary_edits(access.info, self.layers))
 
     def resolved(self, access: ModelAccess) -> dict[str, Any]:
         return {"layers": layer_range_of([e.layer for e in self.edits(access)])}

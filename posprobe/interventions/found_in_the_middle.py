@@ -74,7 +74,8 @@ def calibrated_layers(info: ModelInfo, config: FoundInTheMiddle) -> list[int]:
 def check_spans(spans: Any, n_tokens: int, what: str = "spans") -> tuple[tuple[int, int], ...]:
     """Validate document token spans [(start, stop), ...] against a sequence of n_tokens (stop exclusive)."""
     if spans is None or isinstance(spans, (str, bytes)):
-        raise InterventionError(f"{what} must be a list of (start, stop) token ranges, one per document; got {spans!r}.")
+        raise InterventionError(f"{what} must be a list of (start, stop) token ranges, one per document; "
+                                f"got {spans!r}.")
     out: list[tuple[int, int]] = []
     for span in spans:
         try:
@@ -176,8 +177,9 @@ class DocumentCalibration:
     def _member(self, batch: int, n_keys: int) -> Tensor:
         member = self.member
         if member.shape[0] not in (1, batch):
-            raise InterventionError(f"Found-in-the-Middle was set up for {member.shape[0]} prompt(s) but the pass has a "
-                                    f"batch of {batch}. Use one prompt_context per batch (evaluate_positions does).")
+            raise InterventionError(f"Found-in-the-Middle was set up for {member.shape[0]} prompt(s) but the pass "
+                                    f"has a batch of {batch}. Use one prompt_context per batch (evaluate_positions "
+                                    f"does).")
         if n_keys < self.doc_end:
             raise InterventionError(f"This pass has {n_keys} tokens but the documents Found-in-the-Middle was set up "
                                     f"for reach token {self.doc_end}. Run the prompt the spans describe (and its "
@@ -237,7 +239,8 @@ def estimate_slot_bias(access: ModelAccess, prompts: Sequence[Prompt], dummy_tex
         raise InterventionError(f"The dummy text {dummy_text!r} tokenizes to nothing; give a non-empty dummy_text.")
     n_slots = {p.n_items for p in prompts}
     if len(n_slots) != 1:
-        raise InterventionError(f"Calibration prompts must all have the same number of documents; got {sorted(n_slots)}.")
+        raise InterventionError(f"Calibration prompts must all have the same number of documents; "
+                                f"got {sorted(n_slots)}.")
     k_slots = n_slots.pop()
     jobs: dict[int, list[tuple[list[int], int, int, int]]] = {}
     for prompt in prompts:
@@ -254,7 +257,8 @@ def estimate_slot_bias(access: ModelAccess, prompts: Sequence[Prompt], dummy_tex
             ids = torch.tensor([r[0] for r in rows], dtype=torch.long)
             query = torch.tensor([ids.shape[1] - 1])
 
-            def on_layer(cap: LayerCapture, rows: list[tuple[list[int], int, int, int]] = rows) -> None:
+            def on_layer(cap: LayerCapture, rows: list[tuple[list[int], int, int, int]] = rows,
+                         query: Tensor = query) -> None:
                 probs = cap.pattern(query)[:, :, 0].double()  # [b, H, n]
                 for r, (_, slot, start, stop) in enumerate(rows):
                     sums[cap.layer, :, slot] += probs[r, :, start:stop].mean(-1).numpy()

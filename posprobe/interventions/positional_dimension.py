@@ -261,7 +261,7 @@ def answer_loss(access: ModelAccess, prompts: Sequence[Prompt], *, intervention:
         groups.setdefault((p.n_tokens, len(p.answer_ids)), []).append(i)
     records: dict[int, dict[str, Any]] = {}
     with outer:
-        for (_, n_answer), indices in sorted(groups.items()):
+        for (_, _n_answer), indices in sorted(groups.items()):
             for at in range(0, len(indices), max(1, batch_rows)):
                 rows = [prompts[i] for i in indices[at : at + max(1, batch_rows)]]
                 answers = torch.tensor([p.answer_ids for p in rows], dtype=torch.long)  # [b, m]
@@ -295,7 +295,8 @@ def _answer_logprobs(access: ModelAccess, rows: list[Prompt], answers: torch.Ten
 
 def task_prompts(access: ModelAccess, task: str | Task, n_items: int, positions: int | Sequence[int], trials: int,
                  seed: int) -> list[Prompt]:
-    """Prompts of `task` for `trials` seeds (task seed `seed * 1_000_003 + t`) x gold positions (as evaluate_positions)."""
+    """Prompts of `task` for `trials` seeds (task seed `seed * 1_000_003 + t`) x gold positions (as
+    evaluate_positions)."""
     from posprobe.tasks import get_task
     from posprobe.tasks.evaluate import _positions, trial_seed
 

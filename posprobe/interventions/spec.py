@@ -347,7 +347,9 @@ def runner_contexts(intervention: Any, access: ModelAccess, *, prompts_available
     refuses per-prompt interventions up front.
     """
     spec = resolve(intervention, access, prompts_available=prompts_available, runner=runner)
-    nothing: Callable[[list[Any]], Any] = lambda prompts: contextlib.nullcontext()
+    def nothing(prompts: list[Any]) -> Any:
+        return contextlib.nullcontext()
+
     if spec is not None:
         if spec.per_prompt:
             return contextlib.nullcontext(), lambda prompts: spec.prompt_context(access, prompts), spec

@@ -3,9 +3,9 @@
 Owns `ProbeResult`, `Budget` (named sizes of the shared text passes, plus per-probe knob overrides; every value is
 recorded in the scan), the budget knobs each probe declares in its Config (`BUDGET_KNOBS`, `per_level`,
 `resolve_budget`), `ScanContext` (what `scan()` hands a probe: the access, budget, seed, shared text samples), the
-`Probe` protocol with the checks `register()` runs (`probe_problems`) and `StreamingProbe` / `TaskProbe`, the
-shells of the two kinds of probe. Streaming probes see the shared text passes layer by layer and are fused into one pass with every
-other streaming probe; task probes build their own inputs and run their own passes. See the docs pages "Budgets"
+`Probe` protocol with the checks `register()` runs (`probe_problems`) and `StreamingProbe` / `TaskProbe`, the shells of
+the two kinds of probe. Streaming probes see the shared text passes layer by layer and are fused into one pass with
+every other streaming probe; task probes build their own inputs and run their own passes. See the docs pages "Budgets"
 and "How to add a probe".
 """
 

@@ -1,11 +1,12 @@
 """Head basics: sink mass, previous-token score, attention vs distance (docs/probes/head_basics.md).
 
-Owns the head columns `sink_mass` (mean a_{i,0}), `learned_sink_mass` (mean 1 - sum_j a_ij: the share a learned
-sink logit takes; only for models with learned sinks, gpt-oss, NaN on their layers without one), `previous_token_score` (mean a_{i,i-1}) and `distance_corr`
-(Spearman correlation of attention with log(1 + i - j) over visible causal pairs, sink column j = 0 excluded; after
-Hong et al. 2024; attention is taken relative to uniform by default, see the config), and the curve `attention_vs_distance` (mean attention per key at distance d, log2 bins, sink
-excluded). Streaming: reduced per layer from chunked patterns over sampled queries; pairs for the rank correlation
-are a seeded random subsample per layer and sample (`pairs_per_sample`).
+Owns the head columns `sink_mass` (mean a_{i,0}), `learned_sink_mass` (mean 1 - sum_j a_ij: the share a learned sink
+logit takes; only for models with learned sinks, gpt-oss, NaN on their layers without one), `previous_token_score` (mean
+a_{i,i-1}) and `distance_corr` (Spearman correlation of attention with log(1 + i - j) over visible causal pairs, sink
+column j = 0 excluded; after Hong et al. 2024; attention is taken relative to uniform by default, see the config), and
+the curve `attention_vs_distance` (mean attention per key at distance d, log2 bins, sink excluded). Streaming: reduced
+per layer from chunked patterns over sampled queries; pairs for the rank correlation are a seeded random subsample per
+layer and sample (`pairs_per_sample`).
 """
 
 from __future__ import annotations

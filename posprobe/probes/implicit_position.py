@@ -352,8 +352,8 @@ class ImplicitPosition:
                 slopes[series] = loglog_slope(fit_at + 1.0, mean[fit_at])
                 rows += [{"curve": "variance_by_position", "series": series, "layer": layer, "x": float(i + 1),
                           "y": float(mean[i])} for i in shown]
-                rows.append({"curve": "variance_slope_by_layer", "series": series, "layer": MODEL_LEVEL, "x": float(layer),
-                             "y": slopes[series]})
+                rows.append({"curve": "variance_slope_by_layer", "series": series, "layer": MODEL_LEVEL,
+                             "x": float(layer), "y": slopes[series]})
             sim = col.similarity[layer] / max(int(col.seen[layer]), 1)
             rows += [{"curve": "similarity_by_offset", "layer": layer, "x": float(d), "y": float(s)}
                      for d, s in zip(col.offsets, sim)]

@@ -210,7 +210,8 @@ def document_attention(
             ids = torch.tensor([p.input_ids for p in rows], dtype=torch.long)
             query = torch.tensor([ids.shape[1] - 1])
 
-            def on_layer(cap: LayerCapture, rows: list[Prompt] = rows) -> None:
+            def on_layer(cap: LayerCapture, rows: list[Prompt] = rows, query: Tensor = query,
+                         trial: int = trial) -> None:
                 probs = cap.pattern(query)[:, :, 0].cpu().double()  # [b, H, n]: one query per row, to the CPU once
                 for r, prompt in enumerate(rows):
                     per_slot = torch.stack([probs[r, :, a:b].mean(-1) for a, b in prompt.spans], -1)  # [H, slots]

@@ -22,7 +22,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from posprobe.access import (
-    ChunkLayout,
     LayerCapture,
     LayerInfo,
     causal_key_mask,
@@ -51,14 +50,15 @@ def _check_layer(layer: LayerInfo, head_dim: int) -> None:
                          f"Skip it (the RoPE probes do so with a reason).")
     if layer.rotary_dim is None or layer.rotary_offset + layer.rotary_dim > head_dim or layer.rotary_dim % 2:
         raise ProbeError(f"Layer {layer.index} reports rotary_dim={layer.rotary_dim} for head_dim={head_dim}; "
-                         f"it must be even and at most the head dim. Fix the model's LayerInfo (adapters/architectures.py).")
+                         f"it must be even and at most the head dim. Fix the model's LayerInfo "
+                         f"(adapters/architectures.py).")
 
 
 def split_chunks(
     x: Float[Tensor, "*batch d"], layer: LayerInfo
 ) -> tuple[Float[Tensor, "*batch c 2"], Float[Tensor, "*batch rest"] | None]:
     """Split head vectors into rotary chunks [..., r/2, 2] (layout from `layer.chunk_layout`) and the non-rotated
-    dims [..., d - r] (None when the whole head rotates). The chunks may be a view of x: do not modify them."""
+    dims [..., d - r] (None when the whole head rotates)."""
     d = x.shape[-1]
     _check_layer(layer, d)
     a, b = layer.chunk_coordinates()
@@ -66,11 +66,9 @@ def split_chunks(
     if offset + r > d or (a.size and int(max(a.max(), b.max())) >= offset + r):
         raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed the rotated dims [{offset}, {offset + r}) "
                          f"of a {d}-dim head. Fix the model's LayerInfo (adapters/architectures.py).")
-    half = r // 2  # both layouts are slices of the rotated dims (no gather): interleaved chunks are a view of x
-    if layer.chunk_layout is ChunkLayout.INTERLEAVED:
-        chunks = x[..., offset : offset + r].unflatten(-1, (half, 2))
-    else:
-        chunks = torch.stack((x[..., offset : offset + half], x[..., offset + half : offset + r]), dim=-1)
+    ia = torch.as_tensor(a, dtype=torch.long, device=x.device)
+    ib = torch.as_tensor(b, dtype=torch.long, device=x.device)
+    chunks = torch.stack((x.index_select(-1, ia), x.index_select(-1, ib)), dim=-1)
     if r == d:
         return chunks, None
     rest = x[..., r:] if offset == 0 else torch.cat((x[..., :offset], x[..., offset + r:]), dim=-1)
@@ -103,7 +101,8 @@ def chunk_contributions(
     return c
 
 
-def chunk_dot(x: Float[Tensor, "*batch d"], y: Float[Tensor, "*batch d"], layer: LayerInfo) -> Float[Tensor, "*batch band"]:
+def chunk_dot(x: Float[Tensor, "*batch d"], y: Float[Tensor, "*batch d"],
+              layer: LayerInfo) -> Float[Tensor, "*batch band"]:
     """Per-band dot product of paired vectors: the same c_k as `chunk_contributions`, for matched (i, j) pairs."""
     xc, xr = split_chunks(x, layer)
     yc, yr = split_chunks(y, layer)

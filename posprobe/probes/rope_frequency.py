@@ -11,11 +11,11 @@ at x = r/2), `rope_layer_spectrum` (per layer, mean over heads), `rope_q_norm` (
 `rope_frequency.layers` (which layers were measured, and why the others were skipped).
 
 logit_share[l,h,k] = E_ij[a_ij |c_k(i,j)|] / sum_k E_ij[a_ij |c_k(i,j)|] with c_k from the shared kernel
-(`posprobe.probes.rope_chunks`), over every visible key of `max_queries` queries per text (an even subset of the
-scan's query sample); the summary reports the largest |sum_k c_k * scale - logit| seen (exactness check).
-Norms are computed on pre-rotary q/k over every position (rotation preserves chunk norms; post-rotary, with any
-cos/sin multiplier divided out, is used where an adapter gives no pre-rotary tensor in the [b, heads, n, d] layout). Layers without RoPE are skipped with a reason; a model without any RoPE
-layer is skipped by `scan()`.
+(`posprobe.probes.rope_chunks`), over every visible key of `max_queries` queries per text (an even subset of the scan's
+query sample); the summary reports the largest |sum_k c_k * scale - logit| seen (exactness check). Norms are computed on
+pre-rotary q/k over every position (rotation preserves chunk norms; post-rotary, with any cos/sin multiplier divided
+out, is used where an adapter gives no pre-rotary tensor in the [b, heads, n, d] layout). Layers without RoPE are
+skipped with a reason; a model without any RoPE layer is skipped by `scan()`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Template heads: score every head against any lower-triangular attention template, streaming (docs/probes/induction.md).
+"""Template heads: score every head against any lower-triangular attention template, streaming
+(docs/probes/induction.md).
 
 Owns the `Template` convention, TransformerLens' three named templates (`TEMPLATES`: previous-token, duplicate-token,
 induction; the definitions of `transformer_lens.head_detector`), `TemplateScores` (a per-layer accumulator fed with

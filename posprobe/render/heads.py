@@ -46,7 +46,7 @@ def atlas(scan: Any, metric: str | None = None, colorscale: str | None = None,
     rows, cols = heads["layer"].to_numpy(), heads["head"].to_numpy()
     z = np.full((n_layers, n_heads), np.nan)
     z[rows, cols] = heads[metric].to_numpy(dtype=float)
-    custom = np.full((n_layers, n_heads, len(metrics) + 1), np.nan, dtype=np.float32)
+    custom: np.ndarray = np.full((n_layers, n_heads, len(metrics) + 1), np.nan, dtype=np.float32)
     custom[rows, cols, 0] = heads["kv_head"].to_numpy(dtype=float)
     for index, name in enumerate(metrics, start=1):
         custom[rows, cols, index] = heads[name].to_numpy(dtype=float)
@@ -74,7 +74,8 @@ def atlas(scan: Any, metric: str | None = None, colorscale: str | None = None,
     return fig
 
 
-def curve(scan: Any, name: str, layer: int | None = None, head: int | None = None, log_x: bool | None = None) -> go.Figure:
+def curve(scan: Any, name: str, layer: int | None = None, head: int | None = None,
+          log_x: bool | None = None) -> go.Figure:
     """One curve (by name) for a head, a layer (all its heads) or the whole model; one trace per (series, head)."""
     df = scan.curves[scan.curves["curve"] == name]
     if df.empty:

@@ -1,5 +1,6 @@
-"""Figures of the implicit-position probe (docs/probes/implicit_position.md): probe scores by layer, variance vs position,
-similarity vs offset, for one scan or side by side for several (model vs RoPE-disabled vs random-init baselines).
+"""Figures of the implicit-position probe (docs/probes/implicit_position.md): probe scores by layer, variance vs
+position, similarity vs offset, for one scan or side by side for several (model vs RoPE-disabled vs random-init
+baselines).
 
 Owns pure functions from Scans (curves written by `posprobe.probes.implicit_position`) to plotly figures. Shuffled-
 label controls are drawn dashed and grey so a leaking probe is visible at a glance.
@@ -25,7 +26,8 @@ def _curve(scan: Any, name: str) -> Any:
     df = scan.curves[scan.curves["curve"] == name]
     if df.empty:
         raise UnknownNameError("curve", name, sorted(scan.curves["curve"].unique()) if len(scan.curves) else [],
-                               hint="Run the implicit_position probe: posprobe.scan(model, probes=['implicit_position']).")
+                               hint="Run the implicit_position probe: "
+                                    "posprobe.scan(model, probes=['implicit_position']).")
     return df
 
 

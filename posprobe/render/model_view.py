@@ -4,9 +4,9 @@ Owns pure functions from a Scan to plotly figures for the explorer's model view 
 (layer = head = -1) and layer-level (head = -1) curve by name (implicit-position R^2 by layer, attention-level and
 document-level U-curves, variance shrinkage, ... one trace per series, so "with / without intervention" series sit on
 one figure), the mean over heads of any head-level curve per layer, the distribution of a head metric per layer, and
-behavioural position sweeps from any extra table shaped like `evaluate_positions` output (`gold_position`,
-`accuracy`, optional `ci_low` / `ci_high` / `n`). Found generically by name, so a new probe's curves and tables
-appear without edits here. Renders the model-level curves of docs/probes/*.md and docs/tasks.md; computes nothing new beyond means.
+behavioural position sweeps from any extra table shaped like `evaluate_positions` output (`gold_position`, `accuracy`,
+optional `ci_low` / `ci_high` / `n`). Found generically by name, so a new probe's curves and tables appear without edits
+here. Renders the model-level curves of docs/probes/*.md and docs/tasks.md; computes nothing new beyond means.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """RoPE frequency figures: layer x chunk heatmaps of the `rope_frequency` / `positional_heads` curves.
 
-Owns `rope_spectrum(scan, curve=...)`, a pure `Scan -> go.Figure` renderer of docs/probes/rope_frequency.md and positional_heads.md as in
-Barbero et al. 2024 (Fig. 2: q/k norm per frequency and layer): rows are layers, columns are rotary chunks
-(k = 0 fastest; the non-rotated band of a partial-rotary model is the last column), values are averaged over the
-layer's heads (or one head / one KV-head series). Hover shows each chunk's frequency from the scan's
+Owns `rope_spectrum(scan, curve=...)`, a pure `Scan -> go.Figure` renderer of docs/probes/rope_frequency.md and
+positional_heads.md as in Barbero et al. 2024 (Fig. 2: q/k norm per frequency and layer): rows are layers, columns are
+rotary chunks (k = 0 fastest; the non-rotated band of a partial-rotary model is the last column), values are averaged
+over the layer's heads (or one head / one KV-head series). Hover shows each chunk's frequency from the scan's
 `rope_frequency.chunks` table when present.
 """
 
@@ -54,7 +54,8 @@ def rope_spectrum(scan: Any, curve: str = "rope_usage_spectrum", head: int | Non
     fig = go.Figure(go.Heatmap(
         z=z, x=chunks, y=layers, customdata=freq, colorscale=scale, zmid=0 if signed else None,
         colorbar={"title": label},
-        hovertemplate="layer %{y}, chunk %{x}<br>frequency %{customdata:.3g} rad/token<br>value %{z:.4g}<extra></extra>"))
+        hovertemplate=("layer %{y}, chunk %{x}<br>frequency %{customdata:.3g} rad/token<br>value %{z:.4g}"
+                       "<extra></extra>")))
     who = f"head {head}" if head is not None else "mean over heads"
     fig.update_layout(title=f"{curve.replace('_', ' ')} by layer and RoPE chunk ({who}) — {scan.meta.get('model')}",
                       xaxis_title="chunk k (0 = fastest)", yaxis_title="layer", yaxis={"autorange": "reversed"},

@@ -345,7 +345,9 @@ def position_sweep(
     for size in sizes:
         _positions(size, gold_positions)
     access = load_model(model, tokenizer=tokenizer, backend=backend)
-    summaries, trials, described = [], [], []
+    summaries: list[pd.DataFrame] = []
+    trials: list[pd.DataFrame] = []
+    described: list[Any] = []
     for intervention in conditions:
         label = _label(intervention, access)
         if label in {d["label"] for d in described}:

@@ -56,11 +56,11 @@ class NeedleTrial:
     """One needle-in-a-haystack prompt.
 
     input_ids: the prompt the model reads, ending right before the answer (BOS first when the model uses one).
-    answer_ids: the answer tokens as the model should continue the prompt; equal to input_ids[answer_span].
-    needle_span / answer_span: token ranges [start, stop) of the inserted needle statement and of the answer's
-    tokens inside it; haystack_span: the filler with the needle inside it. depth: requested relative depth;
-    actual_depth: where the needle landed after snapping to a sentence boundary (needle start / haystack length,
-    0 = first thing after the header, 1 = right before the question). context_length: the requested length (the prompt is at most this long, see n_tokens).
+    answer_ids: the answer tokens as the model should continue the prompt; equal to input_ids[answer_span]. needle_span
+    / answer_span: token ranges [start, stop) of the inserted needle statement and of the answer's tokens inside it;
+    haystack_span: the filler with the needle inside it. depth: requested relative depth; actual_depth: where the needle
+    landed after snapping to a sentence boundary (needle start / haystack length, 0 = first thing after the header, 1 =
+    right before the question). context_length: the requested length (the prompt is at most this long, see n_tokens).
     """
 
     input_ids: tuple[int, ...]
@@ -283,7 +283,7 @@ def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float | int], se
         raise InputError("Needle trials need at least one context length and one depth.")
     if not isinstance(n_per_cell, int) or n_per_cell < 1:
         raise InputError(f"n_per_cell must be a positive integer; got {n_per_cell!r}.")
-    trials = []
+    trials: list[NeedleTrial] = []
     for length in lengths:
         for rep in range(n_per_cell):
             trial_seed = seed * 1_000_003 + int(length) * 101 + rep

@@ -40,8 +40,9 @@ def data_grid(grid_id: str, page_size: int, row_id: str | None = None, floating_
               **options: Any) -> dag.AgGrid:
     """A compact, paged AG Grid: columns sort on a header click and filter in the row under the headers.
 
-    row_id: the grid's getRowId expression (e.g. "params.data.key"); floating_filters: the filter row under the
-    headers (else filters are in each column's menu); options go into dashGridOptions (e.g. a row selection). Field names are taken literally (a dot in a column name is not a path into the row)."""
+    row_id: the grid's getRowId expression (e.g. "params.data.key"); floating_filters: the filter row under the headers
+    (else filters are in each column's menu); options go into dashGridOptions (e.g. a row selection). Field names are
+    taken literally (a dot in a column name is not a path into the row)."""
     grid_options = {"pagination": True, "paginationPageSize": page_size,
                     "paginationPageSizeSelector": [page_size, 50, 200], "domLayout": "autoHeight",
                     "rowHeight": 30, "headerHeight": 34, "floatingFiltersHeight": 36, "animateRows": False,
