@@ -22,6 +22,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from posprobe.access import (
+    ChunkLayout,
     LayerCapture,
     LayerInfo,
     causal_key_mask,
@@ -58,7 +59,7 @@ def split_chunks(
     x: Float[Tensor, "*batch d"], layer: LayerInfo
 ) -> tuple[Float[Tensor, "*batch c 2"], Float[Tensor, "*batch rest"] | None]:
     """Split head vectors into rotary chunks [..., r/2, 2] (layout from `layer.chunk_layout`) and the non-rotated
-    dims [..., d - r] (None when the whole head rotates)."""
+    dims [..., d - r] (None when the whole head rotates). The chunks may be a view of x: do not modify them."""
     d = x.shape[-1]
     _check_layer(layer, d)
     a, b = layer.chunk_coordinates()
@@ -66,9 +67,11 @@ def split_chunks(
     if offset + r > d or (a.size and int(max(a.max(), b.max())) >= offset + r):
         raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed the rotated dims [{offset}, {offset + r}) "
                          f"of a {d}-dim head. Fix the model's LayerInfo (adapters/architectures.py).")
-    ia = torch.as_tensor(a, dtype=torch.long, device=x.device)
-    ib = torch.as_tensor(b, dtype=torch.long, device=x.device)
-    chunks = torch.stack((x.index_select(-1, ia), x.index_select(-1, ib)), dim=-1)
+    half = r // 2  # both layouts are slices of the rotated dims (no gather): interleaved chunks are a view of x
+    if layer.chunk_layout is ChunkLayout.INTERLEAVED:
+        chunks = x[..., offset : offset + r].unflatten(-1, (half, 2))
+    else:
+        chunks = torch.stack((x[..., offset : offset + half], x[..., offset + half : offset + r]), dim=-1)
     if r == d:
         return chunks, None
     rest = x[..., r:] if offset == 0 else torch.cat((x[..., :offset], x[..., offset + r:]), dim=-1)
@@ -258,7 +261,9 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int = 1
                 max_error = float((total * scale - logits * scale).abs()[..., visible].max())
             first = False
             p = probs.to(c.dtype)
-            block = torch.einsum("bgcsqk,bgsqk->gsc", c.abs_(), p.view(b, groups, per_group, cq, -1))
+            # sum_{q,k} |c| a as one matrix-vector product per (row, KV head, head of its group): [bands, q*k] @ [q*k]
+            a = c.abs_().view(b, groups, n_chunks, per_group, cq * (stop - start)).transpose(2, 3)
+            block = torch.matmul(a, p.reshape(b, groups, per_group, cq * (stop - start), 1))[..., 0].sum(0)
             block = block.reshape(heads, n_chunks)
             if rest is not None:
                 block = torch.cat((block, torch.einsum("bhqk,bhqk->h", rest.abs_(), p)[:, None]), dim=1)
