@@ -5,31 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posprobe.access import Tap
+from tests.real_checks import streaming_vs_eager
 
 pytestmark = pytest.mark.real_model
 
 
 def test_gemma_streaming_patterns_match_eager_and_logits_unchanged(gemma):
-    from posprobe.tasks.text import text_ids
-
-    ids = text_ids(gemma, 300, seed=0)
-    got = {}
-
-    def on_layer(cap):
-        if cap.layer in (0, 2, 5):
-            got[cap.layer] = cap.pattern()[0]
-
-    fast = gemma.run(ids, taps=[Tap.PATTERN], on_layer=on_layer, logits="all").logits
-    plain = gemma.run(ids, logits="all").logits
+    got, fast, plain, ref = streaming_vs_eager(gemma, (0, 2, 5))
     assert torch.equal(fast, plain)  # reading statistics leaves SDPA's output bit-identical
-    model = gemma.model
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            ref = model(torch.tensor([ids]), output_attentions=True)
-    finally:
-        model.set_attn_implementation("sdpa")
     for layer, pattern in got.items():
         assert (pattern - ref.attentions[layer][0]).abs().max() < 1e-4
     assert (fast - ref.logits).abs().max() < 1e-3

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posprobe.access import Tap
+from tests.real_checks import streaming_vs_eager
 
 pytestmark = pytest.mark.real_model
 
@@ -41,26 +41,8 @@ def test_smollm2_facts(smollm2):
 
 
 def test_smollm2_streaming_patterns_match_eager_and_logits_unchanged(smollm2):
-    from posprobe.tasks.text import text_ids
-
-    ids = text_ids(smollm2, 300, seed=0)
-    got = {}
-
-    def on_layer(cap):
-        if cap.layer in (0, 9, 29):
-            got[cap.layer] = cap.pattern()[0]
-
-    fast = smollm2.run(ids, taps=[Tap.PATTERN], on_layer=on_layer, logits="all").logits
-    plain = smollm2.run(ids, logits="all").logits
+    got, fast, plain, ref = streaming_vs_eager(smollm2, (0, 9, 29))
     assert torch.equal(fast, plain)
-    model = smollm2.model
-    before = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            ref = model(torch.tensor([ids]), output_attentions=True)
-    finally:
-        model.set_attn_implementation(before)
     for layer, pattern in got.items():
         assert (pattern - ref.attentions[layer][0]).abs().max() < 1e-4
     assert (fast - ref.logits).abs().max() < 1e-3

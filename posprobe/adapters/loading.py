@@ -11,9 +11,7 @@ module does no work at import beyond importing transformers.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +33,7 @@ from transformers import (
     SmolLM3ForCausalLM,
 )
 
+from posprobe._io import replace_dir
 from posprobe.errors import ModelLoadError, UnknownNameError
 
 
@@ -48,9 +47,7 @@ def convert_gguf(gguf_path: Path, target: Path, source_sha: str, label: str, cac
     print(f"posprobe: converting {label} from GGUF to a local safetensors cache (once, about a minute) -> {target}",
           file=sys.stderr, flush=True)
     start = time.time()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    with replace_dir(target) as tmp:  # the shared atomic swap: a failed or killed conversion leaves no half cache
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
@@ -63,12 +60,6 @@ def convert_gguf(gguf_path: Path, target: Path, source_sha: str, label: str, cac
         (tmp / "posprobe-cache.json").write_text(json.dumps(
             {"format": cache_format, "source": str(gguf_path), "source_sha256": source_sha, "files": files},
             indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     print(f"posprobe: cache ready in {time.time() - start:.0f} s", file=sys.stderr, flush=True)
 
 
