@@ -8,13 +8,20 @@ takes and never triggers the deprecation path.
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any
 
+_KEYWORDS: dict[type, str] = {}  # forward-owning class -> its cache keyword (signatures do not change at run time)
 
-@functools.lru_cache(maxsize=64)
+
 def _cache_keyword(forward_owner: type) -> str:
+    if forward_owner in _KEYWORDS:
+        return _KEYWORDS[forward_owner]
+    _KEYWORDS[forward_owner] = keyword = _read_cache_keyword(forward_owner)
+    return keyword
+
+
+def _read_cache_keyword(forward_owner: Any) -> str:
     try:
         params = inspect.signature(forward_owner.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins / C forwards

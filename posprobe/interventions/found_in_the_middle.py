@@ -66,9 +66,8 @@ from posprobe.tasks.base import Prompt, Task
 def calibrated_layers(info: ModelInfo, config: FoundInTheMiddle) -> list[int]:
     """The layers whose attention is rescaled: config.layers (a LayerRange), default the last half."""
     n = info.n_layers
-    if config.layers is None:
-        return list(range(n // 2, n))
-    return config.layers.indices(n, info.name)
+    chosen = LayerRange.coerce(config.layers, "found_in_the_middle layers")
+    return list(range(n // 2, n)) if chosen is None else chosen.indices(n, info.name)
 
 
 def check_spans(spans: Any, n_tokens: int, what: str = "spans") -> tuple[tuple[int, int], ...]:
@@ -390,11 +389,11 @@ class FoundInTheMiddle(Intervention):
         if source is None:
             if not prompts:
                 self.calibration_set(access, n_slots)  # raises the explanatory error
-            source = _prompts_key(prompts)
+            source = _prompts_key(prompts or ())
         key = (self.name, "slot_bias", self.dummy_text, self.calibration_trials, self.calibration_seed, source, n_slots)
 
         def compute() -> np.ndarray:
-            calibration = self.calibration_set(access, n_slots, chosen) if chosen is not None else list(prompts)
+            calibration = self.calibration_set(access, n_slots, chosen) if chosen is not None else list(prompts or ())
             return estimate_slot_bias(access, calibration, self.dummy_text, batch_rows=self.batch_rows)
 
         def record(bias: np.ndarray) -> dict[str, Any]:

@@ -15,12 +15,13 @@ import numbers
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from torch import Tensor
 
 from posprobe.access import (
     AttentionEdit,
+    Edit,
     EditContext,
     ModelAccess,
     ModelInfo,
@@ -109,17 +110,22 @@ class MaskHeads(Intervention):
     def __post_init__(self) -> None:
         object.__setattr__(self, "heads", _parse_heads(self.heads))
 
-    def edits(self, access: ModelAccess) -> list[AttentionEdit]:
-        return mask_heads_edits(access.info, self.heads)
+    @property
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        """The heads as sorted (layer, head) pairs (what `heads` holds after construction)."""
+        return cast(tuple[tuple[int, int], ...], self.heads)
+
+    def edits(self, access: ModelAccess) -> list[Edit]:
+        return list(mask_heads_edits(access.info, self.pairs))
 
     def resolved(self, access: ModelAccess) -> dict[str, Any]:
-        return {"heads": [f"L{layer}H{head}" for layer, head in self.heads]}
+        return {"heads": [f"L{layer}H{head}" for layer, head in self.pairs]}
 
     def __str__(self) -> str:
-        return self.name + (":heads=" + ",".join(f"L{l}H{h}" for l, h in self.heads) if self.heads else "")
+        return self.name + (":heads=" + ",".join(f"L{l}H{h}" for l, h in self.pairs) if self.pairs else "")
 
 
-def mask_heads(model: Any, heads: Iterable[Any]) -> MaskHeads | Bound:
+def mask_heads(model: Any, heads: Sequence[Any] | str | None) -> MaskHeads | Bound:
     """`MaskHeads(heads)` bound to `model` (a ModelAccess): a context manager yielding the access.
 
         with mask_heads(access, [(11, 2), (5, 0)]) as masked:

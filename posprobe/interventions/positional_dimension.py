@@ -32,13 +32,14 @@ import random
 import string
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import pandas as pd
 import torch
 
 from posprobe.access import (
+    Edit,
     LayerCapture,
     ModelAccess,
     ModelInfo,
@@ -111,10 +112,9 @@ def default_layers(info: ModelInfo) -> list[int]:
     return list(range(first, last + 1))
 
 
-def _layer_list(info: ModelInfo, layers: LayerRange | str | None) -> list[int]:
-    if layers is None:
-        return default_layers(info)
-    return LayerRange.coerce(layers, "positional_dimension layers").indices(info.n_layers, info.name)
+def _layer_list(info: ModelInfo, layers: LayerRange | str | range | None) -> list[int]:
+    chosen = LayerRange.coerce(layers, "positional_dimension layers")
+    return default_layers(info) if chosen is None else chosen.indices(info.n_layers, info.name)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +177,8 @@ class PositionalDimension(Intervention):
         """(dims, factor, layers, source of the dimension) on `access`; searches once per access when needed."""
         info = access.info
         known = KNOWN_DIMENSIONS.get(info.name)
-        dims, factor, layers, source = self.dims, self.factor, self.layers, "given"
+        dims = cast(tuple[int, ...], self.dims)  # a sorted tuple after __post_init__
+        factor, layers, source = self.factor, self.layers, "given"
         if not dims:
             if known is not None:
                 dims, source = (known[0],), "recorded (KNOWN_DIMENSIONS)"
@@ -203,9 +204,9 @@ class PositionalDimension(Intervention):
 
         return calibrated(access, (self.name, "search", *config.to_dict().items()), search, record).best
 
-    def edits(self, access: ModelAccess) -> list[ProjectionInputEdit]:
+    def edits(self, access: ModelAccess) -> list[Edit]:
         dims, factor, layers, _ = self.settings(access)
-        edits = [ProjectionInputEdit(layer, dims, factor, keys=True, queries="last") for layer in layers]
+        edits: list[Edit] = [ProjectionInputEdit(layer, dims, factor, keys=True, queries="last") for layer in layers]
         probe = access.encode("a b", add_bos=True)[:2] or [0]
         try:  # surface an adapter that cannot scale projection inputs now, not in the middle of an evaluation
             access.run(probe, edits=edits)
@@ -279,17 +280,23 @@ def answer_loss(access: ModelAccess, prompts: Sequence[Prompt], *, intervention:
     return pd.DataFrame([records[i] for i in range(len(prompts))])
 
 
+def _logits(logits: torch.Tensor | None) -> torch.Tensor:
+    if logits is None:  # pragma: no cover - run(logits=...) always returns them; a broken adapter would not
+        raise InterventionError("The model access returned no logits for a run that asked for them.")
+    return logits
+
+
 def _answer_logprobs(access: ModelAccess, rows: list[Prompt], answers: torch.Tensor, stepwise: bool) -> torch.Tensor:
     ids = torch.tensor([p.input_ids for p in rows], dtype=torch.long)
     n, m = ids.shape[1], answers.shape[1]
     if not stepwise:
         full = torch.cat([ids, answers[:, :-1]], 1)
-        logits = access.run(full, logits=list(range(n - 1, n - 1 + m))).logits
+        logits = _logits(access.run(full, logits=list(range(n - 1, n - 1 + m))).logits)
         return torch.log_softmax(logits.double(), -1)
     steps = []
     for s in range(m):
         full = torch.cat([ids, answers[:, :s]], 1)
-        steps.append(torch.log_softmax(access.run(full, logits="last").logits[:, -1].double(), -1))
+        steps.append(torch.log_softmax(_logits(access.run(full, logits="last").logits)[:, -1].double(), -1))
     return torch.stack(steps, 1)
 
 
@@ -382,7 +389,8 @@ def mean_hidden_states(access: ModelAccess, config: PositionalDimensionSearchCon
                             for i in batch])
 
         def on_layer(cap: LayerCapture) -> None:
-            total[cap.layer] += cap.resid_post.double().sum(0).numpy()
+            if cap.resid_post is not None:  # asked for below (taps=RESID_POST)
+                total[cap.layer] += cap.resid_post.double().sum(0).numpy()
 
         access.run(ids, taps={Tap.RESID_POST}, on_layer=on_layer)
     return total / max(config.n_sequences, 1)
@@ -424,8 +432,9 @@ def smoothness(curve: np.ndarray, window: int = 11) -> np.ndarray:
 
 
 def _search_layers(info: ModelInfo, config: PositionalDimensionSearchConfig) -> list[int]:
-    if config.search_layers is not None:
-        return config.search_layers.indices(info.n_layers, info.name)
+    chosen = LayerRange.coerce(config.search_layers, "PositionalDimensionSearchConfig.search_layers")
+    if chosen is not None:
+        return chosen.indices(info.n_layers, info.name)
     return list(range(2, info.n_layers - 1)) if info.n_layers >= 6 else list(range(info.n_layers))
 
 

@@ -147,6 +147,9 @@ def check_access(access: Any, what: str = "An intervention") -> ModelAccess:
         f"`with spec.applied(access): ...` or `posprobe.evaluate_positions(access, intervention=spec)`.")
 
 
+_Spec = TypeVar("_Spec", bound="Intervention")
+
+
 @dataclass(frozen=True)
 class Intervention:
     """Base of every intervention: frozen settings + `name`; applied by the runner to the runner's access.
@@ -240,7 +243,7 @@ class Intervention:
         cls._check_names(settings)
         return cls(**settings)
 
-    def replace(self, **changes: Any) -> Intervention:
+    def replace(self: _Spec, **changes: Any) -> _Spec:
         """A copy with settings changed (calibration is shared through the access cache when it still applies)."""
         self._check_names(changes)
         return dataclasses.replace(self, **changes)
@@ -381,7 +384,7 @@ def runner_contexts(intervention: Any, access: ModelAccess, *, prompts_available
 
 
 _REGISTRY: dict[str, type[Intervention]] = {}
-I = TypeVar("I", bound=type)
+I = TypeVar("I", bound=type[Intervention])
 
 
 def register(cls: I) -> I:
@@ -465,8 +468,8 @@ def _load_builtins() -> None:
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        return f.default_factory()  # type: ignore[misc]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
     return dataclasses.MISSING
 
 
