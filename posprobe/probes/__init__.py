@@ -27,6 +27,7 @@ _BUILTIN: dict[str, str] = {
     "head_basics": "posprobe.probes.head_basics:PROBE",
     "implicit_position": "posprobe.probes.implicit_position:PROBE",
     "induction": "posprobe.probes.induction:PROBE",
+    "pattern_examples": "posprobe.probes.pattern_examples:PROBE",
     "position_bias": "posprobe.probes.position_bias:PROBE",
     "positional_heads": "posprobe.probes.positional_heads:PROBE",
     "retrieval": "posprobe.probes.retrieval:PROBE",

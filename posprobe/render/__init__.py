@@ -16,6 +16,7 @@ from posprobe.render.head_detail import head_curve
 from posprobe.render.heads import atlas, curve, ranking
 from posprobe.render.implicit import implicit_probe, implicit_similarity, implicit_variance
 from posprobe.render.model_view import layer_mean_curve, metric_by_layer, model_curve, position_curve
+from posprobe.render.pattern_view import pattern, pattern_top_keys
 from posprobe.render.rope import rope_spectrum
 
 FIGURES: dict[str, Callable[..., Any]] = {
@@ -27,6 +28,8 @@ FIGURES: dict[str, Callable[..., Any]] = {
     "layer_mean_curve": layer_mean_curve,
     "metric_by_layer": metric_by_layer,
     "model_curve": model_curve,
+    "pattern": pattern,
+    "pattern_top_keys": pattern_top_keys,
     "position_curve": position_curve,
     "document_bias": document_bias,
     "implicit_probe": implicit_probe,
