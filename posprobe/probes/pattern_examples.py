@@ -53,7 +53,7 @@ class PatternExamplesConfig:
     n_tokens: int = 128  # tokens per example: long enough for a pattern, short enough to label every token
     top_k: int = 16  # keys kept per query when full rows do not fit (16 hold nearly all the mass of a sharp head)
     full_rows: bool | None = None  # None: full rows when their estimate fits the budget; True / False force it
-    max_megabytes: int | float | None = None  # stored-bytes budget; None: the budget's (quick 24, standard 48, full 128)
+    max_megabytes: int | float | None = None  # MB stored at most; None: the budget's (quick 24, standard 48, full 128)
     needle_depth: float = 0.5  # where the needle goes in its haystack (0 = start, 1 = end)
     # the needle prompt grows past n_tokens only where header + needle + question do not fit (byte tokenizers)
     max_needle_tokens: int = 512
@@ -178,8 +178,9 @@ def _needle_example(access: ModelAccess, n: int, seed: int, config: PatternExamp
                          f"max_needle_tokens or leave 'needle' out of examples.")
     start, stop = trial.needle_span
     a0, a1 = trial.answer_span
-    return Example("needle", f"magic-number needle at depth {trial.actual_depth:.2f} (needle tokens {start}-{stop - 1}, "
-                   f"answer tokens {a0}-{a1 - 1}); the last token asks for the number", trial.input_ids)
+    return Example("needle", f"magic-number needle at depth {trial.actual_depth:.2f} (needle tokens "
+                   f"{start}-{stop - 1}, answer tokens {a0}-{a1 - 1}); the last token asks for the number",
+                   trial.input_ids)
 
 
 def build_examples(access: ModelAccess, config: PatternExamplesConfig, seed: int) -> tuple[list[Example],
