@@ -56,7 +56,7 @@ _PRE_TAPS = frozenset({Tap.Q_PRE, Tap.K_PRE})
 Hook = tuple[str, Callable[..., Any]]
 
 
-def _bridge_class() -> type:
+def _bridge_class() -> Any:
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
@@ -86,7 +86,7 @@ class TransformerLensAccess(ModelAccess):
                 f"TransformerBridge.boot_transformers(...), or wrap an HF model with "
                 f"TransformerLensAccess.from_hf(hf_model, tokenizer)."
             )
-        self.bridge = bridge
+        self.bridge: Any = bridge
         hf_model = bridge.original_model
         if not hasattr(hf_model, "config"):
             raise UnsupportedModelError(
@@ -195,6 +195,10 @@ class TransformerLensAccess(ModelAccess):
             need_post = bool(taps & _QK_TAPS) or (bool(taps & _PRE_TAPS) and not layer_info.has_rope)
             if need_post:
                 for which, hook_name, n in (("q", q_name, info.n_heads), ("k", k_name, info.n_kv_heads)):
+                    if hook_name is None:
+                        raise UnsupportedModelError(
+                            f"This TransformerLens bridge exposes no blocks.{layer}.attn.hook_rot_{which} or "
+                            f"hook_{which}, so posprobe cannot read the layer's {which}. Use backend='hf'.")
                     fields = [which] if layer_info.has_rope else [which, f"{which}_pre"]
 
                     def post(x: Tensor, hook: Any, layer: int = layer, fields: list[str] = fields, n: int = n) -> None:
@@ -208,9 +212,11 @@ class TransformerLensAccess(ModelAccess):
                     normed = self._hook(layer, f"attn.hook_{which}_normed")
                     hook_name = normed or f"blocks.{layer}.attn.hook_{which}"
                     heads_first = normed is not None and self._pos_dim(hook_name) == 2
-                    hooks.append((hook_name, setter(
-                        layer, f"{which}_pre",
-                        lambda x, n=n, hf=heads_first: _to_heads_first(x, n, info.head_dim, heads_first=hf))))
+
+                    def to_heads(x: Tensor, n: int = n, hf: bool = heads_first) -> Tensor:
+                        return _to_heads_first(x, n, info.head_dim, heads_first=hf)
+
+                    hooks.append((hook_name, setter(layer, f"{which}_pre", to_heads)))
             if Tap.PATTERN in taps:
 
                 def pattern(x: Tensor, hook: Any, layer: int = layer) -> None:
