@@ -6,7 +6,8 @@ are (`scan(model, intervention=...)`, `evaluate_positions(..., intervention=...)
 
 - `extrapolate`: plain RoPE past the native window (the baseline: only the length limit is lifted).
 - RoPE rescaling through transformers' own rope functions (`rope_scaling`): pi, ntk, dynamic, yarn, longrope,
-  llama3, proportional.
+  llama3, proportional, and a plain new base rope_theta.
+- Attention Buckets (`buckets`): passes with different RoPE bases, their next-token logits combined by confidence.
 - At the attention logits (`remap`): string, self_extend, ms_poe, logn (query temperature), and the masks
   streaming_llm (sink + window) and lm_infinite (Lambda mask + distance cap).
 
@@ -15,6 +16,7 @@ backend only (they change the rotary embedding / attention of a transformers mod
 """
 
 from posprobe.what_if.base import Extrapolate, Stack, WhatIf
+from posprobe.what_if.buckets import AttentionBuckets
 from posprobe.what_if.remap import (
     STRING,
     LMInfinite,
@@ -31,10 +33,12 @@ from posprobe.what_if.rope_scaling import (
     NTKAware,
     PositionInterpolation,
     ProportionalRoPE,
+    RopeParameters,
     RopeRescaling,
+    RopeTheta,
     YaRN,
 )
 
-__all__ = ["STRING", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature", "LongRoPE", "MsPoE",
-           "NTKAware", "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE", "RopeRescaling", "SelfExtend",
-           "Stack", "StreamingLLM", "WhatIf", "YaRN"]
+__all__ = ["STRING", "AttentionBuckets", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature",
+           "LongRoPE", "MsPoE", "NTKAware", "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE",
+           "RopeParameters", "RopeRescaling", "RopeTheta", "SelfExtend", "Stack", "StreamingLLM", "WhatIf", "YaRN"]

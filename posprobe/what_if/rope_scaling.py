@@ -1,5 +1,5 @@
 """RoPE rescaling what-ifs through transformers' own rope functions: PI, NTK-aware, dynamic NTK, YaRN, LongRoPE,
-Llama 3, proportional (p-RoPE).
+Llama 3, proportional (p-RoPE), and a plain new base (`rope_theta`, the passes of Attention Buckets).
 
 Owns one mechanism for all of them: while applied, a second rotary-embedding module of the model's own class is
 built from a copy of the model's config whose `rope_parameters` (of the touched layer types) carry the what-if's
@@ -22,6 +22,7 @@ the dims whose wavelength lies between L / beta_fast and L / beta_slow rotations
 Llama 3: w_k / s for wavelengths > L / low_freq_factor, w_k below L / high_freq_factor, smooth in between.
 LongRoPE: w_k / lambda_k with per-dim factors (long above L), cos/sin times sqrt(1 + ln s / ln L).
 Proportional (p-RoPE): only the first partial_rotary_factor of the frequencies rotate, the rest are 0.
+rope_theta: theta' = `theta`, or `ratio` x theta (rope_type unchanged).
 """
 
 from __future__ import annotations
@@ -49,24 +50,14 @@ from posprobe.what_if.base import (
 
 
 @dataclass(frozen=True)
-class RopeRescaling(WhatIf):
-    """Base of the RoPE rescaling what-ifs: `rope_parameters(old) -> new` for each touched layer type."""
+class RopeParameters(WhatIf):
+    """Base of the what-ifs that give the touched layer types new `rope_parameters` (RoPE rescaling, a new base):
+    a rotary module built by transformers from a copy of the config supplies (cos, sin) to those layers. No settings
+    of its own; subclasses implement `rope_parameters(old, access, layer) -> new`."""
 
-    factor: float | int = field(default=4.0, metadata={"help": "context extension factor s (target / native length)"})
-    max_length: int | None = field(default=None, metadata={"help": "longest sequence accepted while applied; "
-                                                                   "none = factor x native"})
-
-    rope_type: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 0):
-            raise InterventionError(f"{self.name}: factor must be a positive number; got {self.factor!r}.")
-
-    # --- the settings -------------------------------------------------------------------------------------------
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         """The rope_parameters of the touched layer type under this what-if (from the model's own `old`)."""
-        return {**old, "rope_type": self.rope_type, "factor": float(self.factor)}
+        raise NotImplementedError
 
     def default_layers(self, access: ModelAccess) -> list[int]:
         rope = [x.index for x in access.info.layers if x.has_rope]
@@ -75,12 +66,6 @@ class RopeRescaling(WhatIf):
             full = [i for i in rope if access.info.layers[i].layer_type == "full_attention"]
             return full or rope
         return rope
-
-    def context_limit(self, access: ModelAccess) -> int | None:
-        if self.max_length is not None:
-            return int(self.max_length)
-        native = native_length(access)
-        return None if native is None else math.ceil(native * float(self.factor))
 
     def scaled_config(self, access: ModelAccess, layers: list[int]) -> Any:
         """A copy of the model's config with this what-if's rope_parameters for the touched layers' types.
@@ -140,6 +125,31 @@ class RopeRescaling(WhatIf):
         return {**super().resolved(access), "rope_parameters": self.to_rope_parameters(access)}
 
 
+@dataclass(frozen=True)
+class RopeRescaling(RopeParameters):
+    """Base of the RoPE rescaling what-ifs: a context extension factor and a named transformers rope type."""
+
+    factor: float | int = field(default=4.0, metadata={"help": "context extension factor s (target / native length)"})
+    max_length: int | None = field(default=None, metadata={"help": "longest sequence accepted while applied; "
+                                                                   "none = factor x native"})
+
+    rope_type: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 0):
+            raise InterventionError(f"{self.name}: factor must be a positive number; got {self.factor!r}.")
+
+    def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
+        return {**old, "rope_type": self.rope_type, "factor": float(self.factor)}
+
+    def context_limit(self, access: ModelAccess) -> int | None:
+        if self.max_length is not None:
+            return int(self.max_length)
+        native = native_length(access)
+        return None if native is None else math.ceil(native * float(self.factor))
+
+
 def _replace_position_embeddings(scaled: nn.Module, layer_type: str | None, recorder: PositionRecorder,
                                  name: str) -> Any:
     def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -184,6 +194,38 @@ class NTKAware(RopeRescaling):
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
         r = access.info.layers[layer].rotary_dim
         return {**old, "rope_theta": float(old["rope_theta"]) * float(self.factor) ** (r / (r - 2))}
+
+
+@register
+@dataclass(frozen=True)
+class RopeTheta(RopeParameters):
+    """A new RoPE base for the touched layer types (rope_type unchanged): `theta` absolute, or `ratio` times the
+    layer type's own theta. One pass of Attention Buckets (`buckets`); scan a bucket with it."""
+
+    name: ClassVar[str] = "rope_theta"
+    summary: ClassVar[str] = "a new RoPE base: theta, or ratio x the model's theta (one Attention Buckets pass)"
+
+    theta: float | int | None = field(default=None, metadata={"help": "new base; none = ratio x the model's "
+                                                                     "theta"})
+    ratio: float | int = field(default=1.0, metadata={"help": "multiplier of the model's theta (when theta is none)"})
+    max_length: int | None = field(default=None, metadata={"help": "longest sequence accepted; none = no limit"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for label in ("theta", "ratio"):
+            value = getattr(self, label)
+            if value is None and label == "theta":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value)
+                                                                                       and value > 0):
+                raise InterventionError(f"rope_theta: {label} must be a positive number; got {value!r}.")
+
+    def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
+        base = float(self.theta) if self.theta is not None else float(old["rope_theta"]) * float(self.ratio)
+        return {**old, "rope_theta": base}
+
+    def context_limit(self, access: ModelAccess) -> int | None:
+        return self.max_length
 
 
 @register

@@ -22,6 +22,7 @@ from posprobe.what_if import (
     NTKAware,
     PositionInterpolation,
     ProportionalRoPE,
+    RopeTheta,
     YaRN,
 )
 from tests.what_if.conftest import NATIVE, reference_logits, tiny_gemma3, tiny_llama
@@ -49,6 +50,8 @@ CASES = [
       "original_max_position_embeddings": NATIVE}),
     (ProportionalRoPE(factor=2.0, partial_rotary_factor=0.5, max_length=80),
      {"rope_type": "proportional", "factor": 2.0, "partial_rotary_factor": 0.5}),
+    (RopeTheta(theta=2500.0), {"rope_type": "default", "rope_theta": 2500.0}),
+    (RopeTheta(ratio=3.0), {"rope_type": "default", "rope_theta": THETA * 3.0}),
 ]
 
 
