@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from posprobe.probes.base import curve_frame
 from posprobe.scan import Scan
@@ -80,3 +81,34 @@ def synthetic_scan(n_layers: int = 3, n_heads: int = 4, n_metrics: int = 4, seed
             "summaries": {}, "budget": {"name": "quick"}, "seed": seed, "text_source": None, "versions": {},
             "timings_s": {}, "created": "2026-01-01T00:00:00+00:00"}
     return Scan(heads, curve_table, meta, extra)
+
+
+def _duplicate_token(ids: torch.Tensor) -> torch.Tensor:
+    """[n, n]: each query attends evenly to the earlier copies of its own token (to itself when there is none)."""
+    same = (ids[:, None] == ids[None, :]) & torch.tril(torch.ones(len(ids), len(ids), dtype=torch.bool), -1)
+    rows = same.float()
+    rows[rows.sum(-1) == 0] = torch.eye(len(ids))[rows.sum(-1) == 0]
+    return rows / rows.sum(-1, keepdim=True)
+
+
+def planted_pattern_access(n_layers: int = 2):
+    """A PlantedAccess (byte tokenizer, 4 heads a layer) with known heads: H0 previous token, H1 sink on key 0,
+    H2 duplicate token (earlier copies of the query's token: a different pattern on every example), H3 uniform."""
+    from posprobe.testing import PlantedAccess, planted_info, previous_token, sink, uniform
+
+    def patterns(layer: int, input_ids: torch.Tensor) -> torch.Tensor:
+        n = input_ids.shape[1]
+        return torch.stack([torch.stack([previous_token(n), sink(n), _duplicate_token(row), uniform(n)])
+                            for row in input_ids])
+
+    return PlantedAccess(planted_info(n_layers=n_layers, n_heads=4), patterns)
+
+
+def pattern_scan(*, top_k: int | None = None, n_tokens: int = 48, probes: tuple[str, ...] = ("head_basics",)) -> Scan:
+    """A quick scan of `planted_pattern_access` with stored example patterns (full rows, or `top_k` keys a query)."""
+    import posprobe
+    from posprobe.probes.pattern_examples import PatternExamplesConfig
+
+    config = PatternExamplesConfig(n_tokens=n_tokens, **({"top_k": top_k, "full_rows": False} if top_k else {}))
+    return posprobe.scan(planted_pattern_access(), probes=[*probes, "pattern_examples"], budget="quick",
+                         progress=False, configs={"pattern_examples": config})
