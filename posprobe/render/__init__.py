@@ -11,7 +11,7 @@ from typing import Any
 
 from posprobe.errors import UnknownNameError
 from posprobe.render.bias import document_bias, position_bias
-from posprobe.render.compare import compare_atlas, compare_curve
+from posprobe.render.compare import compare_agreement, compare_atlas, compare_curve, compare_top_heads
 from posprobe.render.head_detail import head_curve
 from posprobe.render.heads import atlas, curve, ranking
 from posprobe.render.implicit import implicit_probe, implicit_similarity, implicit_variance
@@ -22,7 +22,9 @@ from posprobe.render.rope import rope_spectrum
 FIGURES: dict[str, Callable[..., Any]] = {
     "atlas": atlas,
     "compare": compare_atlas,
+    "compare_agreement": compare_agreement,
     "compare_curve": compare_curve,
+    "compare_top_heads": compare_top_heads,
     "curve": curve,
     "head_curve": head_curve,
     "layer_mean_curve": layer_mean_curve,

@@ -75,3 +75,68 @@ def test_compare_curve(pair):
     np.testing.assert_allclose(fig.data[0].y, expected)
     with pytest.raises(UnknownNameError, match="curve present in both scans"):
         compare_curve(a, b, "nope")
+
+
+# --- N scans ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trio():
+    return [synthetic_scan(3, 4, seed=s) for s in range(3)]
+
+
+def test_top_heads_table_ranks_each_scan_on_each_shared_metric(trio):
+    from posprobe.render.compare import top_heads_table
+
+    table = top_heads_table(trio, ["a", "b", "c"], top=3)
+    planted = table[(table["metric"] == "planted") & (table["scan"] == "b")]
+    assert planted[["rank", "layer", "head", "value"]].values.tolist() == [[1, 2, 3, 2003.0], [2, 2, 2, 2002.0],
+                                                                           [3, 2, 1, 2001.0]]
+    for (scan, metric), group in table.groupby(["scan", "metric"]):
+        heads = trio["abc".index(scan)].heads
+        assert group["value"].tolist() == sorted(heads[metric].dropna(), reverse=True)[:3]
+    nan_top = synthetic_scan(3, 4, seed=0)
+    nan_top.heads.loc[nan_top.heads["planted"] == 2003.0, "planted"] = np.nan  # a NaN head never ranks
+    assert top_heads_table([nan_top], metrics=["planted"])["value"].iloc[0] == 2002.0
+    with pytest.raises(UnknownNameError, match="every scan"):
+        top_heads_table(trio, metrics=["nope"])
+
+
+def test_compare_top_heads_heatmap_scan_by_metric(trio):
+    from posprobe.render.compare import compare_top_heads, shared_metrics
+
+    fig = figure(trio[0], "compare_top_heads", others=trio[1:], labels=["a", "b", "c"])
+    trace = fig.data[0]
+    assert list(trace.y) == ["a", "b", "c"] and list(trace.x) == shared_metrics(trio)
+    z = np.asarray(trace.z, dtype=float)
+    col = list(trace.x).index("planted")
+    assert (z[:, col] == 1.0).all(), "equal top values: every scan is the best"
+    assert np.nanmin(z) >= 0 and np.nanmax(z) <= 1
+    random_col = list(trace.x).index("metric_2")
+    assert sorted(z[:, random_col])[0] == 0.0 and sorted(z[:, random_col])[-1] == 1.0
+    assert trace.text[0][col] == "L2H3<br>2e+03" and trace.customdata[0][col].count("#") == 3
+    assert compare_top_heads(trio[0], trio[1:], metrics=["signed"]).data[0].x == ("signed",)
+
+
+def test_rank_agreement_is_spearman_over_common_heads(trio):
+    from scipy.stats import spearmanr
+
+    from posprobe.render.compare import agreement_table, compare_agreement, rank_agreement
+
+    matrix = rank_agreement(trio, "metric_2", ["a", "b", "c"])
+    merged = trio[0].heads.merge(trio[2].heads, on=["layer", "head"])
+    assert matrix.loc["a", "c"] == pytest.approx(spearmanr(merged["metric_2_x"], merged["metric_2_y"]).statistic)
+    assert matrix.loc["c", "a"] == matrix.loc["a", "c"] and (np.diag(matrix) == 1).all()
+    assert (rank_agreement(trio, "planted").to_numpy() == 1).all()
+    # different shapes: only the common (layer, head) pairs count
+    small, other = synthetic_scan(2, 4, seed=3), synthetic_scan(3, 2, seed=4)
+    table = agreement_table([small, other], ["s", "o"])
+    assert set(table["n_heads"]) == {4} and list(table.columns) == ["metric", "a", "b", "spearman", "n_heads"]
+    constant = synthetic_scan(3, 4, seed=5)
+    constant.heads["metric_2"] = 0.5
+    assert np.isnan(rank_agreement([trio[0], constant], "metric_2").iloc[0, 1])
+    fig = compare_agreement(trio[0], trio[1:], metric="signed", labels=["a", "b", "c"])
+    per_metric, pairwise = fig.data
+    assert np.asarray(per_metric.z).shape == (len(per_metric.y), 3) and list(per_metric.x)[0] == "a ~ b"
+    np.testing.assert_allclose(np.asarray(pairwise.z, dtype=float),
+                               rank_agreement(trio, "signed", ["a", "b", "c"]).to_numpy())
+    assert fig.layout.coloraxis.cmin == -1 and fig.layout.coloraxis.cmax == 1
+    assert "need" in compare_agreement(trio[0]).layout.title.text
