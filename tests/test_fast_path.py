@@ -119,3 +119,221 @@ def test_fast_path_equals_naive_reference(access):
         assert torch.allclose(got["long"].mass, w.sum((0, 2, 3)).double(), atol=1e-6)
     if access.info.name == "tiny-gemma3":  # the window is shorter than the text: masked keys really were exercised
         assert windows == {8, None} and n > 16
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# finish(): tables built from arrays equal the per-row loops they replaced (kept here as the naive references)
+
+
+def _naive_head_basics(r):
+    import numpy as np
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    from posprobe.probes.head_basics import bin_edges
+
+    info = r.ctx.info
+    corr = np.full((info.n_layers, info.n_heads), np.nan)
+    for layer, chunks in r.pairs.items():
+        if not chunks:
+            continue
+        a = np.concatenate([c[0] for c in chunks], axis=1)
+        d = np.concatenate([c[1] for c in chunks])
+        for h in range(info.n_heads):
+            if np.ptp(a[h]) > 0 and np.ptp(d) > 0:
+                corr[layer, h] = spearmanr(a[h], d).statistic
+    mean = r.dist_sum / r.dist_n.clamp(min=1)[:, None, :]
+    rows = []
+    x = [float(lo) for lo, _ in bin_edges(r.config.n_distance_bins)]
+    for layer in range(info.n_layers):
+        for b in range(r.config.n_distance_bins):
+            if r.dist_n[layer, b] == 0:
+                continue
+            for h in range(info.n_heads):
+                rows.append({"curve": "attention_vs_distance", "layer": layer, "head": h, "x": x[b],
+                             "y": float(mean[layer, h, b])})
+    return corr, pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"])
+
+
+def _naive_entropy_curves(r):
+    import numpy as np
+    import pandas as pd
+
+    info = r.ctx.info
+    rows = []
+    for length, (s, n) in r.by_pos.items():
+        mean = s / n.clamp(min=1)[:, None, :]
+        for layer in range(info.n_layers):
+            for b in np.flatnonzero(n[layer].numpy()):
+                for head in range(info.n_heads):
+                    rows.append({"curve": "entropy_by_position", "series": f"len={length}", "layer": layer,
+                                 "head": head, "x": float(2**b), "y": float(mean[layer, head, b])})
+    for length, (s, n) in r.by_len.items():
+        mean = s / n.clamp(min=1)[:, None]
+        for layer in range(info.n_layers):
+            for head in range(info.n_heads):
+                rows.append({"curve": "entropy_by_length", "series": "", "layer": layer, "head": head,
+                             "x": float(length), "y": float(mean[layer, head])})
+    return pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"])
+
+
+def _naive_rope_frequency_curves(r):
+    import numpy as np
+    import pandas as pd
+
+    from posprobe.probes.base import MODEL_LEVEL
+    from posprobe.probes.rope_chunks import NONROTARY, band_labels
+
+    info = r.ctx.info
+    rows = []
+    for lay in info.layers:
+        layer = lay.index
+        if not lay.has_rope or layer not in r.usage:
+            continue
+        usage = r.usage[layer].numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = usage / usage.sum(-1, keepdims=True)
+        q_norm = (r.q_norm[layer] / r.norm_rows[layer]).numpy()
+        k_norm = (r.k_norm[layer] / r.norm_rows[layer]).numpy()
+        for band, label in enumerate(band_labels(lay, info.head_dim)):
+            series = NONROTARY if label == NONROTARY else ""
+            for head in range(info.n_heads):
+                rows.append({"curve": "rope_usage_spectrum", "series": series, "layer": layer, "head": head,
+                             "x": band, "y": share[head, band]})
+                rows.append({"curve": "rope_q_norm", "series": series, "layer": layer, "head": head, "x": band,
+                             "y": q_norm[head, band]})
+            rows.append({"curve": "rope_layer_spectrum", "series": series, "layer": layer, "head": MODEL_LEVEL,
+                         "x": band, "y": float(np.nanmean(share[:, band]))})
+            for kv in range(k_norm.shape[0]):
+                rows.append({"curve": "rope_k_norm", "series": f"kv{kv}" + (f" {NONROTARY}" if series else ""),
+                             "layer": layer, "head": MODEL_LEVEL, "x": band, "y": k_norm[kv, band]})
+    return pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"])
+
+
+def _naive_frequency_table(info):
+    import numpy as np
+    import pandas as pd
+
+    from posprobe.probes.rope_chunks import NONROTARY, effective_frequencies, has_nonrotary_band
+
+    rows = []
+    for lay in info.layers:
+        if not lay.has_rope:
+            continue
+        base = lay.chunk_frequencies()
+        scaled, rope_type = effective_frequencies(lay, info.max_positions)
+        for k in range(lay.n_chunks):
+            rows.append({"layer": lay.index, "chunk": k, "band": "rotary", "frequency": float(base[k]),
+                         "effective_frequency": float(scaled[k]), "wavelength": float(2 * np.pi / base[k]),
+                         "rope_theta": float(lay.rope_theta), "rotary_dim": int(lay.rotary_dim),
+                         "rope_type": rope_type, "chunk_layout": lay.chunk_layout.value})
+        if has_nonrotary_band(lay, info.head_dim):
+            rows.append({"layer": lay.index, "chunk": lay.n_chunks, "band": NONROTARY, "frequency": 0.0,
+                         "effective_frequency": 0.0, "wavelength": float("inf"), "rope_theta": float(lay.rope_theta),
+                         "rotary_dim": int(lay.rotary_dim), "rope_type": rope_type,
+                         "chunk_layout": lay.chunk_layout.value})
+    columns = ["layer", "chunk", "band", "frequency", "effective_frequency", "wavelength", "rope_theta", "rotary_dim",
+               "rope_type", "chunk_layout"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _naive_positional_heads(r):
+    import numpy as np
+    import pandas as pd
+
+    from posprobe.probes.positional_heads import spearman_by_chunk
+    from posprobe.probes.rope_chunks import NONROTARY, band_labels
+
+    info = r.ctx.info
+    corr = np.full((info.n_layers, info.n_heads), np.nan)
+    rows = []
+    for layer, signed in r.long_signed.items():
+        lay = info.layers[layer]
+        weight = r.long_weight[layer].numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            contrib = signed.numpy() / weight[:, None]
+        contrib[weight <= 0] = np.nan
+        for head in range(info.n_heads):
+            corr[layer, head] = spearman_by_chunk(contrib[head, : lay.n_chunks])
+        for band, label in enumerate(band_labels(lay, info.head_dim)):
+            for head in range(info.n_heads):
+                if np.isfinite(contrib[head, band]):
+                    rows.append({"curve": "long_contrib_by_chunk", "series": NONROTARY if label == NONROTARY
+                                 else "", "layer": layer, "head": head, "x": band, "y": contrib[head, band]})
+    return corr, pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"])
+
+
+def _streamed_reducers(access, lengths=(20, 33), n_texts=2):
+    """The four streaming reducers after shared passes over seeded texts of two lengths (what scan() runs)."""
+    from posprobe.probes import get_probe
+    from posprobe.probes.base import Budget, ScanContext
+    from posprobe.scan import Dispatch, shared_texts
+
+    budget = Budget("t", context_lengths=lengths, n_texts=n_texts, max_queries=12)
+    ctx = ScanContext(access=access, budget=budget, seed=3, texts=())
+    ctx.texts = shared_texts(access, budget, 3)
+    names = ["head_basics", "attention_entropy", "rope_frequency", "positional_heads"]
+    reducers = {name: get_probe(name).reducer(ctx, get_probe(name).Config()) for name in names}
+    taps = frozenset().union(*(r.taps for r in reducers.values()))
+    dispatch = Dispatch(list(reducers.values()))
+    for sample in ctx.texts:
+        for r in reducers.values():
+            r.begin(sample)
+        access.run(sample.input_ids, taps=taps, on_layer=dispatch)
+    return reducers
+
+
+def test_finish_tables_equal_per_row_references(access):
+    import numpy as np
+    import pandas as pd
+
+    from posprobe.probes.base import curve_frame
+    from posprobe.probes.rope_frequency import frequency_table
+
+    reducers = _streamed_reducers(access)
+    hb = reducers["head_basics"]
+    result = hb.finish()
+    corr, rows = _naive_head_basics(hb)
+    assert np.isfinite(corr).any(), "no Spearman correlation was defined: the comparison would be vacuous"
+    np.testing.assert_allclose(result.heads["distance_corr"].to_numpy(), corr.reshape(-1), rtol=1e-12, atol=1e-14)
+    pd.testing.assert_frame_equal(result.curves, curve_frame(rows, "head_basics"))
+
+    ent = reducers["attention_entropy"]
+    pd.testing.assert_frame_equal(ent.finish().curves, curve_frame(_naive_entropy_curves(ent), "attention_entropy"))
+
+    rf = reducers["rope_frequency"]
+    got = rf.finish()
+    pd.testing.assert_frame_equal(got.curves, curve_frame(_naive_rope_frequency_curves(rf), "rope_frequency"))
+    pd.testing.assert_frame_equal(frequency_table(access.info), _naive_frequency_table(access.info))
+    pd.testing.assert_frame_equal(got.tables["chunks"], _naive_frequency_table(access.info))
+
+    ph = reducers["positional_heads"]
+    got = ph.finish()
+    corr, rows = _naive_positional_heads(ph)
+    np.testing.assert_allclose(got.heads["dim_distance_corr"].to_numpy(), corr.reshape(-1), rtol=1e-12,
+                               atol=1e-14)
+    pd.testing.assert_frame_equal(got.curves, curve_frame(rows, "positional_heads"))
+    assert len(got.curves) and len(result.curves), "empty curves: the comparison would be vacuous"
+
+
+def test_spearman_rows_equal_scipy():
+    import numpy as np
+    from scipy.stats import rankdata, spearmanr
+
+    from posprobe.probes.positional_heads import spearman_by_chunk, spearman_by_chunk_rows
+    from posprobe.probes.rank_correlation import average_ranks, spearman_rows
+
+    rng = np.random.default_rng(0)
+    a = np.round(rng.random((6, 500)), 2)  # many ties
+    a[3] = 0.5  # a constant row: NaN, as the per-head loop gave
+    d = np.log1p(rng.integers(0, 60, 500).astype(float))
+    assert np.array_equal(average_ranks(a), rankdata(a, axis=-1))
+    ref = [spearmanr(a[h], d).statistic if np.ptp(a[h]) > 0 else np.nan for h in range(6)]
+    np.testing.assert_allclose(spearman_rows(a, d), ref, rtol=1e-12, atol=1e-14)
+    b = rng.random((6, 500))
+    np.testing.assert_allclose(spearman_rows(a, b), [spearmanr(a[h], b[h]).statistic if h != 3 else np.nan
+                                                     for h in range(6)], rtol=1e-12, atol=1e-14)
+    values = rng.random((5, 9))
+    values[1, 2] = np.nan  # a row with a missing band takes the one-by-one path
+    values[4] = 1.0
+    np.testing.assert_allclose(spearman_by_chunk_rows(values), [spearman_by_chunk(v) for v in values], rtol=1e-12)

@@ -115,21 +115,27 @@ class _Reducer:
             "entropy_norm": self.sums["norm"] / n_raw,
             "entropy_nosink": self.sums["nosink"] / self.counts["nosink"].clamp(min=1)[:, None],
         })
-        rows = []
+        # curve rows as arrays, in the order of the per-row loops they replace: by position (length, layer, bucket,
+        # head), then by length (length, layer, head)
+        heads_idx = np.arange(info.n_heads)
+        parts: list[pd.DataFrame] = []
         for length, (s, n) in self.by_pos.items():
-            mean = s / n.clamp(min=1)[:, None, :]
-            for layer in range(info.n_layers):
-                for b in np.flatnonzero(n[layer].numpy()):
-                    for head in range(info.n_heads):
-                        rows.append({"curve": "entropy_by_position", "series": f"len={length}", "layer": layer,
-                                     "head": head, "x": float(2**b), "y": float(mean[layer, head, b])})
+            mean = (s / n.clamp(min=1)[:, None, :]).numpy()  # [L, H, buckets]
+            layers, buckets = np.nonzero(n.numpy())
+            layer_col, bucket_col = np.repeat(layers, info.n_heads), np.repeat(buckets, info.n_heads)
+            head_col = np.tile(heads_idx, len(layers))
+            parts.append(pd.DataFrame({"curve": "entropy_by_position", "series": f"len={length}", "layer": layer_col,
+                                       "head": head_col, "x": np.exp2(bucket_col.astype(np.float64)),
+                                       "y": mean[layer_col, head_col, bucket_col]}))
         for length, (s, n) in self.by_len.items():
-            mean = s / n.clamp(min=1)[:, None]
-            for layer in range(info.n_layers):
-                for head in range(info.n_heads):
-                    rows.append({"curve": "entropy_by_length", "series": "", "layer": layer, "head": head,
-                                 "x": float(length), "y": float(mean[layer, head])})
-        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+            mean = (s / n.clamp(min=1)[:, None]).numpy()  # [L, H]
+            parts.append(pd.DataFrame({"curve": "entropy_by_length", "series": "",
+                                       "layer": np.repeat(np.arange(info.n_layers), info.n_heads),
+                                       "head": np.tile(heads_idx, info.n_layers), "x": float(length),
+                                       "y": mean.reshape(-1)}))
+        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["curve", "series", "layer", "head", "x", "y"])
+        curves = curve_frame(table, PROBE.name)
         return ProbeResult(heads=heads, curves=curves)
 
 

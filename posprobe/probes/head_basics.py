@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import spearmanr
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.devices import accumulator_dtype
 from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
+from posprobe.probes.rank_correlation import spearman_rows
 
 
 @dataclass(frozen=True)
@@ -153,6 +153,8 @@ class _Reducer:
         return (self.ctx.seed * 1_000_003 + length * 7_919 + index * 131 + layer) % (2**63)
 
     def finish(self) -> ProbeResult:
+        """Tables from the per-layer sums, built as arrays (no per-row Python): the Spearman correlations of a
+        layer's heads in one `spearman_rows` call, the curve rows ordered layer, bin, head."""
         info: ModelInfo = self.ctx.info
         count = self.count.clamp(min=1)[:, None]
         corr = np.full((info.n_layers, info.n_heads), np.nan)
@@ -161,9 +163,7 @@ class _Reducer:
                 continue
             a = np.concatenate([c[0] for c in chunks], axis=1)
             d = np.concatenate([c[1] for c in chunks])
-            for h in range(info.n_heads):
-                if np.ptp(a[h]) > 0 and np.ptp(d) > 0:
-                    corr[layer, h] = spearmanr(a[h], d).statistic
+            corr[layer] = spearman_rows(a, d)  # NaN for a constant head (or constant distances), as before
         heads = head_frame(info, {
             "sink_mass": self.sink / count,
             "previous_token_score": self.prev / count,
@@ -172,17 +172,14 @@ class _Reducer:
                                                  self.learned_sink / count, float("nan"))}
                if any(lay.learned_sinks for lay in info.layers) else {}),
         })
-        mean = self.dist_sum / self.dist_n.clamp(min=1)[:, None, :]
-        rows = []
-        x = [float(lo) for lo, _ in bin_edges(self.config.n_distance_bins)]
-        for layer in range(info.n_layers):
-            for b in range(self.config.n_distance_bins):
-                if self.dist_n[layer, b] == 0:
-                    continue
-                for h in range(info.n_heads):
-                    rows.append({"curve": "attention_vs_distance", "layer": layer, "head": h, "x": x[b],
-                                 "y": float(mean[layer, h, b])})
-        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "layer", "head", "x", "y"]), PROBE.name)
+        mean = (self.dist_sum / self.dist_n.clamp(min=1)[:, None, :]).numpy()  # [L, H, bins]
+        x = np.array([float(lo) for lo, _ in bin_edges(self.config.n_distance_bins)])
+        layers, bins = np.nonzero(self.dist_n.numpy() != 0)  # (layer, bin) pairs with keys, layer-major
+        n_heads = info.n_heads
+        layer_col, bin_col = np.repeat(layers, n_heads), np.repeat(bins, n_heads)
+        head_col = np.tile(np.arange(n_heads), len(layers))
+        curves = curve_frame(pd.DataFrame({"curve": "attention_vs_distance", "layer": layer_col, "head": head_col,
+                                           "x": x[bin_col], "y": mean[layer_col, head_col, bin_col]}), PROBE.name)
         return ProbeResult(heads=heads, curves=curves)
 
 

@@ -26,6 +26,7 @@ from scipy.stats import spearmanr
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.errors import ProbeError
 from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
+from posprobe.probes.rank_correlation import spearman_rows
 from posprobe.probes.rope_chunks import NONROTARY, band_labels, layer_long_range
 from posprobe.probes.rope_frequency import model_skip_reason
 
@@ -51,6 +52,18 @@ def spearman_by_chunk(values: np.ndarray) -> float:
     if keep.sum() < 3 or np.ptp(values[keep]) == 0:
         return float("nan")
     return float(spearmanr(np.arange(len(values))[keep], values[keep]).statistic)
+
+
+def spearman_by_chunk_rows(values: np.ndarray) -> np.ndarray:
+    """`spearman_by_chunk` of every row of a [heads, chunks] array: rows without missing values in one
+    `spearman_rows` call, the others one by one."""
+    out = np.full(values.shape[0], np.nan)
+    complete = np.isfinite(values).all(-1)
+    if complete.any() and values.shape[1] >= 3:
+        out[complete] = spearman_rows(values[complete], np.arange(values.shape[1], dtype=np.float64))
+    for row in np.flatnonzero(~complete):
+        out[row] = spearman_by_chunk(values[row])
+    return out
 
 
 class _Reducer:
@@ -100,7 +113,7 @@ class _Reducer:
         info: ModelInfo = self.ctx.info
         shape = (info.n_layers, info.n_heads)
         corr, mass = np.full(shape, np.nan), np.full(shape, np.nan)
-        rows: list[dict] = []
+        parts: list[pd.DataFrame] = []
         for layer, signed in self.long_signed.items():
             lay = info.layers[layer]
             weight = self.long_weight[layer].numpy()
@@ -109,17 +122,20 @@ class _Reducer:
             contrib[weight <= 0] = np.nan
             if self.long_rows[layer]:
                 mass[layer] = weight / self.long_rows[layer]
-            for head in range(info.n_heads):
-                corr[layer, head] = spearman_by_chunk(contrib[head, : lay.n_chunks])
-            for band, label in enumerate(band_labels(lay, info.head_dim)):
-                for head in range(info.n_heads):
-                    if np.isfinite(contrib[head, band]):
-                        rows.append({"curve": "long_contrib_by_chunk", "series": NONROTARY if label == NONROTARY
-                                     else "", "layer": layer, "head": head, "x": band, "y": contrib[head, band]})
+            corr[layer] = spearman_by_chunk_rows(contrib[:, : lay.n_chunks])
+            # curve rows ordered band, head (finite values only), as arrays
+            labels = np.array(band_labels(lay, info.head_dim), dtype=object)
+            bands, heads_idx = np.nonzero(np.isfinite(contrib.T))  # [bands, H]: band-major
+            parts.append(pd.DataFrame({"curve": "long_contrib_by_chunk",
+                                       "series": np.where(labels[bands] == NONROTARY, NONROTARY, ""),
+                                       "layer": layer, "head": heads_idx, "x": bands,
+                                       "y": contrib[heads_idx, bands]}))
         score = corr * mass
         heads = head_frame(info, {"dim_distance_corr": corr, "long_mass": mass, "positional_head_score": score})
         heads["is_positional_head"] = np.nan_to_num(score, nan=-np.inf).reshape(-1) >= self.config.threshold
-        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
+            columns=["curve", "series", "layer", "head", "x", "y"])
+        curves = curve_frame(table, PROBE.name)
         skipped = {lay.index: f"layer {lay.index} has no RoPE ({lay.positional.value})" for lay in info.layers
                    if not lay.has_rope}
         summary = {

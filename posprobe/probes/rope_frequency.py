@@ -20,6 +20,7 @@ skipped with a reason; a model without any RoPE layer is skipped by `scan()`.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,25 +78,26 @@ def model_skip_reason(info: ModelInfo) -> str | None:
 
 def frequency_table(info: ModelInfo) -> pd.DataFrame:
     """One row per (RoPE layer, band): chunk index, band, base and scaled angular frequency, wavelength, theta."""
-    rows = []
+    columns = ["layer", "chunk", "band", "frequency", "effective_frequency", "wavelength", "rope_theta", "rotary_dim",
+               "rope_type", "chunk_layout"]
+    parts = []
     for lay in info.layers:
         if not lay.has_rope:
             continue
-        base = lay.chunk_frequencies()
+        base = lay.chunk_frequencies().astype(np.float64)
         scaled, rope_type = effective_frequencies(lay, info.max_positions)
-        for k in range(lay.n_chunks):
-            rows.append({"layer": lay.index, "chunk": k, "band": "rotary", "frequency": float(base[k]),
-                         "effective_frequency": float(scaled[k]), "wavelength": float(2 * np.pi / base[k]),
-                         "rope_theta": float(lay.rope_theta), "rotary_dim": int(lay.rotary_dim),
-                         "rope_type": rope_type, "chunk_layout": lay.chunk_layout.value})
-        if has_nonrotary_band(lay, info.head_dim):
-            rows.append({"layer": lay.index, "chunk": lay.n_chunks, "band": NONROTARY, "frequency": 0.0,
-                         "effective_frequency": 0.0, "wavelength": float("inf"), "rope_theta": float(lay.rope_theta),
-                         "rotary_dim": int(lay.rotary_dim), "rope_type": rope_type,
-                         "chunk_layout": lay.chunk_layout.value})
-    columns = ["layer", "chunk", "band", "frequency", "effective_frequency", "wavelength", "rope_theta", "rotary_dim",
-               "rope_type", "chunk_layout"]
-    return pd.DataFrame(rows, columns=columns)
+        extra = has_nonrotary_band(lay, info.head_dim)  # the non-rotated band: frequency 0, infinite wavelength
+        n = lay.n_chunks + int(extra)
+        with np.errstate(divide="ignore"):
+            wavelength = 2 * np.pi / base
+        parts.append(pd.DataFrame({
+            "layer": lay.index, "chunk": np.arange(n), "band": ["rotary"] * lay.n_chunks + [NONROTARY] * extra,
+            "frequency": np.append(base, [0.0] * extra),
+            "effective_frequency": np.append(np.asarray(scaled, dtype=np.float64), [0.0] * extra),
+            "wavelength": np.append(wavelength, [np.inf] * extra), "rope_theta": float(lay.rope_theta),
+            "rotary_dim": int(lay.rotary_dim), "rope_type": rope_type, "chunk_layout": lay.chunk_layout.value},
+            columns=columns))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def usage_summaries(share: np.ndarray, n_chunks: int, fraction: float) -> dict[str, np.ndarray]:
@@ -128,6 +130,32 @@ def _norm_sums(pre: torch.Tensor | None, post: torch.Tensor, lay) -> torch.Tenso
     if lay.rotary_cos_scale not in (0.0, 1.0):
         norms[:, : lay.n_chunks] /= lay.rotary_cos_scale
     return norms
+
+
+_CURVE_KEYS = ("curve", "series", "layer", "head", "x", "y")
+
+
+def _layer_curve_rows(layer: int, labels: list[str], share: np.ndarray, q_norm: np.ndarray,
+                      k_norm: np.ndarray) -> pd.DataFrame:
+    """One layer's curve rows as arrays: for every band, the usage and q-norm row of each head (alternating), the
+    layer-mean usage row, then a k-norm row per KV head (the order the per-row loop this replaces wrote)."""
+    n_heads, n_kv, n_band = share.shape[0], k_norm.shape[0], len(labels)
+    nonrotary = np.array([label == NONROTARY for label in labels])
+    with warnings.catch_warnings():  # a band NaN for every head (no usage at all) has a NaN layer mean
+        warnings.simplefilter("ignore", RuntimeWarning)
+        layer_mean = np.nanmean(share, axis=0)  # [bands]
+    per_band = 2 * n_heads + 1 + n_kv  # rows per band
+    curve = np.array(["rope_usage_spectrum", "rope_q_norm"] * n_heads + ["rope_layer_spectrum"]
+                     + ["rope_k_norm"] * n_kv, dtype=object)
+    head = np.concatenate([np.repeat(np.arange(n_heads), 2), np.full(1 + n_kv, MODEL_LEVEL)])
+    y = np.concatenate([np.stack([share.T, q_norm.T], axis=-1).reshape(n_band, 2 * n_heads),  # [bands, 2H]
+                        layer_mean[:, None], k_norm.T], axis=1)  # [bands, per_band]
+    series = np.repeat(np.where(nonrotary, NONROTARY, "").astype(object)[:, None], per_band, axis=1)
+    kv_labels = np.array([f"kv{kv}" for kv in range(n_kv)], dtype=object)
+    series[:, 2 * n_heads + 1:] = np.where(nonrotary[:, None], kv_labels + f" {NONROTARY}", kv_labels)
+    return pd.DataFrame({"curve": np.tile(curve, n_band), "series": series.reshape(-1), "layer": layer,
+                         "head": np.tile(head, n_band), "x": np.repeat(np.arange(n_band), per_band),
+                         "y": y.reshape(-1)})
 
 
 class _Reducer:
@@ -178,7 +206,7 @@ class _Reducer:
         cfg = self.config
         columns = {name: np.full((info.n_layers, info.n_heads), np.nan) for name in
                    ("rope_high_freq_share", "rope_low_freq_share", "rope_freq_centroid", "rope_nonrotary_share")}
-        rows: list[dict] = []
+        parts: list[pd.DataFrame] = []
         layer_rows: list[dict] = []
         for lay in info.layers:
             layer = lay.index
@@ -198,21 +226,10 @@ class _Reducer:
                 columns[name][layer] = values
             q_norm = (self.q_norm[layer] / self.norm_rows[layer]).numpy()
             k_norm = (self.k_norm[layer] / self.norm_rows[layer]).numpy()
-            labels = band_labels(lay, info.head_dim)
-            for band, label in enumerate(labels):
-                series = NONROTARY if label == NONROTARY else ""
-                for head in range(info.n_heads):
-                    rows.append({"curve": "rope_usage_spectrum", "series": series, "layer": layer, "head": head,
-                                 "x": band, "y": share[head, band]})
-                    rows.append({"curve": "rope_q_norm", "series": series, "layer": layer, "head": head, "x": band,
-                                 "y": q_norm[head, band]})
-                rows.append({"curve": "rope_layer_spectrum", "series": series, "layer": layer, "head": MODEL_LEVEL,
-                             "x": band, "y": float(np.nanmean(share[:, band]))})
-                for kv in range(k_norm.shape[0]):
-                    rows.append({"curve": "rope_k_norm", "series": f"kv{kv}" + (f" {NONROTARY}" if series else ""),
-                                 "layer": layer, "head": MODEL_LEVEL, "x": band, "y": k_norm[kv, band]})
+            parts.append(_layer_curve_rows(layer, band_labels(lay, info.head_dim), share, q_norm, k_norm))
         heads = head_frame(info, columns)
-        curves = curve_frame(pd.DataFrame(rows, columns=["curve", "series", "layer", "head", "x", "y"]), PROBE.name)
+        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(_CURVE_KEYS))
+        curves = curve_frame(table, PROBE.name)
         layers = pd.DataFrame(layer_rows)
         measured = [e for e in self.max_error.values()]
         summary = {
