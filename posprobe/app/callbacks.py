@@ -1,7 +1,8 @@
 """The explorer's callbacks: thin wiring from Dash inputs to pure `update_*` functions.
 
 Owns `register_callbacks(app, catalog)` and one plain function per callback (`update_scan`, `update_atlas`,
-`select_head`, `update_head`, `update_ranking`, `download_ranking`, `update_model*`, `update_compare*`). Each takes the
+`select_head`, `update_head`, `update_pattern`, `update_top_keys`, `update_ranking`, `download_ranking`,
+`update_model*`, `update_compare*`, `update_compare_many`). Each takes the
 catalogue plus the raw input values and returns the outputs as a tuple, so it is unit-tested without a browser. They
 only read saved scans (never run a model), accept only catalogue names from the browser (never a path), and turn any
 failure into a message in the page instead of a traceback. Implements no metric (docs/explorer.md).
@@ -33,8 +34,17 @@ from posprobe.app.pages.common import (
     pick,
     scan_summary,
 )
-from posprobe.render.compare import common_curves, common_metrics, compare_atlas, compare_curve
+from posprobe.render.compare import (
+    common_curves,
+    common_metrics,
+    compare_agreement,
+    compare_atlas,
+    compare_curve,
+    compare_top_heads,
+    shared_metrics,
+)
 from posprobe.render.model_view import head_level_curve_names, layer_mean_curve, metric_by_layer
+from posprobe.render.pattern_view import has_examples, no_examples_reason, pattern, pattern_top_keys
 
 Head = tuple[int, int]
 
@@ -174,6 +184,53 @@ def update_head(catalog: ScanCatalog, name: str | None, selected: Any) -> tuple[
         return "", [], []
     except Exception as exc:
         return "", [], [message(error_text(exc), "error")]
+
+
+def update_pattern(catalog: ScanCatalog, name: str | None, selected: Any, example: Any,
+                   query: Any) -> tuple[Any, ...]:
+    """(example options, example, query options, message, section style, pattern figure) of the selected head.
+
+    A scan without stored examples says so (and why) instead of showing an empty heatmap; `query` (the query
+    picker's current value) is outlined when it is a position of the example."""
+    blank: tuple[Any, ...] = ([], None, [], [], HIDDEN, empty_figure())
+    try:
+        scan = catalog.get(name)
+        key = _as_head(selected)
+        if key is None or not _has_head(scan, key):
+            return blank
+        if not has_examples(scan):
+            return ([], None, [], [message(no_examples_reason(scan), "info")], HIDDEN, empty_figure())
+        example = head_page.valid_example(scan, example)
+        queries = head_page.query_options(scan, str(example))
+        outline = query if isinstance(query, int) and 0 <= query < len(queries) else None
+        figure = pattern(scan, key[0], key[1], example, query=outline)
+        return head_page.example_options(scan), example, queries, [], SHOWN, figure
+    except ScanUnavailable:
+        return blank
+    except Exception as exc:
+        return ([], None, [], [message(error_text(exc), "error")], HIDDEN, empty_figure())
+
+
+def update_top_keys(catalog: ScanCatalog, name: str | None, selected: Any, example: Any, trigger: str | None,
+                    click_data: Any, query: Any) -> tuple[Any, go.Figure]:
+    """(query, top-keys figure): the query is a clicked heatmap row, else the query picker's value while it is a
+    position of the example, else the example's last token (the query a needle prompt asks with)."""
+    try:
+        scan = catalog.get(name)
+        key = _as_head(selected)
+        if key is None or not _has_head(scan, key) or not has_examples(scan):
+            return None, empty_figure()
+        example = head_page.valid_example(scan, example)
+        n = len(head_page.query_options(scan, str(example)))
+        clicked = head_page.clicked_query(click_data) if trigger == ids.HEAD_PATTERN_GRAPH else None
+        candidate = clicked if clicked is not None else query
+        if not (isinstance(candidate, int) and not isinstance(candidate, bool) and 0 <= candidate < n):
+            candidate = n - 1
+        return candidate, pattern_top_keys(scan, key[0], key[1], example, candidate)
+    except ScanUnavailable:
+        return None, empty_figure()
+    except Exception as exc:
+        return None, empty_figure(error_text(exc))
 
 
 def _follow(trigger: str | None, leader: str | None, own: str | None, choices: list[str]) -> str | None:
@@ -326,6 +383,40 @@ def update_compare_curve(catalog: ScanCatalog, a: str | None, b: str | None, cur
         return empty_figure(error_text(exc))
 
 
+def update_compare_many(catalog: ScanCatalog, chosen: Any, metric: str | None) -> tuple[Any, ...]:
+    """(scan options, selected scans, metric options, metric, message, top-heads figure, agreement figure) of the
+    N-scan section: every selected scan that opens, on the metrics they all share."""
+    names = catalog.names
+    scan_options = [{"label": catalog.label(n), "value": n} for n in names]
+    selected = compare_page.default_selection(names, chosen)
+    scans, labels, notes = [], [], []
+    for n in selected:
+        try:
+            scans.append(catalog.get(n))
+            labels.append(n)
+        except ScanUnavailable as exc:
+            notes.append(message(f"left out: {exc}", "warning"))
+    if len(scans) < 2:
+        notes.insert(0, message("The N-scan comparison needs at least two scans that open: select them above, or "
+                                "start the explorer with more, e.g. posprobe app scans/ (a directory of scans).",
+                                "info"))
+        return scan_options, selected, [], None, notes, empty_figure(), empty_figure()
+    try:
+        metrics = shared_metrics(scans)
+        metric = pick(metric, metrics)
+        note = compare_page.many_note(scans, labels)
+        if note:
+            notes.append(message(note, "warning"))
+        if metric is None:
+            notes.append(message("The selected scans share no head metric.", "warning"))
+            return scan_options, selected, [], None, notes, empty_figure(), empty_figure()
+        return (scan_options, selected, options(metrics), metric, notes,
+                compare_top_heads(scans[0], scans[1:], labels=labels),
+                compare_agreement(scans[0], scans[1:], metric=metric, labels=labels))
+    except Exception as exc:
+        return scan_options, selected, [], None, [message(error_text(exc), "error")], empty_figure(), empty_figure()
+
+
 # --- wiring ---------------------------------------------------------------------------------------------------
 def _only_on(view: str, tab: str | None) -> None:
     """Views compute only while their tab is shown (a 1,500-head ranking table is not sent to the atlas)."""
@@ -384,6 +475,32 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
     def _head(name, selected, tab):
         _only_on("head", tab)
         return update_head(catalog, name, selected)
+
+    @app.callback(Output(ids.HEAD_EXAMPLE, "options"), Output(ids.HEAD_EXAMPLE, "value"),
+                  Output(ids.HEAD_QUERY, "options"), Output(ids.HEAD_PATTERN_MESSAGE, "children"),
+                  Output(ids.HEAD_PATTERN_SECTION, "style"), Output(ids.HEAD_PATTERN_GRAPH, "figure"),
+                  Input(ids.SCAN, "value"), Input(ids.SELECTED, "data"), Input(ids.HEAD_EXAMPLE, "value"),
+                  Input(ids.TABS, "value"), State(ids.HEAD_QUERY, "value"))
+    def _pattern(name, selected, example, tab, query):
+        _only_on("head", tab)
+        return update_pattern(catalog, name, selected, example, query)
+
+    @app.callback(Output(ids.HEAD_QUERY, "value"), Output(ids.HEAD_TOPKEYS_GRAPH, "figure"),
+                  Input(ids.SCAN, "value"), Input(ids.SELECTED, "data"), Input(ids.HEAD_EXAMPLE, "value"),
+                  Input(ids.HEAD_PATTERN_GRAPH, "clickData"), Input(ids.HEAD_QUERY, "value"),
+                  Input(ids.TABS, "value"))
+    def _top_keys(name, selected, example, click_data, query, tab):
+        _only_on("head", tab)
+        return update_top_keys(catalog, name, selected, example, ctx.triggered_id, click_data, query)
+
+    @app.callback(Output(ids.HEAD_QUERY_SHAPES, "data"), Input(ids.HEAD_QUERY, "value"))
+    def _query_outline(query):
+        return head_page.query_outline(query)
+
+    # the chosen query row is outlined in the browser: a new query never re-sends the heatmap
+    app.clientside_callback(MERGE_SHAPES_JS, Output(ids.HEAD_PATTERN_GRAPH, "figure", allow_duplicate=True),
+                            Input(ids.HEAD_QUERY_SHAPES, "data"), State(ids.HEAD_PATTERN_GRAPH, "figure"),
+                            prevent_initial_call=True)
 
     @app.callback(Output(ids.RANKING_METRIC, "options"), Output(ids.RANKING_METRIC, "value"),
                   Output(ids.RANKING_ROWS, "data"), Output(ids.RANKING_TABLE, "columnDefs"),
@@ -452,3 +569,12 @@ def register_callbacks(app: Any, catalog: ScanCatalog) -> None:
     def _compare_curve(a, b, curve, selected, tab):
         _only_on("compare", tab)
         return update_compare_curve(catalog, a, b, curve, selected)
+
+    @app.callback(Output(ids.COMPARE_SCANS, "options"), Output(ids.COMPARE_SCANS, "value"),
+                  Output(ids.COMPARE_N_METRIC, "options"), Output(ids.COMPARE_N_METRIC, "value"),
+                  Output(ids.COMPARE_N_MESSAGE, "children"), Output(ids.COMPARE_TOP_GRAPH, "figure"),
+                  Output(ids.COMPARE_AGREEMENT_GRAPH, "figure"),
+                  Input(ids.COMPARE_SCANS, "value"), Input(ids.COMPARE_N_METRIC, "value"), Input(ids.TABS, "value"))
+    def _compare_many(chosen, metric, tab):
+        _only_on("compare", tab)
+        return update_compare_many(catalog, chosen, metric)

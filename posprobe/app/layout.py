@@ -35,6 +35,7 @@ body { font-family: -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, 
 .pp-controls label { font-size: 13px; color: var(--pp-muted); }
 .pp-dropdown { width: 300px; font-size: 14px; }
 .pp-dropdown.pp-small { width: 110px; }
+.pp-dropdown.pp-multi { width: 520px; }
 .pp-hint { font-size: 12px; color: var(--pp-muted); }
 .pp-row { display: flex; gap: 16px; align-items: flex-start; }
 .pp-main { flex: 1 1 auto; min-width: 0; }

@@ -173,9 +173,14 @@ def pattern(scan: Any, layer: int, head: int, example: str | int | None = None,
         yaxis={"title": "query", "type": "category", "autorange": "reversed", **{**tick, "tickangle": 0}},
         plot_bgcolor="white")
     if query is not None and 0 <= int(query) < n:
-        fig.add_shape(type="rect", xref="paper", x0=0, x1=1, yref="y", y0=int(query) - 0.5, y1=int(query) + 0.5,
-                      line={"color": "#e4572e", "width": 2}, fillcolor="rgba(0,0,0,0)")
+        fig.add_shape(query_shape(int(query)))
     return fig
+
+
+def query_shape(query: int, color: str = "#e4572e") -> dict[str, Any]:
+    """A rectangle shape outlining one query row of the pattern heatmap."""
+    return {"type": "rect", "xref": "paper", "x0": 0, "x1": 1, "yref": "y", "y0": query - 0.5, "y1": query + 0.5,
+            "line": {"color": color, "width": 2}, "fillcolor": "rgba(0,0,0,0)"}
 
 
 def pattern_top_keys(scan: Any, layer: int, head: int, example: str | int | None = None, query: int | None = None,
@@ -204,5 +209,5 @@ def pattern_top_keys(scan: Any, layer: int, head: int, example: str | int | None
 
 
 __all__ = ["EXAMPLES", "PATTERNS", "TOKENS", "example_names", "example_tokens", "examples_table", "has_examples",
-           "no_examples_reason", "parse_label", "pattern", "pattern_matrix", "pattern_top_keys", "resolve_example",
-           "token_labels", "top_keys", "visible_token"]
+           "no_examples_reason", "parse_label", "pattern", "pattern_matrix", "pattern_top_keys", "query_shape",
+           "resolve_example", "token_labels", "top_keys", "visible_token"]

@@ -355,3 +355,82 @@ def test_large_scan_payloads(large_scan_dir, capsys):
     fig = atlas[2]
     z = np.asarray(fig.data[0].z, dtype=float)
     assert z.shape == (48, 32) and z[40, 17] == pytest.approx(np.cos(40 + 0.37 * 17))
+
+
+# --- pattern viewer ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pattern_catalog() -> ScanCatalog:
+    from tests.app.synthetic import pattern_scan
+
+    return ScanCatalog.build({"planted": pattern_scan(), "old": synthetic_scan(2, 4)})
+
+
+def test_update_pattern_shows_the_selected_heads_pattern_and_example_picker(pattern_catalog):
+    from posprobe.render.pattern_view import example_tokens, token_labels
+
+    scan = pattern_catalog.get("planted")
+    out = cb.update_pattern(pattern_catalog, "planted", {"layer": 1, "head": 2}, None, None)
+    example_options, example, query_options, notes, style, figure = out
+    assert [o["value"] for o in example_options] == ["text", "repeated", "needle"]
+    assert example_options[1]["label"] == "repeated (47 tokens)" and example == "text"
+    assert [o["label"] for o in query_options] == token_labels(example_tokens(scan, "text"))
+    assert notes == [] and style == SHOWN and figure.data[0].type == "heatmap"
+    assert "text: L1 H2" in figure.layout.title.text and not figure.layout.shapes
+    switched = cb.update_pattern(pattern_catalog, "planted", {"layer": 1, "head": 2}, "repeated", 40)
+    assert switched[1] == "repeated" and len(switched[2]) == 47
+    z_text, z_rep = (np.asarray(f.data[0].z, dtype=float) for f in (figure, switched[5]))
+    assert z_text.shape != z_rep.shape and z_rep[40, 17] == 1.0  # the duplicate-token head finds the twin
+    assert switched[5].layout.shapes[0].y0 == 39.5  # the chosen query is outlined
+    unknown = cb.update_pattern(pattern_catalog, "planted", {"layer": 1, "head": 2}, "poem", 999)
+    assert unknown[1] == "text" and not unknown[5].layout.shapes  # an unknown example / query falls back
+    assert serializable(switched)
+
+
+def test_scan_without_examples_says_so_not_an_error(pattern_catalog):
+    out = cb.update_pattern(pattern_catalog, "old", {"layer": 0, "head": 0}, None, None)
+    assert out[0] == [] and out[4] == HIDDEN
+    assert "stores no example attention patterns" in text_of(out[3]) and "pp-info" in str(out[3][0].className)
+    query, fig = cb.update_top_keys(pattern_catalog, "old", {"layer": 0, "head": 0}, None, None, None, None)
+    assert query is None and fig.data == ()
+    assert cb.update_pattern(pattern_catalog, "nope", {"layer": 0, "head": 0}, None, None)[4] == HIDDEN
+
+
+def test_update_top_keys_follows_clicks_and_the_query_picker(pattern_catalog):
+    sel = {"layer": 0, "head": 0}  # previous-token head
+    query, fig = cb.update_top_keys(pattern_catalog, "planted", sel, "text", ids.HEAD_EXAMPLE, None, None)
+    assert query == 47 and list(fig.data[0].customdata) == [1]  # default: the last token
+    click = {"points": [{"x": "3:a", "y": "12:b", "z": 0.0}]}
+    query, fig = cb.update_top_keys(pattern_catalog, "planted", sel, "text", ids.HEAD_PATTERN_GRAPH, click, 5)
+    assert query == 12 and fig.data[0].y[0].startswith("11:")
+    query, fig = cb.update_top_keys(pattern_catalog, "planted", sel, "text", ids.HEAD_QUERY, click, 5)
+    assert query == 5 and fig.data[0].y[0].startswith("4:")  # the picker wins when it fired
+    query, _ = cb.update_top_keys(pattern_catalog, "planted", sel, "repeated", ids.HEAD_EXAMPLE, None, 300)
+    assert query == 46  # out of range for the new example: its last token
+    bad = {"points": [{"y": "not a label"}]}
+    assert cb.update_top_keys(pattern_catalog, "planted", sel, "text", ids.HEAD_PATTERN_GRAPH, bad, 7)[0] == 7
+    from posprobe.app.pages.head import query_outline
+
+    assert query_outline(7)[0]["y0"] == 6.5 and query_outline(None) == [] and query_outline(True) == []
+
+
+# --- compare N scans --------------------------------------------------------------------------------------------
+def test_update_compare_many_defaults_to_every_scan(broken_dirs):
+    catalog = ScanCatalog.build({"s0": synthetic_scan(3, 4, seed=0), "s1": synthetic_scan(3, 4, seed=1),
+                                 "s2": synthetic_scan(3, 4, seed=2)})
+    out = cb.update_compare_many(catalog, None, None)
+    scan_options, selected, metric_options, metric, notes, top, agreement = out
+    assert selected == ["s0", "s1", "s2"] and [o["value"] for o in scan_options] == selected
+    assert metric == "planted" and notes == []
+    assert list(top.data[0].y) == selected and len(top.data[0].x) == len(metric_options)
+    assert list(agreement.data[1].x) == selected and np.allclose(np.asarray(agreement.data[1].z, float), 1.0)
+    out = cb.update_compare_many(catalog, ["s2", "s0", "nope"], "metric_2")
+    assert out[1] == ["s2", "s0"] and out[3] == "metric_2" and list(out[6].data[1].x) == ["s2", "s0"]
+    assert serializable(out)
+    one = cb.update_compare_many(catalog, ["s1"], None)
+    assert "at least two scans" in text_of(one[4]) and one[5].data == ()
+    mixed = ScanCatalog.build({"a": synthetic_scan(2, 4), "b": synthetic_scan(3, 2, name="other-model"),
+                               "bad": broken_dirs["version"]})
+    out = cb.update_compare_many(mixed, ["a", "b", "bad"], None)
+    text = text_of(out[4])
+    assert "left out" in text and "format version 99" in text and "2 model(s) and 2 shape(s)" in text
+    assert list(out[5].data[0].y) == ["a", "b"]

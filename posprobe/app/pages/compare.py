@@ -1,7 +1,9 @@
-"""The compare view: two scans side by side, their per-head difference on a metric, and a shared curve overlaid.
+"""The compare view: two scans side by side (per-head difference on a metric, a shared curve overlaid), then any
+number of scans at once (their top heads on every shared metric, and the rank agreement between them).
 
-Owns the compare tab's layout and pure helpers over `posprobe.render.compare`. Scans of different shapes are
-compared on the heads they share (the view says so). Implements no metric (docs/explorer.md).
+Owns the compare tab's layout and pure helpers over `posprobe.render.compare` (`difference_rows`, `shape_note`,
+`default_selection`, `many_note`). Scans of different shapes are compared on the heads they share (the view says
+so). Implements no metric (docs/explorer.md).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from posprobe.app.pages.common import data_grid, grid_column
 from posprobe.render.compare import head_differences
 
 TOP_DIFFERENCES = 200  # rows of the difference table sent to the browser
+DEFAULT_SCANS = 6  # scans of the N-scan section before the user picks (each one is loaded to be shown)
 
 
 def layout() -> html.Div:
@@ -40,6 +43,19 @@ def layout() -> html.Div:
                 dcc.Graph(id=ids.COMPARE_CURVE_GRAPH, config={"displaylogo": False}),
             ]),
         ]),
+        html.H3("All selected scans: top heads and rank agreement", className="pp-section"),
+        html.Div(className="pp-controls", children=[
+            html.Label("scans", htmlFor=ids.COMPARE_SCANS),
+            dcc.Dropdown(id=ids.COMPARE_SCANS, multi=True, className="pp-dropdown pp-multi"),
+            html.Label("agreement metric", htmlFor=ids.COMPARE_N_METRIC),
+            dcc.Dropdown(id=ids.COMPARE_N_METRIC, clearable=False, className="pp-dropdown"),
+            html.Span("each cell names a scan's top head on a metric (colour: its value relative to the other "
+                      "scans); agreement is Spearman's rho of the metric's head ranking over common (layer, head) "
+                      "pairs", className="pp-hint"),
+        ]),
+        html.Div(id=ids.COMPARE_N_MESSAGE),
+        dcc.Graph(id=ids.COMPARE_TOP_GRAPH, config={"displaylogo": False}),
+        dcc.Graph(id=ids.COMPARE_AGREEMENT_GRAPH, config={"displaylogo": False}),
     ])
 
 
@@ -68,3 +84,24 @@ def shape_note(scan: Any, other: Any, names: tuple[str, str]) -> str | None:
     if scan.meta.get("model") != other.meta.get("model"):
         notes.append(f"different models: {scan.meta.get('model')} vs {other.meta.get('model')}")
     return "; ".join(notes) + "." if notes else None
+
+
+def default_selection(names: list[str], current: Any) -> list[str]:
+    """The scans of the N-scan section: the user's choice (names of the catalogue only, in their order), else the
+    first DEFAULT_SCANS of the catalogue."""
+    if isinstance(current, list):
+        chosen = [n for n in dict.fromkeys(current) if isinstance(n, str) and n in names]
+        if chosen:
+            return chosen
+    return names[:DEFAULT_SCANS]
+
+
+def many_note(scans: list[Any], names: list[str]) -> str | None:
+    """A sentence when the selected scans differ in shape or model (rank agreement pairs heads by position)."""
+    shapes = {(int(s.heads["layer"].max()) + 1, int(s.heads["head"].max()) + 1) for s in scans}
+    models = {str(s.meta.get("model")) for s in scans}
+    if len(shapes) == 1 and len(models) == 1:
+        return None
+    return (f"The {len(names)} scans span {len(models)} model(s) and {len(shapes)} shape(s): rank agreement pairs "
+            f"heads by (layer, head), so it is meaningful between scans of one architecture (seeds, budgets, "
+            f"interventions); the top-heads map compares any models.")

@@ -1,10 +1,12 @@
-"""The head detail view: every curve the scan holds for one head, its metrics, and the sortable head ranking.
+"""The head detail view: every curve the scan holds for one head, its metrics, its attention pattern on the scan's
+stored examples, and the sortable head ranking.
 
 Owns the head tab's layout and pure helpers: `curve_cards` (one graph per per-head / layer-level curve, found by
-name in `scan.curves` so new probes appear without edits), `metrics_table`, `ranking` (the AG Grid ranking as a
-compact column-list payload plus its column definitions), `row_ids_of` and `ranking_csv` (full-precision CSV in the
-grid's current filter and sort order). Figures come from `posprobe.render.head_detail`. Implements no metric
-(docs/explorer.md; it shows all of them).
+name in `scan.curves` so new probes appear without edits), `metrics_table`, the pattern viewer's `example_options`,
+`query_options`, `clicked_query` and `query_outline`, `ranking` (the AG Grid ranking as a compact column-list
+payload plus its column definitions), `row_ids_of` and `ranking_csv` (full-precision CSV in the grid's current
+filter and sort order). Figures come from `posprobe.render.head_detail` and `posprobe.render.pattern_view`.
+Implements no metric (docs/explorer.md; it shows all of them).
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ from posprobe.app import ids
 from posprobe.app.pages.common import data_grid, format_value, grid_column, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
+from posprobe.render.pattern_view import (
+    example_names,
+    example_tokens,
+    examples_table,
+    parse_label,
+    query_shape,
+    token_labels,
+)
 
 SIGNIFICANT = 5  # digits sent to the ranking grid: one more than shown, so sorting rarely ties (the CSV keeps all)
 PAGE_SIZE = 15  # ranking rows per page: the head curves above stay in view
@@ -61,6 +71,23 @@ def layout() -> html.Div:
             html.Div(id=ids.HEAD_METRICS, className="pp-side pp-left"),
             html.Div(id=ids.HEAD_CURVES, className="pp-main pp-grid"),
         ]),
+        html.H3("Attention pattern on stored examples", className="pp-section"),
+        html.Div(className="pp-controls", children=[
+            html.Label("example", htmlFor=ids.HEAD_EXAMPLE),
+            dcc.Dropdown(id=ids.HEAD_EXAMPLE, clearable=False, className="pp-dropdown"),
+            html.Label("query", htmlFor=ids.HEAD_QUERY),
+            dcc.Dropdown(id=ids.HEAD_QUERY, clearable=False, className="pp-dropdown"),
+            html.Span("hover a cell for the query and key tokens, the weight and the distance (query - key); click "
+                      "a cell, or pick a query, for that query's top keys", className="pp-hint"),
+        ]),
+        html.Div(id=ids.HEAD_PATTERN_MESSAGE),
+        html.Div(id=ids.HEAD_PATTERN_SECTION, className="pp-row", children=[
+            html.Div(className="pp-main pp-card", children=[
+                dcc.Graph(id=ids.HEAD_PATTERN_GRAPH, config={"displaylogo": False})]),
+            html.Div(className="pp-side pp-wide", children=[
+                dcc.Graph(id=ids.HEAD_TOPKEYS_GRAPH, config={"displaylogo": False})]),
+        ]),
+        dcc.Store(id=ids.HEAD_QUERY_SHAPES),
         html.H3("Head ranking", className="pp-section"),
         html.Div(className="pp-controls", children=[
             html.Label("rank by", htmlFor=ids.RANKING_METRIC),
@@ -173,6 +200,39 @@ def curve_cards(scan: Any, layer: int, head: int) -> list[Any]:
     return cards
 
 
+def example_options(scan: Any) -> list[dict[str, Any]]:
+    """The example picker's options: one per stored example (label: its name and length)."""
+    table = examples_table(scan)
+    return [{"label": f"{r.name} ({r.n_tokens} tokens)", "value": str(r.name)} for r in table.itertuples()]
+
+
+def query_options(scan: Any, example: str) -> list[dict[str, Any]]:
+    """The query picker's options for one example: every position, labelled "position:token"."""
+    return [{"label": label, "value": pos} for pos, label in enumerate(token_labels(example_tokens(scan, example)))]
+
+
+def valid_example(scan: Any, example: Any) -> str | None:
+    """`example` if the scan stores it, else its first stored example (None when it stores none)."""
+    names = example_names(scan)
+    return example if example in names else (names[0] if names else None)
+
+
+def clicked_query(click_data: Any) -> int | None:
+    """The query position of a click on the pattern heatmap (its y label "position:token"), None if malformed."""
+    if isinstance(click_data, dict) and click_data.get("points"):
+        point = click_data["points"][0]
+        if isinstance(point, dict):
+            return parse_label(point.get("y"))
+    return None
+
+
+def query_outline(query: Any) -> list[dict[str, Any]]:
+    """The heatmap `layout.shapes` outlining one query row (merged into the figure in the browser)."""
+    if not isinstance(query, int) or isinstance(query, bool) or query < 0:
+        return []
+    return [query_shape(query)]
+
+
 def head_options(scan: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Dropdown options for the layers and heads present in the scan."""
     layers = sorted(int(v) for v in scan.heads["layer"].unique())
@@ -180,5 +240,6 @@ def head_options(scan: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     return ([{"label": f"L{v}", "value": v} for v in layers], [{"label": f"H{v}", "value": v} for v in heads])
 
 
-__all__ = ["curve_cards", "head_options", "layout", "metrics_table", "parse_row_id", "ranking",
-           "ranking_csv", "row_id", "row_ids_of"]
+__all__ = ["clicked_query", "curve_cards", "example_options", "head_options", "layout", "metrics_table",
+           "parse_row_id", "query_options", "query_outline", "ranking", "ranking_csv", "row_id", "row_ids_of",
+           "valid_example"]
