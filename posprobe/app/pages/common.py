@@ -55,6 +55,17 @@ def data_grid(grid_id: str, page_size: int, row_id: str | None = None, floating_
                       dashGridOptions=grid_options, style={"width": "100%"})
 
 
+def control_row(*fields: tuple[str, Any], hint: str | None = None) -> html.Div:
+    """A row of labelled controls: (label, component) pairs, each label pointing at its component's id, then an
+    optional hint."""
+    children: list[Any] = []
+    for label, component in fields:
+        children += [html.Label(label, htmlFor=component.id), component]
+    if hint:
+        children.append(html.Span(hint, className="pp-hint"))
+    return html.Div(className="pp-controls", children=children)
+
+
 def empty_figure(message: str = "") -> go.Figure:
     """A blank figure with a centred message (what a graph shows when there is nothing to draw)."""
     fig = go.Figure()

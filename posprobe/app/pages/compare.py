@@ -13,7 +13,7 @@ from typing import Any
 from dash import dcc, html
 
 from posprobe.app import ids
-from posprobe.app.pages.common import data_grid, grid_column
+from posprobe.app.pages.common import control_row, data_grid, grid_column
 from posprobe.render.compare import head_differences
 
 TOP_DIFFERENCES = 200  # rows of the difference table sent to the browser
@@ -44,15 +44,12 @@ def layout() -> html.Div:
             ]),
         ]),
         html.H3("All selected scans: top heads and rank agreement", className="pp-section"),
-        html.Div(className="pp-controls", children=[
-            html.Label("scans", htmlFor=ids.COMPARE_SCANS),
-            dcc.Dropdown(id=ids.COMPARE_SCANS, multi=True, className="pp-dropdown pp-multi"),
-            html.Label("agreement metric", htmlFor=ids.COMPARE_N_METRIC),
-            dcc.Dropdown(id=ids.COMPARE_N_METRIC, clearable=False, className="pp-dropdown"),
-            html.Span("each cell names a scan's top head on a metric (colour: its value relative to the other "
-                      "scans); agreement is Spearman's rho of the metric's head ranking over common (layer, head) "
-                      "pairs", className="pp-hint"),
-        ]),
+        control_row(("scans", dcc.Dropdown(id=ids.COMPARE_SCANS, multi=True, className="pp-dropdown pp-multi")),
+                    ("agreement metric", dcc.Dropdown(id=ids.COMPARE_N_METRIC, clearable=False,
+                                                      className="pp-dropdown")),
+                    hint="each cell names a scan's top head on a metric (colour: its value relative to the other "
+                         "scans); agreement is Spearman's rho of the metric's head ranking over common (layer, "
+                         "head) pairs"),
         html.Div(id=ids.COMPARE_N_MESSAGE),
         dcc.Graph(id=ids.COMPARE_TOP_GRAPH, config={"displaylogo": False}),
         dcc.Graph(id=ids.COMPARE_AGREEMENT_GRAPH, config={"displaylogo": False}),

@@ -19,7 +19,7 @@ import pandas as pd
 from dash import dcc, html
 
 from posprobe.app import ids
-from posprobe.app.pages.common import data_grid, format_value, grid_column, message
+from posprobe.app.pages.common import control_row, data_grid, format_value, grid_column, message
 from posprobe.render.head_detail import head_curves, head_metrics
 from posprobe.render.heads import numeric_metrics
 from posprobe.render.pattern_view import (
@@ -72,14 +72,10 @@ def layout() -> html.Div:
             html.Div(id=ids.HEAD_CURVES, className="pp-main pp-grid"),
         ]),
         html.H3("Attention pattern on stored examples", className="pp-section"),
-        html.Div(className="pp-controls", children=[
-            html.Label("example", htmlFor=ids.HEAD_EXAMPLE),
-            dcc.Dropdown(id=ids.HEAD_EXAMPLE, clearable=False, className="pp-dropdown"),
-            html.Label("query", htmlFor=ids.HEAD_QUERY),
-            dcc.Dropdown(id=ids.HEAD_QUERY, clearable=False, className="pp-dropdown"),
-            html.Span("hover a cell for the query and key tokens, the weight and the distance (query - key); click "
-                      "a cell, or pick a query, for that query's top keys", className="pp-hint"),
-        ]),
+        control_row(("example", dcc.Dropdown(id=ids.HEAD_EXAMPLE, clearable=False, className="pp-dropdown")),
+                    ("query", dcc.Dropdown(id=ids.HEAD_QUERY, clearable=False, className="pp-dropdown")),
+                    hint="hover a cell for the query and key tokens, the weight and the distance (query - key); "
+                         "click a cell, or pick a query, for that query's top keys"),
         html.Div(id=ids.HEAD_PATTERN_MESSAGE),
         html.Div(id=ids.HEAD_PATTERN_SECTION, className="pp-row", children=[
             html.Div(className="pp-main pp-card", children=[
