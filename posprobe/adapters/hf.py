@@ -291,18 +291,41 @@ def _edited_attention(
     v = expand_kv(value, call.q.shape[1])
     ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=state.position_ids,
                       query=call.q, key=call.k, scale=call.scale, softcap=call.softcap)
-    scores = call.masked_scores(query_index, 0, n_keys)
-    for edit in edits:
-        if edit.stage == "scores":
-            scores = edit.fn(scores, ctx)
-    probs = call.softmax(scores)
-    for edit in edits:
-        if edit.stage == "probs":
-            probs = edit.fn(probs, ctx)
+
+    def edited_probs(index: Tensor) -> Tensor:
+        at = ctx if index is query_index else dataclasses.replace(ctx, query_index=index)
+        scores = call.masked_scores(index, 0, n_keys)
+        for edit in edits:
+            if edit.stage == "scores":
+                scores = edit.fn(scores, at)
+        probs = call.softmax(scores)
+        for edit in edits:
+            if edit.stage == "probs":
+                probs = edit.fn(probs, at)
+        return probs
+
+    rows = _query_chunk(edits, call)
+    if rows is not None and rows < len(query_index):  # every edit works on query chunks: O(rows x n) memory
+        out = torch.cat([torch.matmul(edited_probs(index).to(v.dtype), v) for index in query_index.split(rows)],
+                        dim=2)
+        if state.taps & _ATTENTION_TAPS and call.q_offset == 0:  # recomputed for the queries a probe reads
+            state.capture(layer).pattern_source = edited_probs
+        return out.transpose(1, 2).contiguous(), None
+    probs = edited_probs(query_index)
     if state.taps & _ATTENTION_TAPS and call.q_offset == 0:  # probes read the pattern the edited layer used
         state.capture(layer).pattern_source = lambda index, probs=probs: probs[:, :, index]
     out = torch.matmul(probs.to(v.dtype), v)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _query_chunk(edits: list[AttentionEdit], call: AttentionCall) -> int | None:
+    """Query rows per chunk when every edit's fn declares `query_chunk(batch, heads, n_keys) -> rows` (it gives
+    the same values on any subset of the queries, with `EditContext.query_index` naming them); else None."""
+    sizes = [getattr(edit.fn, "query_chunk", None) for edit in edits]
+    if not sizes or any(size is None for size in sizes):
+        return None
+    b, heads = int(call.q.shape[0]), int(call.q.shape[1])
+    return max(1, min(int(size(b, heads, call.n_keys)) for size in sizes))
 
 
 class _Restore:

@@ -19,7 +19,10 @@ With d = p_i - p_j (positions, not indices) and L the native length (`max_positi
 - StreamingLLM (Xiao et al. 2024): keys j < n_sink or d < window; positions as in the rolling cache (a sink key's
   distance is min(p_i, n_sink + window - 1) - p_j), or the original ones with `positions="original"`.
 - LM-Infinite (Han et al. 2024): keys j < n_global or d < n_local (the Lambda mask), distances capped at `cap`.
-These run the layer's attention eagerly on [b, H, n, n] logits (memory n^2 per head, like the model's eager path).
+These run the layer's attention eagerly, in chunks of queries (`query_chunk`: rows such that one chunk's [b, H,
+rows, n] logits and their temporaries stay under `SCORE_CHUNK_BYTES`), so memory is O(rows x n) per layer, not
+O(n^2); the values are those of the whole-matrix computation (tests/what_if/test_remap.py checks chunked ==
+unchunked). Every query's logits depend only on its own position and the keys, so any chunking gives the same rows.
 """
 
 from __future__ import annotations
@@ -41,6 +44,11 @@ from posprobe.what_if.base import (
     rotary_offset,
     rotate,
 )
+
+# Bytes one query chunk of a layer's edited attention may take: its float32 logits, the remapped logits, their merge,
+# the int64 distance matrix, masks and probabilities, ~32 bytes per (head, query, key) in all.
+SCORE_CHUNK_BYTES = 256 * 2**20
+BYTES_PER_PAIR = 32
 
 
 @dataclass
@@ -72,7 +80,7 @@ class PairwiseAttention(WhatIf):
         if ctx.query is None or ctx.key is None:
             raise InterventionError(f"{self.name}: this adapter does not hand q/k to attention edits (EditContext."
                                     f"query/key); the position what-ifs run on the HF backend.")
-        q = ctx.query
+        q = ctx.query[:, :, ctx.query_index - (ctx.n_keys - ctx.query.shape[2])]  # the rows of this call / chunk
         n_heads = q.shape[1]
         pos_k = _key_positions(ctx, q.shape[0], q.device)
         pos_q = pos_k[:, ctx.query_index]
@@ -110,6 +118,10 @@ class _EditFunction:
 
     def __call__(self, scores: Tensor, ctx: EditContext) -> Tensor:
         return self.spec.logits(self.access, scores, ctx)
+
+    def query_chunk(self, batch: int, heads: int, n_keys: int) -> int:
+        """Query rows per chunk (the HF adapter computes the layer's attention that many queries at a time)."""
+        return max(1, SCORE_CHUNK_BYTES // (BYTES_PER_PAIR * batch * heads * max(n_keys, 1)))
 
     def __repr__(self) -> str:
         return f"{self.spec} on layer {self.layer}"
@@ -237,12 +249,14 @@ class MsPoE(PairwiseAttention):
         return table[order]
 
     def outlier_order(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
-        """argsort of -(share of keys above 3x the mean attention of the last query), pre-rotary q/k, 1/sqrt(d)."""
+        """argsort of -(share of keys above 3x the mean attention of the call's last query), pre-rotary q/k,
+        1/sqrt(d); the same for every query chunk of the call."""
         inv_freq = current_inv_freq(access, ctx.layer).to(ctx.query.device)
         offset = rotary_offset(access, ctx.layer)
-        q = rotate(ctx.query[:, :, -1:].float(), -pos_q[:, None, -1:, None].float() * inv_freq, offset)
+        last = pos_k[:, -1:]  # the call's last query is its last key (whatever chunk of queries is computed)
+        q = rotate(ctx.query[:, :, -1:].float(), -last[:, None, :, None].float() * inv_freq, offset)
         k = rotate(expand_kv(ctx.key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq, offset)
-        visible = pos_k <= pos_q[:, -1:]  # [b, nk]
+        visible = pos_k <= last  # [b, nk]
         logits = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # [b, H, nk]
         probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
         share = (probs > 3 * probs.mean(-1, keepdim=True)).float().mean(-1)
