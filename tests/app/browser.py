@@ -1,14 +1,18 @@
 """Helpers for driving the explorer in a real browser (used by the browser tests and the screenshot test).
 
-Owns small selenium helpers: wait for a condition, read a Plotly figure out of the page, click a heatmap cell at a
-given (layer, head), read and drive an AG Grid (rows shown, header click, floating filter, row click), open a tab,
-wait for a downloaded file, and save a full-page screenshot once the page has settled.
+Owns small selenium helpers: wait for a condition, read a Plotly figure out of the page, click or hover a heatmap
+cell at a given (row, column), read the hover label and a heatmap's values, read and drive an AG Grid (rows shown,
+header click, floating filter, row click), open a tab, wait for a downloaded file, save a full-page screenshot once
+the page has settled, and decode a PNG's pixels (`png_pixels`, standard library only) so a test can check what a
+screenshot shows.
 """
 
 from __future__ import annotations
 
 import base64
+import struct
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,8 +49,10 @@ def figure(dash_duo: Any, graph_id: str) -> dict[str, Any] | None:
         """, graph_id)
 
 
-def click_heatmap_cell(dash_duo: Any, graph_id: str, layer: int, head: int, n_layers: int, n_heads: int) -> None:
-    """Click the centre of cell (layer, head) of an atlas heatmap (layers top to bottom, heads left to right)."""
+def click_heatmap_cell(dash_duo: Any, graph_id: str, layer: int, head: int, n_layers: int, n_heads: int,
+                       click: bool = True) -> None:
+    """Click (or with click=False only hover) the centre of cell (layer, head) of a heatmap whose rows run top to
+    bottom and columns left to right (the atlas: layers x heads; the pattern viewer: queries x keys)."""
     driver = dash_duo.driver
     drag = dash_duo.find_element(f"#{graph_id} .nsewdrag")
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", drag)
@@ -54,7 +60,29 @@ def click_heatmap_cell(dash_duo: Any, graph_id: str, layer: int, head: int, n_la
                                  "return {x: r.left, y: r.top, w: r.width, h: r.height};", drag)
     x = rect["x"] + (head + 0.5) / n_heads * rect["w"]
     y = rect["y"] + (layer + 0.5) / n_layers * rect["h"]
-    ActionChains(driver).move_to_location(int(x), int(y)).click().perform()
+    chain = ActionChains(driver).move_to_location(int(x), int(y))
+    (chain.click() if click else chain).perform()
+
+
+def hover_text(dash_duo: Any, graph_id: str) -> str:
+    """The text of the hover label a graph shows now ("" when none)."""
+    return dash_duo.driver.execute_script(
+        "const l = document.querySelector(`#${arguments[0]} .hoverlayer .hovertext`);"
+        "return l ? l.textContent : '';", graph_id)
+
+
+def heatmap_values(dash_duo: Any, graph_id: str) -> dict[str, Any] | None:
+    """A heatmap's live values: {title, x, y (axis labels), z (rows of numbers, null for gaps), shapes}."""
+    return dash_duo.driver.execute_script(
+        """
+        const gd = document.querySelector(`#${arguments[0]} .js-plotly-plot`);
+        if (!gd || !gd.data || !gd.data.length || gd.data[0].type !== 'heatmap') return null;
+        const t = (gd._fullData && gd._fullData[0]) || gd.data[0];  // z decoded (figures send typed arrays)
+        const title = gd.layout && gd.layout.title ? (gd.layout.title.text || gd.layout.title) : '';
+        return {title: String(title), x: Array.from(t.x || []), y: Array.from(t.y || []),
+                z: Array.from(t.z || []).map(r => Array.from(r).map(v => (v === null || isNaN(v)) ? null : v)),
+                shapes: (gd.layout.shapes || []).map(s => ({y0: s.y0, y1: s.y1}))};
+        """, graph_id)
 
 
 def grid_rows(dash_duo: Any, grid_id: str) -> list[dict[str, str]]:
@@ -165,3 +193,58 @@ def png_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of a PNG from its header."""
     header = Path(path).read_bytes()[:24]
     return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def png_pixels(data: bytes) -> tuple[int, int, list[bytes]]:
+    """(width, height, rows of RGB(A) bytes) of an 8-bit, non-interlaced RGB or RGBA PNG (what Chrome writes)."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("not a PNG")
+    pos, idat, header = 8, b"", None
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            header = struct.unpack(">IIBBBBB", chunk)
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    if header is None:
+        raise ValueError("a PNG without IHDR")
+    width, height, depth, color, _, _, interlace = header
+    if depth != 8 or color not in (2, 6) or interlace:
+        raise ValueError(f"png_pixels reads 8-bit RGB / RGBA, non-interlaced PNGs; this one has depth {depth}, "
+                         f"colour type {color}, interlace {interlace}")
+    bpp = 3 if color == 2 else 4
+    raw, stride = zlib.decompress(idat), width * bpp
+    rows: list[bytes] = []
+    prev = bytearray(stride)
+    for r in range(height):
+        kind, line = raw[r * (stride + 1)], bytearray(raw[r * (stride + 1) + 1:(r + 1) * (stride + 1)])
+        for i in range(stride):
+            left = line[i - bpp] if i >= bpp else 0
+            up, corner = prev[i], prev[i - bpp] if i >= bpp else 0
+            if kind == 1:
+                line[i] = (line[i] + left) & 0xFF
+            elif kind == 2:
+                line[i] = (line[i] + up) & 0xFF
+            elif kind == 3:
+                line[i] = (line[i] + ((left + up) >> 1)) & 0xFF
+            elif kind == 4:
+                p = left + up - corner
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - corner)
+                line[i] = (line[i] + (left if pa <= pb and pa <= pc else up if pb <= pc else corner)) & 0xFF
+        rows.append(bytes(line))
+        prev = line
+    return width, height, rows
+
+
+def png_colours(data: bytes, step: int = 2) -> dict[tuple[int, int, int], int]:
+    """How often each RGB colour occurs in a PNG (every `step`-th pixel of every `step`-th row)."""
+    width, _, rows = png_pixels(data)
+    bpp = len(rows[0]) // width
+    counts: dict[tuple[int, int, int], int] = {}
+    for row in rows[::step]:
+        for i in range(0, len(row), bpp * step):
+            key = (row[i], row[i + 1], row[i + 2])
+            counts[key] = counts.get(key, 0) + 1
+    return counts
