@@ -4,7 +4,10 @@ training-free what-ifs (posprobe.what_if), and a rescan of retrieval heads, sink
 Every method runs with its paper's setting, scaled to a 2x extension and never tuned here (so the evaluation seed
 is held out by construction; --seed picks it, default 1): PI / NTK / dynamic NTK / YaRN factor 2; STRING shift
 L/3, window 128 (L = native length); Self-Extend group 4, neighbour window L/4; StreamingLLM 4 sinks + a cache of
-L; LM-Infinite 10 global tokens, local window L, distances capped at L; log-n temperature; Ms-PoE ratios 1.2-1.8.
+L; LM-Infinite 10 global tokens, local window L, distances capped at L; log-n temperature; Ms-PoE ratios 1.2-1.8;
+Attention Buckets the authors' six bases for Llama 2 (10000, 17500, 18000, 19000, 20000, 25000 at theta 10000) as
+ratios of the model's theta, logits combined by softmax(max logit) as their code (six passes per call; the rescan
+skips it: it combines outputs of six models, scan one pass with `rope_theta:ratio=R`).
 "plain" is RoPE as trained, extrapolated (`extrapolate`: only the access's length limit is lifted).
 
 Tasks: `passkey` with the needle at depths 0, 25, 50, 75, 100 % of a haystack filling the length, and a key-value
@@ -19,9 +22,12 @@ Variants:
   lengths 256 / 384 / 512), 3 depths (0, 50, 100 %), 2 trials per cell; passkey only at the lengths its prompt fits
   (>= 303 tokens with the byte tokenizer). Its accuracies are ~0 by construction (random weights): it checks the
   pipeline, the table and that every method runs past the window, not the methods.
-- `--variant full`: SmolLM2-135M (native 8192; lengths 8192 / 12288 / 16384), 20 trials per cell. The what-ifs at
-  the logits run the layer's attention eagerly ([9 heads, n, n] float32 per layer: ~10 GB at 16k), so run it on a
-  machine with the memory for it (a GPU: --device cuda). It was not run in the session that wrote this script.
+- `--variant full`: SmolLM2-135M (native 8192; lengths 8192 / 12288 / 16384), 20 trials per cell, 5 depths. The
+  what-ifs at the logits run the layer's attention eagerly in query chunks (memory O(chunk x n) per layer, not the
+  [9, n, n] float32 logits of ~10 GB at 16k), but slowly on a CPU: a GPU (--device cuda) is the place for it. The
+  grid is configurable for a reduced real run: --ratios / --lengths, --depths, --trials, --methods, e.g.
+  `--variant full --ratios 1 1.5 --depths 3 --trials 5 --methods plain yarn self_extend buckets --no-rescan`.
+  It was not run in the sessions that wrote this script.
 
 Writes `accuracy.csv`, `accuracy_by_depth.csv`, `rescan.csv`, `summary.json` and `report.md` to --out.
 Command: `python analyses/context_extension.py --variant quick --out outputs/context_extension_quick`.
@@ -46,6 +52,7 @@ from posprobe.tasks import get_task
 from posprobe.tasks.evaluate import wilson_interval
 from posprobe.what_if import (
     STRING,
+    AttentionBuckets,
     DynamicNTK,
     Extrapolate,
     LMInfinite,
@@ -59,7 +66,7 @@ from posprobe.what_if import (
 )
 
 RATIOS = (1.0, 1.5, 2.0)
-DEPTHS = {"quick": 3, "full": 5}  # evenly spaced gold slots: 0 / 50 / 100 %, or 0 / 25 / 50 / 75 / 100 %
+DEPTHS = {"quick": 3, "full": 5}  # default evenly spaced gold slots: 0 / 50 / 100 %, or 0 / 25 / 50 / 75 / 100 %
 FACTOR = 2.0  # every method is set up for a 2x extension and evaluated at 1x, 1.5x and 2x
 
 
@@ -68,12 +75,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--variant", choices=("quick", "full"), default="quick")
     parser.add_argument("--out", default=None, help="output folder (default outputs/context_extension_<variant>)")
     parser.add_argument("--trials", type=int, default=None, help="trials per (method, task, length, depth)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None,
+                        help="lengths as multiples of the native window (default 1 1.5 2)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None, help="lengths in tokens (instead of --ratios)")
+    parser.add_argument("--depths", type=int, default=None, help="evenly spaced gold depths from 0 to 100 %% "
+                        "(default 3 quick, 5 full)")
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (held out: nothing is tuned here)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
     parser.add_argument("--device", default=None, help="device for the full variant (e.g. cuda)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per greedy call (default: all depths "
-                        "in quick, 1 in full: each [9, n, n] float32 logit tensor is ~10 GB at 16k tokens)")
+                        "in quick, 1 in full: one long prompt at a time)")
     return parser.parse_args()
 
 
@@ -91,6 +103,7 @@ def methods(native: int) -> dict[str, Any]:
         "lm_infinite": LMInfinite(n_global=10),
         "logn": LogNTemperature(),
         "ms_poe": MsPoE(),
+        "buckets": AttentionBuckets(),  # the authors' six bases as ratios of the model's theta, their combination
     }
 
 
@@ -177,6 +190,12 @@ def rescan(access: Any, specs: dict[str, Any], native: int, variant: str) -> pd.
     top = set(baseline["retrieval_score"].nlargest(10).index)
     rows = [{"method": "plain @1x", "length": native, **summary(baseline, baseline, top), "seconds": float("nan")}]
     for name, spec in specs.items():
+        if isinstance(spec, AttentionBuckets):  # N passes are N models: no single set of heads to rescan
+            print(f"  rescan skips {name}: it combines the outputs of {len(spec.passes())} passes; scan one with "
+                  f"rope_theta:ratio=R", flush=True)
+            rows.append({"method": name, "length": 2 * native, "largest_drops": f"not rescanned ({len(spec.passes())} "
+                         f"passes combined; scan one with rope_theta)", "seconds": float("nan")})
+            continue
         start = time.perf_counter()
         heads = one(spec, 2 * native).heads.set_index(["layer", "head"])
         rows.append({"method": name, "length": 2 * native, **summary(heads, baseline, top),
@@ -205,7 +224,7 @@ def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.D
         f"# Context extension past the native window ({args.variant})", "",
         f"Command: `{' '.join(['python'] + sys.argv)}`", "",
         (f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials per "
-         f"(method, task, length, depth) x {DEPTHS[args.variant]} depths; evaluation seed {args.seed} (settings "
+         f"(method, task, length, depth) x {args.depths} depths; evaluation seed {args.seed} (settings "
          f"are the papers', not tuned); wall time {wall / 60:.1f} min."), "",
         "Greedy exact-match accuracy over all depths, Wilson 95 % interval:", "",
         wide.reset_index().to_markdown(index=False), "",
@@ -213,7 +232,7 @@ def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.D
     if args.variant == "quick":
         lines += [("The quick variant's model has random weights: accuracies near 0 are expected; this table "
                    "checks that every method runs past the native window and that the report is produced."), ""]
-    slots = DEPTHS[args.variant] - 1  # relative positions binned to the nearest requested depth
+    slots = max(args.depths - 1, 1)  # relative positions binned to the nearest requested depth
     binned = (depth["relative_position"] * slots).round() / slots
     by_depth = depth.assign(depth=(100 * binned).round().astype(int).astype(str) + "%")
     lines += ["Per depth (relative position of the gold item, 0 % = start of the context):", "",
@@ -228,6 +247,7 @@ def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.D
 def main() -> None:
     args = parse_args()
     args.trials = args.trials or (2 if args.variant == "quick" else 20)
+    args.depths = args.depths or DEPTHS[args.variant]
     out = Path(args.out or f"outputs/context_extension_{args.variant}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -235,12 +255,15 @@ def main() -> None:
     native = access.info.max_positions
     specs = methods(native)
     if args.methods:
+        unknown = sorted(set(args.methods) - set(specs))
+        if unknown:
+            raise SystemExit(f"Unknown method(s) {unknown}; choose from {sorted(specs)}.")
         specs = {k: v for k, v in specs.items() if k in args.methods}
-    lengths = [int(native * r) for r in RATIOS]
+    lengths = args.lengths or [int(native * r) for r in (args.ratios or RATIOS)]
     frames = []
     for name, spec in specs.items():
         print(f"[{time.perf_counter() - started:7.1f}s] {name}", flush=True)
-        frames += evaluate(access, name, spec, lengths, args.trials, args.seed, DEPTHS[args.variant],
+        frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
                            args.batch_size or (None if args.variant == "quick" else 1))
     by_depth = pd.concat(frames, ignore_index=True)
     acc = pooled(by_depth)
