@@ -13,8 +13,8 @@ ratios of the model's own theta (x1, x1.75, x1.8, x1.9, x2, x2.5), explicit `bas
 Each pass's base goes through transformers' rope machinery (`rope_theta` what-if: a rotary module of the model's
 class built from a config copy with the new theta). Composition:
 - `access.run(..., logits=...)` (teacher-forced scoring, `evaluate_positions`' scoring) returns the combined
-  logits; `access.greedy` decodes from the combined distribution (recomputing the prefix each step: each pass
-  would need a KV cache of its own).
+  logits; `access.greedy` decodes from the combined distribution, the passes in lockstep with a KV cache each
+  (as the authors' code keeps one per batch of bases).
 - Reading activations (`scan`, any probe tap) is refused: N passes are N different models and posprobe does not
   choose one silently. Scan one bucket with `rope_theta:theta=B`.
 - Score-level what-ifs (STRING, Self-Extend, ...) stack with it (each pass runs them with its own frequencies);
@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -150,9 +149,13 @@ class AttentionBuckets(RopeParameters):
                     outs.append(original(input_ids, position_ids, taps, on_layer, logit_positions, edits, **extra))
             return combine_passes(torch.stack(outs), spec_self.combine)
 
+        def greedy(input_ids: Any, max_new_tokens: int, *, stop_ids: Any = (), edits: Any = ()) -> Tensor:
+            spec_self._refuse_rescaling(access)
+            return _lockstep_greedy(access, passes, spec_self.combine, input_ids, max_new_tokens, stop_ids, edits)
+
         original_info = access.info
         vars(access)["_forward"] = forward
-        vars(access)["greedy"] = types.MethodType(ModelAccess.greedy, access)  # every step through `forward`
+        vars(access)["greedy"] = greedy
         try:
             with WhatIf.applied(self, access):  # the length limit (lifted) and its restore
                 yield access
@@ -171,3 +174,40 @@ class AttentionBuckets(RopeParameters):
                 "buckets: a RoPE rescaling what-if (pi, ntk, yarn, ...) is applied to this access too; each bucket "
                 "pass sets its own RoPE base, which would silently replace it. Attention Buckets is defined on "
                 "the model's RoPE: apply it alone or with score-level what-ifs (string, self_extend, ...).")
+
+
+def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_ids: Any, max_new_tokens: int,
+                     stop_ids: Any, edits: Any) -> Tensor:
+    """Greedy decoding from the combined distribution: each pass keeps its own KV cache, every step runs each pass
+    on the new token under its base and picks the argmax of the combined logits. Edits that scale only the last
+    query (positional_dimension) define a token's states by whether it is last: the prefix is recomputed instead."""
+    from transformers import DynamicCache
+
+    from posprobe.access import ProjectionInputEdit
+    from posprobe.adapters._compat import cache_kwargs
+
+    all_edits = [*access._edits, *edits]
+    if any(isinstance(e, ProjectionInputEdit) and e.queries == "last" for e in all_edits):
+        return ModelAccess.greedy(access, input_ids, max_new_tokens, stop_ids=stop_ids, edits=edits)
+    ids = access._check_ids(input_ids)
+    access._validate_edits(all_edits)
+    model = access.model
+    caches = [DynamicCache(config=model.config) for _ in passes]
+    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
+    step_ids = ids
+    pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
+    new: list[Tensor] = []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            outs = []
+            for spec, cache in zip(passes, caches):
+                with spec.applied(access), access._session(pos, frozenset(), None, all_edits):
+                    out = model(input_ids=step_ids, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
+                                logits_to_keep=1)
+                outs.append(out.logits[:, -1])
+            nxt = combine_passes(torch.stack(outs), combine).argmax(-1, keepdim=True)
+            new.append(nxt)
+            if len(stop) and bool(torch.isin(nxt, stop).all()):
+                break
+            step_ids, pos = nxt, pos[:, -1:] + 1
+    return torch.cat(new, dim=1)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import posprobe
-from posprobe.access import Tap
+from posprobe.access import ModelAccess, Tap
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import parse
 from posprobe.probes import Budget
@@ -132,6 +132,8 @@ def test_stacks_with_score_level_what_ifs_not_with_rescaling(sharp, ids):
         with Stack((RopeTheta(theta=b), string)).applied(sharp):
             passes.append(sharp.run(ids[:, :48], logits="all").logits)
     torch.testing.assert_close(got, naive_combined(passes), atol=1e-5, rtol=0)
+    with Stack((AttentionBuckets(bases=BASES), string)).applied(sharp):  # KV-cached lockstep == recompute
+        assert torch.equal(sharp.greedy(ids[:, :40], 4), ModelAccess.greedy(sharp, ids[:, :40], 4))
     for parts in ((YaRN(factor=2.0), AttentionBuckets(bases=BASES)), (AttentionBuckets(bases=BASES), YaRN(factor=2.0))):
         with pytest.raises(InterventionError, match="rescaling"), Stack(parts).applied(sharp):
             sharp.run(ids[:, :16], logits="last")
