@@ -346,17 +346,36 @@ class LayerCapture:
             query_index = torch.arange(self.n_tokens)
         query_index = query_index.to(self.device)  # indices live with the layer's tensors (masks, gathers)
         memo = self.extras.setdefault("pattern_memo", {})
-        key = query_index.detach().to("cpu", torch.int64).numpy().tobytes()  # the exact index list, as bytes
+        wanted = query_index.detach().to("cpu", torch.int64).numpy()
+        key = wanted.tobytes()  # the exact index list, as bytes
         hit = memo.get(key)
         if hit is not None:
             return hit
+        rows = self._memo_rows(wanted)
+        if rows is not None:  # every query is a row of a memoised sorted chunk: a gather instead of a recomputation
+            held_key, positions = rows
+            return memo[held_key][:, :, torch.as_tensor(positions, device=memo[held_key].device)]
         probs = self._source()(query_index)
         held = self.extras.get("pattern_memo_bytes", 0)
         size = probs.numel() * probs.element_size()
         if not memo or held + size <= self.PATTERN_MEMO_BYTES:
             memo[key] = probs
             self.extras["pattern_memo_bytes"] = held + size
+            if len(wanted) and bool(np.all(wanted[1:] > wanted[:-1])):
+                self.extras.setdefault("pattern_memo_sorted", []).append((key, wanted))
         return probs
+
+    def _memo_rows(self, wanted: np.ndarray) -> tuple[bytes, np.ndarray] | None:
+        """(key of a memoised chunk with strictly increasing queries that holds every wanted query, their row
+        positions in it), or None. A pattern row depends only on its query (the key range of a chunk only adds
+        exact zeros), so the rows equal a fresh computation for these queries up to float rounding."""
+        for key, held in self.extras.get("pattern_memo_sorted", ()):
+            if not len(wanted) or wanted[0] < held[0] or wanted[-1] > held[-1]:
+                continue
+            positions = np.searchsorted(held, wanted)
+            if np.array_equal(held[np.minimum(positions, len(held) - 1)], wanted):
+                return key, positions
+        return None
 
     def pattern_chunks(self, chunk_size: int = 256, queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time.

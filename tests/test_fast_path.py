@@ -337,3 +337,28 @@ def test_spearman_rows_equal_scipy():
     values[1, 2] = np.nan  # a row with a missing band takes the one-by-one path
     values[4] = 1.0
     np.testing.assert_allclose(spearman_by_chunk_rows(values), [spearman_by_chunk(v) for v in values], rtol=1e-12)
+
+
+def test_pattern_of_a_query_subset_is_read_from_the_memoised_chunk(access):
+    ids = access.encode(TEXT)
+    n = len(ids)
+    superset = torch.linspace(1, n - 1, 30).round().long().unique()
+    subset = superset[torch.linspace(0, len(superset) - 1, 9).round().long().unique()]
+    outside = torch.tensor([0, n - 1])  # query 0 is not in the superset: computed, not gathered
+    checked = []
+
+    def on_layer(cap):
+        calls = []
+        source = cap._source()
+        cap.pattern_source = lambda index: calls.append(len(index)) or source(index)
+        full = cap.pattern(superset)
+        part = cap.pattern(subset)
+        assert calls == [len(superset)], "the subset was recomputed instead of gathered"
+        torch.testing.assert_close(part, source(subset), rtol=0, atol=1e-7)  # a fresh computation of those rows
+        torch.testing.assert_close(part, full[:, :, torch.searchsorted(superset, subset)], rtol=0, atol=0)
+        cap.pattern(outside)
+        assert calls == [len(superset), 2]
+        checked.append(cap.layer)
+
+    access.run(ids, taps=[Tap.PATTERN], on_layer=on_layer)
+    assert checked == list(range(access.info.n_layers))
