@@ -5,7 +5,7 @@ combines the passes' logits z_j as the authors' code does: weights softmax over 
 output sum_j w_j z_j (or, for combine="probs", log sum_j w_j softmax(z_j)). The default bases are written out here
 from the authors' inference config for Llama 2 (10000, 17500, 18000, 19000, 20000, 25000 at theta 10000). Checked
 by hand once, it fails here: the confidence max_v z_j written mean_v z_j in posprobe/what_if/buckets.py fails the
-two reference tests and the STRING stack test (the sharpened model makes the confidences differ between passes).
+two reference tests, the greedy test and the STRING stack test (the sharpened model makes the passes differ).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from posprobe.access import ModelAccess, Tap
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import parse
 from posprobe.probes import Budget
-from posprobe.what_if import STRING, AttentionBuckets, RopeTheta, Stack, YaRN
+from posprobe.tasks import get_task
+from posprobe.what_if import STRING, AttentionBuckets, Extrapolate, RopeTheta, Stack, YaRN
 from tests.what_if.conftest import reference_logits, tiny_gemma3, tiny_llama, wrap
 
 BASES = (500.0, 10000.0, 100000.0)  # far apart: the passes' logits and confidences differ clearly
@@ -27,12 +28,16 @@ PAPER_BASES_LLAMA2 = (10000, 17500, 18000, 19000, 20000, 25000)  # their tool-us
 
 @pytest.fixture(scope="module")
 def sharp():
-    """The tiny Llama with its unembedding x 40: confident predictions whose max logits differ between passes by
-    O(0.1), so a wrong confidence (mean instead of max) moves the output by ~5e-3, far above the tolerance (with the
-    random model's flat logits the weights would be uniform whatever the confidence)."""
+    """The tiny Llama with its unembedding x 40 and q / k projections x 8: confident predictions from sharp,
+    position-dependent attention, so the passes' max logits differ (a wrong confidence, mean instead of max, moves
+    the output far above the tolerance) and their greedy decodings differ from each other and from the combined one
+    (with the random model's flat logits and near-uniform attention every base decodes the same tokens)."""
     model = tiny_llama(seed=3)
     with torch.no_grad():
         model.lm_head.weight.mul_(40.0)
+        for block in model.model.layers:
+            block.self_attn.q_proj.weight.mul_(8.0)
+            block.self_attn.k_proj.weight.mul_(8.0)
     return wrap(model)
 
 
@@ -91,6 +96,9 @@ def test_greedy_decodes_from_the_combined_distribution(sharp, ids):
         combined = naive_combined([llama_pass(weights, ref, b)[:, -1:] for b in BASES])
         ref = torch.cat([ref, combined[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, ref[:, 40:])
+    for base in BASES:  # the combined decoding is none of the single passes' (the test can tell them apart)
+        with RopeTheta(theta=base).applied(sharp):
+            assert not torch.equal(got, sharp.greedy(prompt, 4)), base
 
 
 def test_exit_restores_the_access_exactly(llama, ids):
@@ -151,3 +159,23 @@ def test_text_form_and_bad_settings(llama):
         AttentionBuckets(bases=(10000, -1))
     with pytest.raises(InterventionError, match="combine"):
         AttentionBuckets(combine="mean")
+
+
+def test_evaluate_positions_decodes_the_combined_distribution(sharp):
+    """evaluate_positions under buckets: each trial's completion is the combined greedy decoding of its prompt
+    (rebuilt from the trial's seed), and the spec is recorded."""
+    spec = AttentionBuckets(bases=BASES)
+    table = posprobe.evaluate_positions(sharp, "kv_words", n_items=2, gold_positions=2, n_trials=1, intervention=spec,
+                                        seed=0, progress=False)
+    assert table.attrs["intervention"]["name"] == "buckets"
+    assert table.attrs["intervention"]["resolved"]["bases"] == [[b] for b in BASES]
+    assert int(table["n"].sum()) == 2
+    task = get_task("kv_words")
+    for row in table.attrs["trials"]:
+        prompt = task.make(sharp, 2, row["gold_position"], row["seed"])
+        with spec.applied(sharp):
+            new = sharp.greedy(torch.tensor([prompt.input_ids]), task.max_new_tokens)[0]
+        assert sharp.decode(new).startswith(row["completion"]) and row["completion"], row
+        with Extrapolate().applied(sharp):  # the plain model answers otherwise (the test can tell them apart)
+            plain = sharp.greedy(torch.tensor([prompt.input_ids]), task.max_new_tokens)[0]
+        assert not sharp.decode(plain).startswith(row["completion"]), row
