@@ -81,3 +81,29 @@ def test_screenshots_of_every_view_on_gemma(dash_duo, gemma_quick_scan, gemma_no
 
     for path in shots:
         assert path.stat().st_size > 20_000, f"{path} looks empty"
+
+
+def test_screenshot_of_the_pattern_view_on_gemma(dash_duo, gemma, tmp_path):
+    """Gemma 3 270M's top previous-token head on its stored examples: the heatmap, a row's top keys, a PNG."""
+    import posprobe
+    from posprobe.render.pattern_view import top_keys
+
+    scan = posprobe.scan(gemma, probes=["head_basics", "pattern_examples"], budget="quick", progress=False)
+    top = scan.rank("previous_token_score", top=1).iloc[0]
+    layer, head = int(top["layer"]), int(top["head"])
+    query = 60
+    assert top_keys(scan, layer, head, "text", query, k=1)["key"].tolist() == [query - 1]
+    app = create_app({"gemma-3-270m": scan.save(tmp_path / "gemma-3-270m")})
+    dash_duo.start_server(app)
+    open_tab(dash_duo, "Head detail")
+    dash_duo.select_dcc_dropdown(f"#{ids.HEAD_LAYER}", value=f"L{layer}")
+    dash_duo.select_dcc_dropdown(f"#{ids.HEAD_HEAD}", value=f"H{head}")
+    dash_duo.wait_for_contains_text(f"#{ids.HEAD_TITLE}", f"Layer {layer}, head {head}")
+    wait_until(lambda: (figure(dash_duo, ids.HEAD_PATTERN_GRAPH) or {}).get("title", "").startswith(
+        f"text: L{layer} H{head}"), what="the pattern of the top previous-token head")
+    n = len(scan.tables["pattern_examples.tokens"].query("example == 0"))
+    click_heatmap_cell(dash_duo, ids.HEAD_PATTERN_GRAPH, query, query - 1, n, n)
+    wait_until(lambda: f"top keys of query {query}:" in (figure(dash_duo, ids.HEAD_TOPKEYS_GRAPH) or {}).get(
+        "title", ""), what=f"the top keys of query {query}")
+    path = _save(dash_duo, "5_pattern_view_gemma")
+    assert path.stat().st_size > 20_000
