@@ -29,7 +29,7 @@ import math
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import Tensor
@@ -98,7 +98,8 @@ class AttentionBuckets(RopeParameters):
         """One `rope_theta` what-if per pass, on this spec's layers."""
         if self.bases is None:
             return [RopeTheta(ratio=r, layers=self.layers) for r in PAPER_RATIOS]
-        return [RopeTheta(theta=b, layers=self.layers) for b in self.bases]
+        bases = cast(tuple[float, ...], self.bases)  # __post_init__ made it a tuple of floats
+        return [RopeTheta(theta=b, layers=self.layers) for b in bases]
 
     def pass_bases(self, access: ModelAccess) -> list[dict[int, float]]:
         """The base every touched layer uses in each pass ({layer: theta} per pass)."""
