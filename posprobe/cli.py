@@ -89,12 +89,28 @@ def scan(
                                             "not depend on it)")] = 1,
     remote: Annotated[bool, typer.Option("--remote", help="run the passes on NDIF through nnsight (the model is a "
                                          "hub id NDIF serves; key: NDIF_API_KEY). See docs/hardware.md")] = False,
+    examples: Annotated[str, typer.Option("--examples", help="store every head's attention on example inputs for "
+                                          "the explorer's pattern viewer: auto (when their size fits the budget; "
+                                          "off for big models) | on | off")] = "auto",
 ) -> None:
     """Scan a model and save the result (Parquet + JSON) to OUT (several --model: OUT/<model>/ each, resumable)."""
     from posprobe._io import check_output_dir
     from posprobe.interventions import parse
 
     names = [p.strip() for p in probes.split(",") if p.strip()] if probes else None
+    if examples not in ("auto", "on", "off"):
+        raise typer.BadParameter(f"--examples is auto, on or off; got {examples!r}", param_hint="--examples")
+    if examples != "auto" and model and len(model) > 1:
+        raise typer.BadParameter("--examples on / off applies to one --model at a time; in a sweep file set a "
+                                 "budget's probes = {pattern_examples = {max_megabytes = ...}}",
+                                 param_hint="--examples")
+    configs = None
+    if examples != "auto":  # pattern_examples' size estimate is overridden (docs/probes/pattern_examples.md)
+        from posprobe.probes.pattern_examples import PatternExamplesConfig
+
+        configs = {"pattern_examples": PatternExamplesConfig(enabled=examples == "on")}
+        if examples == "on" and names is not None and "pattern_examples" not in names:
+            names.append("pattern_examples")
     what_ifs = [parse(text) for text in what_if or []]  # a bad spec fails before anything is loaded
     hardware = {"device": device, "dtype": dtype, "batch_size": batch_size, "remote": remote}
     if model and len(model) > 1 and (device or dtype or batch_size != 1 or remote):
@@ -122,7 +138,7 @@ def scan(
 
         applied = what_ifs[0] if len(what_ifs) == 1 else Stack(tuple(what_ifs))
     result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied,
-                      **hardware)
+                      configs=configs, **hardware)
     result.save(out)
     typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
                f"{', '.join(result.metrics)}) to {out} in {result.meta['timings_s']['total']:.0f} s", err=True)

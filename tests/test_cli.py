@@ -90,3 +90,20 @@ def test_models_and_probes_commands(capsys):
     assert "gemma-3-270m" in out and "tiny-rope" in out
     assert main(["probes"]) == 0
     assert "head_basics" in capsys.readouterr().out
+
+
+def test_scan_examples_switch_stores_or_drops_the_pattern_examples(tmp_path, capsys):
+    import posprobe
+    from posprobe.render.pattern_view import example_names
+
+    on = tmp_path / "on"
+    assert main(["scan", "--model", "tiny-rope", "--probes", "head_basics", "--budget", "quick", "--examples", "on",
+                 "--out", str(on)]) == 0
+    assert example_names(posprobe.load(on)) == ["text", "repeated", "needle"]
+    off = tmp_path / "off"
+    assert main(["scan", "--model", "tiny-rope", "--probes", "head_basics,pattern_examples", "--budget", "quick",
+                 "--examples", "off", "--out", str(off)]) == 0
+    loaded = posprobe.load(off)
+    assert example_names(loaded) == [] and "off" in loaded.meta["skipped"]["pattern_examples"]
+    assert main(["scan", "--model", "tiny-rope", "--examples", "sometimes", "--out", str(tmp_path / "bad")]) == 2
+    assert "auto, on or off" in capsys.readouterr().err and not (tmp_path / "bad").exists()
