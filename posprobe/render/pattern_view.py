@@ -35,7 +35,14 @@ def has_examples(scan: Any) -> bool:
 def no_examples_reason(scan: Any) -> str:
     """A sentence saying why the scan has no example patterns and how to get them."""
     skipped = (scan.meta.get("skipped") or {}).get(PROBE)
-    why = f"the {PROBE} probe was skipped: {skipped}" if skipped else f"the {PROBE} probe did not run in this scan"
+    dropped = ((scan.meta.get("summaries") or {}).get(PROBE) or {}).get("dropped")
+    if skipped:
+        why = f"the {PROBE} probe was skipped: {skipped}"
+    elif dropped:
+        why = f"the {PROBE} probe ran but could store none of its examples: " + "; ".join(
+            f"{name}: {reason}" for name, reason in dropped.items())
+    else:
+        why = f"the {PROBE} probe did not run in this scan"
     return (f"This scan stores no example attention patterns ({why}). Scan again with the probe, e.g. "
             f"posprobe.scan(model, probes=[..., '{PROBE}']) or posprobe scan --probes {PROBE}.")
 

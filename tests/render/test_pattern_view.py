@@ -15,6 +15,7 @@ from posprobe.render import FIGURES
 from posprobe.render.pattern_view import (
     example_names,
     example_tokens,
+    no_examples_reason,
     parse_label,
     pattern,
     pattern_matrix,
@@ -112,3 +113,5 @@ def test_registered_and_scans_without_examples_say_why():
     assert example_names(old) == []
     with pytest.raises(InputError, match="stores no example attention patterns"):
         old.figure("pattern", layer=0, head=0)
+    old.meta["summaries"]["pattern_examples"] = {"examples": [], "dropped": {"needle": "does not fit"}}
+    assert "could store none of its examples: needle: does not fit" in no_examples_reason(old)
