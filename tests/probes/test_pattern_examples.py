@@ -245,3 +245,20 @@ def test_registered_with_a_budget_knob():
     assert not probe.streaming and probe.Config is PatternExamplesConfig
     assert [BUDGETS[b].knob("pattern_examples", PatternExamplesConfig, "max_megabytes")
             for b in ("quick", "standard", "full")] == [24, 48, 128]
+
+
+@pytest.mark.parametrize("backend", ["transformer_lens", "nnsight"])
+def test_every_adapter_stores_the_same_patterns(backend):
+    pytest.importorskip({"transformer_lens": "transformer_lens", "nnsight": "nnsight"}[backend])
+    config = {"pattern_examples": PatternExamplesConfig(n_tokens=64, examples=("text", "repeated"))}
+    scans = [posprobe.scan("tiny-rope", backend=b, probes=["pattern_examples"], budget="quick", progress=False,
+                           configs=config) for b in ("hf", backend)]
+    for name in (viewer.TOKENS, viewer.EXAMPLES):
+        assert scans[0].tables[name].equals(scans[1].tables[name])
+    info = scans[0].info
+    for example in ("text", "repeated"):
+        for layer in range(info.n_layers):
+            for head in range(info.n_heads):
+                ours, theirs = (viewer.pattern_matrix(s, layer, head, example) for s in scans)
+                np.testing.assert_array_equal(np.isnan(ours), np.isnan(theirs))
+                np.testing.assert_allclose(ours, theirs, atol=ATOL, equal_nan=True)
