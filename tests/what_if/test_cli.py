@@ -47,3 +47,13 @@ def test_eval_compares_each_what_if_with_the_baseline(model_dir, tmp_path, capsy
                  "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "yarn" in table and "streaming_llm" in table
+
+
+def test_buckets_scan_is_refused_with_the_fix_and_eval_runs(model_dir, tmp_path, capsys):
+    """Attention Buckets changes outputs: `posprobe scan` refuses it (naming rope_theta), `posprobe eval` runs it."""
+    code = main(["scan", "--model", str(model_dir), "--probes", "head_basics", "--budget", "quick",
+                 "--out", str(tmp_path / "scan"), "--what-if", "buckets:bases=10000/20000"])
+    assert code != 0 and "rope_theta:theta=" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model_dir), "--task", "kv_words", "--items", "3", "--positions", "0",
+                 "--trials", "1", "--what-if", "buckets:bases=10000/20000", "--out", str(tmp_path / "eval")]) == 0
+    assert "buckets" in capsys.readouterr().out
