@@ -377,10 +377,25 @@ class LayerCapture:
                 return key, positions
         return None
 
-    def pattern_chunks(self, chunk_size: int = 256, queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time.
+    def query_chunk(self, limit: int = 256) -> int:
+        """Queries per pattern chunk on this layer: at most `limit`, fewer where the [b, H, chunk, n] working set of
+        a long context would not fit (`posprobe.devices.query_chunk_size`, the memory estimate `run` checks).
+        Memoised, so every probe reading this capture gets the same chunks and shares the pattern memo."""
+        key = f"query_chunk:{limit}"
+        if key not in self.extras:
+            from posprobe.devices import query_chunk_size
+
+            self.extras[key] = query_chunk_size(self.model, self.n_tokens, int(self.position_ids.shape[0]),
+                                                device=self.device, limit=limit)
+        return int(self.extras[key])
+
+    def pattern_chunks(self, chunk_size: int | None = None,
+                       queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time
+        (None: `query_chunk()`, sized from the memory estimate).
 
         Both are on the layer's device (`device`): reduce them there and move per-layer results to the CPU once."""
+        chunk_size = chunk_size or self.query_chunk()
         queries = torch.arange(self.n_tokens) if queries is None else queries
         queries = queries.to(self.device)
         for start in range(0, len(queries), chunk_size):
@@ -560,7 +575,7 @@ class ModelAccess(abc.ABC):
     def check_memory(self, n_tokens: int, batch: int = 1, *, taps: Iterable[Tap] = (), n_logits: int = 0) -> None:
         """Raise `MemoryBudgetError` when one pass of this shape would not fit in its device's free memory
         (`posprobe.devices.estimate_pass_memory`); called by `run` before every pass."""
-        from posprobe.devices import check_memory, estimate_pass_memory, model_dtype
+        from posprobe.devices import check_memory, estimate_pass_memory, model_dtype, query_chunk_size
 
         facts = self.__dict__.get("_memory_facts")
         if facts is None:  # parameters are walked once per access
@@ -574,8 +589,11 @@ class ModelAccess(abc.ABC):
                                                        model_dtype(model), weights)
         devices, dtype, weights = facts
         reads = bool({Tap(t) for t in taps} & {Tap.PATTERN, Tap.SCORES})
+        device = next((d for d in devices if d.type != "meta"), None)
+        chunk = query_chunk_size(self.info, n_tokens, batch, device=device) if reads else None  # as the probes do
         estimate = estimate_pass_memory(self.info, n_tokens, batch, dtype, reads_attention=reads, n_logits=n_logits,
-                                        weights=weights, pattern_memo_bytes=LayerCapture.PATTERN_MEMO_BYTES)
+                                        query_chunk=chunk, weights=weights,
+                                        pattern_memo_bytes=LayerCapture.PATTERN_MEMO_BYTES)
         check_memory(estimate, devices, dtype=dtype, model_name=self.info.name)
 
     # --- forward passes -------------------------------------------------------------------------------------

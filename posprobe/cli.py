@@ -74,7 +74,7 @@ def scan(
     model: Annotated[list[str] | None, typer.Option(help="model name or path (default: embedded gemma-3-270m); "
                                                        "repeat for one scan per model under OUT")] = None,
     probes: Annotated[str | None, typer.Option(help="comma-separated probe names (default: all that apply)")] = None,
-    budget: Annotated[str, typer.Option(help="quick | standard | full")] = "standard",
+    budget: Annotated[str, typer.Option(help="quick | standard | full | long (the model's full context)")] = "standard",
     seed: Annotated[int, typer.Option(help="seed of every generated input")] = 0,
     backend: Annotated[str | None, typer.Option(help="hf (default) | transformer_lens | nnsight")] = None,
     rank_metric: Annotated[str | None, typer.Option("--rank", help="also write ranking.csv by this metric")] = None,

@@ -167,16 +167,45 @@ def _gib(n: int | float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+# The streaming statistics' per-layer working set (one query chunk) is kept under this many bytes, and under a
+# quarter of the device's free memory: 256-query chunks fit it up to ~40k tokens x 4 heads (Gemma 3 270M at its full
+# 32k context keeps 256), while a 128k-context model with 32 heads reads ~10 queries at a time instead of failing.
+STATISTICS_BYTES = 2**30
+STATISTICS_FACTOR = 6  # float32 [b, H, chunk, n] tensors of one chunk alive at once (scores, probs, entropy terms,
+# a float64 prefix sum = 2); the factor `estimate_pass_memory` charges
+
+
+def statistics_bytes_per_query(info: Any, n_tokens: int, batch: int) -> int:
+    """Bytes of the statistics working set per query of a chunk: STATISTICS_FACTOR float32 rows [b, H, n]."""
+    return STATISTICS_FACTOR * batch * info.n_heads * n_tokens * 4
+
+
+def query_chunk_size(info: Any, n_tokens: int, batch: int = 1, *, device: torch.device | str | None = None,
+                     limit: int = 256, budget_bytes: int | None = None) -> int:
+    """Queries per pattern chunk: the largest chunk <= `limit` whose statistics working set
+    (`statistics_bytes_per_query` x chunk) fits `budget_bytes` (default: min(STATISTICS_BYTES, a quarter of the free
+    memory of `device`; `POSPROBE_MEMORY_LIMIT` caps that). At least 1: a pass that cannot fit one query is refused by
+    `check_memory`. The global (full-attention) layers' [chunk x n] rows are what this bounds at long context."""
+    if budget_bytes is None:
+        budget_bytes = STATISTICS_BYTES
+        free = available_memory(torch.device(device)) if device is not None else None
+        if free is not None:
+            budget_bytes = min(budget_bytes, free // 4)
+    per_query = statistics_bytes_per_query(info, max(1, n_tokens), max(1, batch))
+    return int(max(1, min(limit, budget_bytes // per_query)))
+
+
 def estimate_pass_memory(
     info: Any, n_tokens: int, batch: int, dtype: torch.dtype, *, reads_attention: bool, n_logits: int,
-    query_chunk: int = 256, weights: int = 0, pattern_memo_bytes: int = 256 * 2**20,
+    query_chunk: int | None = None, weights: int = 0, pattern_memo_bytes: int = 256 * 2**20,
 ) -> MemoryEstimate:
     """Estimate of one pass's working set. info: `ModelInfo`; n_logits: positions whose logits are computed.
 
     Activations: ~6 residual-sized and 3 MLP-sized ([b, n, 4 D] assumed) tensors per layer in the model dtype, plus
     q/k/v. Statistics (only when attention is read): one query chunk of float32 scores / probabilities / entropy
     terms [b, H, chunk, n] (x4), a float64 prefix sum of it (x2), and the pattern memo (bounded, see
-    `LayerCapture.PATTERN_MEMO_BYTES`). Logits are float32 [b, n_logits, vocab].
+    `LayerCapture.PATTERN_MEMO_BYTES`). Logits are float32 [b, n_logits, vocab]. query_chunk: queries per chunk
+    (None: `query_chunk_size` with the default budget, as the probes choose it).
     """
     itemsize = torch.empty(0, dtype=dtype).element_size()
     d, d_model = info.head_dim, info.d_model
@@ -184,9 +213,9 @@ def estimate_pass_memory(
                                                  + (info.n_heads + 2 * info.n_kv_heads) * d)
     statistics = 0
     if reads_attention:
-        chunk = min(query_chunk, n_tokens)
+        chunk = min(query_chunk or query_chunk_size(info, n_tokens, batch), n_tokens)
         pattern = batch * info.n_heads * chunk * n_tokens * 4
-        statistics = 6 * pattern + min(pattern_memo_bytes, pattern * max(1, -(-n_tokens // chunk)))
+        statistics = STATISTICS_FACTOR * pattern + min(pattern_memo_bytes, pattern * max(1, -(-n_tokens // chunk)))
     logits = batch * n_logits * info.vocab_size * 4
     return MemoryEstimate(weights=weights, activations=activations, statistics=statistics, logits=logits,
                           n_tokens=n_tokens, batch=batch)

@@ -304,9 +304,8 @@ def shared_texts(access: ModelAccess, budget: Budget, seed: int) -> list[TextSam
 
     from posprobe.tasks.text import text_ids
 
-    limit = access.info.max_positions or max(budget.context_lengths)
     samples = []
-    for length in sorted({min(n, limit) for n in budget.context_lengths}):
+    for length in budget.shared_lengths(access.info.max_positions):  # the model's full context under `long`
         for index in range(budget.n_texts):
             ids = text_ids(access, length, seed=seed * 100_003 + length * 101 + index)
             samples.append(TextSample(torch.tensor([ids]), length, index))

@@ -288,3 +288,52 @@ def test_every_adapter_reports_where_its_weights_are():
         access = posprobe.load_model(model, tokenizer=tokenizer, backend=backend)
         assert isinstance(access.torch_model(), torch.nn.Module), backend
         assert access.input_device == torch.device("cpu") and access.placement()["dtype"] == "float32", backend
+
+
+def test_query_chunks_follow_the_memory_estimate(tiny_rope, monkeypatch):
+    from posprobe import devices
+
+    info = tiny_rope.info
+    per_query = devices.statistics_bytes_per_query(info, 1000, 2)
+    assert per_query == devices.STATISTICS_FACTOR * 2 * info.n_heads * 1000 * 4
+    assert devices.query_chunk_size(info, 1000, 2, budget_bytes=37 * per_query + 5) == 37
+    assert devices.query_chunk_size(info, 1000, 2, budget_bytes=10**12) == 256  # capped at the limit
+    assert devices.query_chunk_size(info, 1000, 2, budget_bytes=1) == 1  # never 0 (check_memory refuses instead)
+    monkeypatch.setenv("POSPROBE_MEMORY_LIMIT", str(4 * 20 * per_query))  # a quarter of the free memory: 20 queries
+    assert devices.query_chunk_size(info, 1000, 2, device="cpu") == 20
+    monkeypatch.delenv("POSPROBE_MEMORY_LIMIT")
+    chunk = devices.query_chunk_size(info, 1000, 2)
+    assert devices.estimate_pass_memory(info, 1000, 2, torch.float32, reads_attention=True, n_logits=0) == \
+        devices.estimate_pass_memory(info, 1000, 2, torch.float32, reads_attention=True, n_logits=0, query_chunk=chunk)
+    monkeypatch.setattr(devices, "STATISTICS_BYTES", 7 * devices.statistics_bytes_per_query(info, 60, 1))
+    seen = {}
+
+    def on_layer(cap):
+        seen[cap.layer] = (cap.query_chunk(), [len(q) for q, _ in cap.pattern_chunks(queries=torch.arange(20))])
+
+    tiny_rope.run(torch.randint(4, 200, (1, 60)), taps={Tap.PATTERN}, on_layer=on_layer)
+    assert seen and all(v == (7, [7, 7, 6]) for v in seen.values())
+
+
+def test_streaming_results_do_not_depend_on_the_query_chunk(tiny_rope, monkeypatch):
+    from posprobe import devices
+
+    reference = posprobe.scan(tiny_rope, probes=STREAMING, budget=TINY_BUDGET, progress=False)
+    monkeypatch.setattr(devices, "STATISTICS_BYTES", 5 * devices.statistics_bytes_per_query(tiny_rope.info, 80, 1))
+    calls = []
+    original = LayerCapture.pattern_chunks
+
+    def spy(self, chunk_size=None, queries=None):
+        for index, probs in original(self, chunk_size, queries):
+            calls.append((self.n_tokens, len(index)))
+            yield index, probs
+
+    monkeypatch.setattr(LayerCapture, "pattern_chunks", spy)
+    chunked = posprobe.scan(tiny_rope, probes=STREAMING, budget=TINY_BUDGET, progress=False)
+    at_80 = [size for n, size in calls if n == 80]
+    assert at_80 and max(at_80) == 5 < 24  # the 80-token texts' 24 sampled queries really were read 5 at a time
+    _metrics_close(reference, chunked)
+    a, b = reference.curves, chunked.curves
+    assert a[["probe", "curve", "series", "layer", "head", "x"]].equals(b[["probe", "curve", "series", "layer", "head",
+                                                                           "x"]])
+    np.testing.assert_allclose(a["y"].to_numpy(float), b["y"].to_numpy(float), rtol=1e-5, atol=1e-6, equal_nan=True)

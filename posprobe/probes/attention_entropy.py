@@ -22,7 +22,7 @@ from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextS
 
 @dataclass(frozen=True)
 class AttentionEntropyConfig:
-    chunk_size: int = 256  # queries per pattern chunk
+    chunk_size: int = 256  # queries per pattern chunk, at most (fewer where memory asks: LayerCapture.query_chunk)
     n_sink: int = 1  # keys dropped for entropy_nosink: BOS / position 0 is the usual attention sink
     n_position_buckets: int = 14  # log2 buckets of query position: [1,2), [2,4), ... up to 8k
 
@@ -68,7 +68,7 @@ class _Reducer:
         def add(name: str, value: torch.Tensor) -> None:
             local[name] = value if name not in local else local[name] + value
 
-        for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
+        for qidx, probs in cap.pattern_chunks(cap.query_chunk(cfg.chunk_size), queries):
             b = probs.shape[0]
             terms = torch.special.entr(probs)  # [b, H, cq, n] in the pattern's dtype (float32+), summed in `acc`
             h = terms.sum(-1, dtype=acc)  # [b, H, cq]

@@ -82,6 +82,9 @@ class Budget:
     max_queries: int  # query positions sampled per sequence for attention statistics (evenly spaced)
     level: str = ""  # which level the probes' budget knobs follow; "" = `name` if it is a level, else "standard"
     probes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # probe -> knob -> value overrides
+    # True: the shared text passes are one text per sample at the model's full context (ModelInfo.max_positions;
+    # max(context_lengths) for a model without one); context_lengths are then the task probes' lengths only
+    full_context: bool = False
     retrieval_trials: InitVar[int | None] = None  # posprobe 0.1 keywords: see LEGACY_BUDGET_FIELDS
     bias_trials: InitVar[int | None] = None
     implicit_sequences: InitVar[int | None] = None
@@ -109,15 +112,25 @@ class Budget:
             return self.probes[probe][knob]
         return budget_knobs(config_cls)[knob][self.level]
 
+    def shared_lengths(self, max_positions: int | None) -> tuple[int, ...]:
+        """Lengths of the shared text passes on a model that supports `max_positions` (None: no limit):
+        `context_lengths` clipped to it, or the model's full context when `full_context`."""
+        limit = max_positions or max(self.context_lengths)
+        if self.full_context:
+            return (int(limit),)
+        return tuple(sorted({min(n, limit) for n in self.context_lengths}))
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "context_lengths": list(self.context_lengths), "n_texts": self.n_texts,
                 "max_queries": self.max_queries, "level": self.level,
-                "probes": {probe: dict(knobs) for probe, knobs in self.probes.items()}}
+                "probes": {probe: dict(knobs) for probe, knobs in self.probes.items()},
+                **({"full_context": True} if self.full_context else {})}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Budget:
         """A Budget from `to_dict()` output, or from the meta["budget"] of a posprobe 0.1 scan (legacy fields)."""
-        known = {"name", "context_lengths", "n_texts", "max_queries", "level", "probes", *LEGACY_BUDGET_FIELDS,
+        known = {"name", "context_lengths", "n_texts", "max_queries", "level", "probes", "full_context",
+                 *LEGACY_BUDGET_FIELDS,
                  "implicit_mlp"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -133,6 +146,13 @@ BUDGETS: dict[str, Budget] = {
         Budget("quick", context_lengths=(256, 512), n_texts=2, max_queries=128),
         Budget("standard", context_lengths=(512, 1024, 2048), n_texts=4, max_queries=256),
         Budget("full", context_lengths=(512, 1024, 2048, 4096), n_texts=8, max_queries=512),
+        # One text at the model's full context (32768 tokens on Gemma 3 270M) for the streaming probes; needles at
+        # 8k / 16k / 32k (clipped to the model) and the attention-level U-curve at 16k. Quick-level sample counts:
+        # a 32k pass costs minutes on a CPU. Memory stays bounded: query chunks follow the memory estimate
+        # (`posprobe.devices.query_chunk_size`) and task probes read attention at their answer / last rows only.
+        Budget("long", context_lengths=(8192, 16384, 32768), n_texts=1, max_queries=256, level="quick",
+               full_context=True, probes={"retrieval": {"n_trials": 6},
+                                          "position_bias": {"context_length": 16384, "n_contexts": 2}}),
     )
 }
 

@@ -25,7 +25,9 @@ from posprobe.probes.rank_correlation import spearman_rows
 
 @dataclass(frozen=True)
 class HeadBasicsConfig:
-    chunk_size: int = 256  # queries per pattern chunk: bounds memory at chunk_size x n x heads floats
+    # queries per pattern chunk, at most: bounds memory at chunk_size x n x heads floats; fewer where the memory
+    # estimate says a long context's [chunk x n] rows would not fit (LayerCapture.query_chunk)
+    chunk_size: int = 256
     pairs_per_sample: int = 4000  # (query, key) pairs per head per text for the Spearman correlation: keys drawn
     # uniformly from each sampled query's visible non-sink keys, so every query weighs the same
     n_distance_bins: int = 16  # log2 distance bins of the attention-vs-distance curve: 0, 1, 2-3, 4-7, ...
@@ -104,7 +106,7 @@ class _Reducer:
         logd: list[torch.Tensor] = []
         rows_index = self.sample.indices if self.sample is not None else (0,)
         generators = [torch.Generator().manual_seed(self._pair_seed(index, layer)) for index in rows_index]
-        for qidx, probs in cap.pattern_chunks(cfg.chunk_size, queries):
+        for qidx, probs in cap.pattern_chunks(cap.query_chunk(cfg.chunk_size), queries):
             b = probs.shape[0]  # every row of a batch is its own text: sums over rows, counts of rows x queries
             rows = torch.arange(len(qidx), device=qidx.device)
             chunk_sink = probs[:, :, :, 0].sum((0, 2), dtype=acc)

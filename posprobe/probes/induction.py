@@ -115,7 +115,7 @@ _TEMPLATES = {"induction": induction_template, "duplicate": duplicate_token_temp
 def add_template_chunks(accs: dict[str, TemplateScores], cap: LayerCapture, ids: Tensor, queries: Tensor,
                         chunk_size: int) -> None:
     """Feed the patterns of `queries` (chunk by chunk) to the induction and duplicate accumulators."""
-    for qidx, probs in cap.pattern_chunks(chunk_size, queries):
+    for qidx, probs in cap.pattern_chunks(cap.query_chunk(chunk_size), queries):  # fewer where memory asks
         for name, acc in accs.items():
             acc.add(cap.layer, qidx, probs, torch.stack([template_rows(_TEMPLATES[name], qidx, row) for row in ids]))
 

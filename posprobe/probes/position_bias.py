@@ -46,10 +46,13 @@ from posprobe.tasks.base import Prompt, Task
 class PositionBiasConfig:
     # budget knobs: a field left at None takes its value from the scan's budget level (docs: "Budgets")
     BUDGET_KNOBS: ClassVar[dict[str, dict[str, Any]]] = {"n_contexts": per_level(4, 12, 40),
-                                                         "doc_trials": per_level(4, 12, 40)}
+                                                         "doc_trials": per_level(4, 12, 40),
+                                                         "context_length": per_level(512, 512, 512)}
     n_bins: int = 12  # relative key-position bins; a multiple of 3 so the "middle third" is whole bins
     n_query: int = 16  # last queries per context: the end of a prompt, where an answer would be produced
-    context_length: int = 512  # filler tokens; 512 = Gemma 3's sliding window, so every layer sees every key
+    # filler tokens; None: the budget's (512 at every level: Gemma 3's sliding window, so every layer sees every
+    # key; the `long` budget reads 16384)
+    context_length: int | None = None
     n_contexts: int | None = None  # filler contexts; None: the budget's (BUDGET_KNOBS)
     doc_task: str = "multidoc"  # task whose item spans are the documents of the document-level curve
     doc_items: int = 10  # documents (slots) per prompt; the gold document visits every slot

@@ -43,7 +43,9 @@ class PositionalHeadsConfig:
     # The definition counts every key at distance >= D, including the BOS sink (j = 0 is at distance i from every
     # query), so long_mass is mostly sink mass in models with a strong sink. True drops key 0 from the long sums.
     exclude_sink: bool = False
-    pattern_chunk: int = 256  # queries per pattern chunk: same as head_basics, so the capture's pattern memo is shared
+    # queries per pattern chunk, at most: as head_basics (LayerCapture.query_chunk), so the capture's pattern memo is
+    # shared
+    pattern_chunk: int = 256
 
 
 def spearman_by_chunk(values: np.ndarray) -> float:

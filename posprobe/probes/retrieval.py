@@ -128,7 +128,7 @@ def score_batch(access: ModelAccess, trials: Sequence[NeedleTrial],
             on_device["ids"] = batch.input_ids.to(cap.device)
         ids = on_device["ids"]
         hits = [torch.zeros(info.n_heads, stop - start, dtype=torch.bool, device=cap.device) for start, stop in spans]
-        for qidx, probs in cap.pattern_chunks(config.chunk_size, queries):
+        for qidx, probs in cap.pattern_chunks(cap.query_chunk(config.chunk_size), queries):  # fewer if memory asks
             for r, (start, stop) in enumerate(spans):
                 mine = torch.isin(qidx, row_queries[r].to(qidx.device))
                 if not bool(mine.any()):
@@ -293,9 +293,13 @@ def mode_agreement(a: ProbeResult, b: ProbeResult) -> dict[str, Any]:
 
 
 def context_lengths(access: ModelAccess, lengths: Sequence[int], config: RetrievalConfig) -> list[int]:
-    """The probe's lengths clipped to [shortest prompt that fits, min(max_context_length, model maximum)]."""
+    """The probe's lengths clipped to [shortest prompt that fits, min(max_context_length, model maximum minus the
+    answer)]: the scoring pass appends the answer (teacher-forced) or the generated tokens to the prompt, so a prompt
+    at the model's full context (the `long` budget) leaves room for them."""
     low = minimum_context_length(access, config.task, config.n_digits)
-    high = min(access.info.max_positions or math.inf, config.max_context_length or math.inf)
+    answer_room = config.n_digits + 2 + (config.extra_new_tokens if config.mode == "generate" else 0)
+    model_high = access.info.max_positions - answer_room if access.info.max_positions else math.inf
+    high = min(model_high, config.max_context_length or math.inf)
     if high < low:
         raise ProbeError(f"The retrieval probe needs contexts of at least {low} tokens for its {config.task} prompt, "
                          f"but at most {high} are allowed (model maximum / RetrievalConfig.max_context_length). "

@@ -264,7 +264,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
     max_error = 0.0
     first = True
     window = layer.sliding_window
-    for cidx, chunk_probs in cap.pattern_chunks(pattern_chunk, queries):
+    for cidx, chunk_probs in cap.pattern_chunks(cap.query_chunk(pattern_chunk), queries):
         _, _, q_chunk, _ = visible_keys(cap, cidx)
         qc_chunk, qr_chunk = split_chunks(q_chunk, layer)  # [b, H, cq, c, 2], [b, H, cq, rest]
         step = block_size or chunk_block_size(b * heads, n_chunks, min(int(cidx.max()) + 1, window or cap.n_tokens))
@@ -318,7 +318,7 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
     acc = accumulator_dtype(cap.device)
     signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=acc, device=cap.device)
     mass = torch.zeros(model.n_heads, dtype=acc, device=cap.device)
-    for qidx, probs in cap.pattern_chunks(pattern_chunk, queries):
+    for qidx, probs in cap.pattern_chunks(cap.query_chunk(pattern_chunk), queries):
         start, stop, q, k = visible_keys(cap, qidx)
         stop = min(stop, int(qidx.max()) - distance + 1)  # keys past this are nearer than D to every query
         if stop <= start:

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
+import torch
 
 import posprobe
 from posprobe.access import Tap
@@ -245,3 +246,41 @@ def test_old_table_names_load_under_the_new_ones(tmp_path):
     with pytest.raises(KeyError):
         loaded.tables["no_such_table"]
     assert set(LEGACY_TABLE_NAMES.values()) == {"retrieval.trials", "retrieval.copies", "position_bias.documents"}
+
+
+def test_the_long_budget_reads_one_text_at_the_models_full_context():
+    long = BUDGETS["long"]
+    assert long.full_context and long.n_texts == 1 and long.level == "quick"
+    assert long.shared_lengths(32768) == (32768,) and long.shared_lengths(600) == (600,)
+    assert long.shared_lengths(None) == (max(long.context_lengths),)  # a model without a maximum: the longest
+    assert BUDGETS["quick"].shared_lengths(300) == (256, 300)  # the others: their lengths, clipped
+    assert Budget.from_dict(json.loads(json.dumps(long.to_dict()))) == long
+    assert "full_context" not in BUDGETS["standard"].to_dict()  # older budget records are unchanged
+    assert resolve_budget("position_bias", PositionBiasConfig(), long).context_length == 16384
+    assert resolve_budget("retrieval", RetrievalConfig(), long).n_trials == 6
+    for level in BUDGET_LEVELS:
+        assert resolve_budget("position_bias", PositionBiasConfig(), BUDGETS[level]).context_length == 512
+
+
+@pytest.mark.filterwarnings("ignore:retrieval. the model answered none")  # a random model answers no needle
+def test_a_long_scan_runs_every_pass_at_the_models_maximum():
+    from posprobe.models import tiny_model, wrap
+
+    model, tokenizer = tiny_model("rope", max_positions=2048)  # the multidoc prompts need ~1.6k
+    access = wrap(model, tokenizer=tokenizer, name="tiny-rope-2048")
+    seen: list[int] = []
+    original = access.run
+
+    def spy(input_ids, **kwargs):
+        seen.append(int(torch.as_tensor(input_ids).shape[-1]))
+        return original(input_ids, **kwargs)
+
+    access.run = spy
+    scan = posprobe.scan(access, probes=["head_basics", "retrieval", "position_bias"], budget="long", progress=False)
+    assert scan.meta["budget"]["name"] == "long" and scan.meta["budget"]["full_context"] is True
+    assert seen[0] == 2048  # the shared text pass: one text at the full context
+    # needles at 8k / 16k / 32k, clipped to the model with room for the answer (7 digits + 2)
+    assert set(scan.tables["retrieval.trials"]["context_length"]) == {2048 - 9}
+    assert scan.meta["probes"]["position_bias"]["context_length"] == 16384
+    assert scan.meta["summaries"]["position_bias"]["context_length"] == 2048
+    assert scan.heads["sink_mass"].notna().all()
