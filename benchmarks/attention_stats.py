@@ -133,7 +133,10 @@ def run_isolated(case: str, n_tokens: int, model_name: str, timeout: float = 180
            "--model", model_name, "--batch", str(batch)]
     cmd += ["--device", device] if device else []
     cmd += ["--dtype", dtype] if dtype else []
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"case": case, "tokens": n_tokens, "batch": batch, "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
