@@ -613,6 +613,13 @@ class HFAccess(ModelAccess):
             )
             return out.logits
 
+    def new_kv_cache(self) -> Any:
+        """An empty decoder KV cache for this model (what `greedy` uses; what-ifs that decode several passes in
+        lockstep keep one each)."""
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
     def greedy(
         self, input_ids: Any, max_new_tokens: int, *, stop_ids: Sequence[int] = (), edits: Sequence[Edit] = ()
     ) -> Tensor:

@@ -25,7 +25,7 @@ def average_ranks(values: np.ndarray) -> np.ndarray:
     starts = np.ones((rows, m), dtype=bool)  # True where a run of equal values starts (every row's first value)
     starts[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
     first = np.flatnonzero(starts.reshape(-1))  # flat index of each run's first value
-    size = np.diff(np.append(first, rows * m))  # runs never cross rows: each row starts a run
+    size: np.ndarray = np.diff(np.append(first, rows * m))  # runs never cross rows: each row starts a run
     begin = first % m  # the run's 0-based position in its row's sorted order
     mean_rank = begin + (size + 1) / 2  # average of the 1-based ranks begin + 1 .. begin + size
     ranks = np.empty((rows, m))

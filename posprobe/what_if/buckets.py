@@ -182,8 +182,6 @@ def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_i
     """Greedy decoding from the combined distribution: each pass keeps its own KV cache, every step runs each pass
     on the new token under its base and picks the argmax of the combined logits. Edits that scale only the last
     query (positional_dimension) define a token's states by whether it is last: the prefix is recomputed instead."""
-    from transformers import DynamicCache
-
     from posprobe.access import ProjectionInputEdit
     from posprobe.adapters._compat import cache_kwargs
 
@@ -193,7 +191,7 @@ def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_i
     ids = access._check_ids(input_ids)
     access._validate_edits(all_edits)
     model = access.model
-    caches = [DynamicCache(config=model.config) for _ in passes]
+    caches = [access.new_kv_cache() for _ in passes]
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     step_ids = ids
     pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
