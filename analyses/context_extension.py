@@ -83,6 +83,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (held out: nothing is tuned here)")
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the passkey / key-value accuracy")
+    parser.add_argument("--loss", action="store_true", help="also measure the next-token loss by position on "
+                        "generated text at each length (one pass per text and method: cheap next to the tasks)")
+    parser.add_argument("--loss-texts", type=int, default=2, help="texts per length for --loss")
+    parser.add_argument("--loss-stride", type=int, default=8, help="score every STRIDE-th position for --loss")
     parser.add_argument("--device", default=None, help="device for the full variant (e.g. cuda)")
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per greedy call (default: all depths "
                         "in quick, 1 in full: one long prompt at a time)")
@@ -158,6 +163,42 @@ def evaluate(access: Any, name: str, spec: Any, lengths: list[int], trials: int,
                                  prompt_tokens=table.attrs.get("prompt_tokens"))
             rows.append(table)
     return rows
+
+
+def loss_by_position(access: Any, name: str, spec: Any, lengths: list[int], n_texts: int, seed: int,
+                     stride: int) -> pd.DataFrame:
+    """Next-token negative log-likelihood at every `stride`-th position of seeded generated text (posprobe.tasks.text,
+    the scan's text source) filling each length, under `spec`. Past the native window a method that keeps positions
+    in distribution keeps this flat; plain RoPE extrapolation shows where it breaks. Logits are read only at the
+    scored positions."""
+    import torch
+
+    from posprobe.tasks.text import text_ids
+
+    rows = []
+    for length in lengths:
+        positions = list(range(0, length - 1, stride))
+        for index in range(n_texts):
+            ids = torch.tensor([text_ids(access, length, seed=seed * 100_003 + length * 101 + index)])
+            start = time.perf_counter()
+            with spec.applied(access):
+                logits = access.run(ids, logits=positions).logits
+            seconds = time.perf_counter() - start
+            logp = torch.log_softmax(logits[0].double(), -1)
+            nll = -logp.gather(-1, ids[0, [p + 1 for p in positions]][:, None])[:, 0]
+            rows += [{"method": name, "length": length, "text": index, "position": p, "nll": v, "seconds": seconds}
+                     for p, v in zip(positions, nll.tolist())]
+            print(f"    loss {name} {length} text {index}: {seconds:.0f} s", flush=True)
+    return pd.DataFrame(rows)
+
+
+def loss_table(loss: pd.DataFrame, native: int) -> pd.DataFrame:
+    """Mean NLL per method in position bands of native / 4 (rows: method; columns: band start..stop)."""
+    band = max(1, native // 4)
+    frame = loss.assign(band=(loss["position"] // band) * band)
+    table = frame.groupby(["method", "band"], sort=False)["nll"].mean().unstack("band")
+    table.columns = [f"{int(c)}-{int(c) + band}" for c in table.columns]
+    return table
 
 
 def pooled(by_depth: pd.DataFrame) -> pd.DataFrame:
@@ -260,11 +301,27 @@ def main() -> None:
             raise SystemExit(f"Unknown method(s) {unknown}; choose from {sorted(specs)}.")
         specs = {k: v for k, v in specs.items() if k in args.methods}
     lengths = args.lengths or [int(native * r) for r in (args.ratios or RATIOS)]
-    frames = []
+    frames, losses = [], []
     for name, spec in specs.items():
         print(f"[{time.perf_counter() - started:7.1f}s] {name}", flush=True)
-        frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
-                           args.batch_size or (None if args.variant == "quick" else 1))
+        if args.loss:
+            losses.append(loss_by_position(access, name, spec, lengths, args.loss_texts, args.seed,
+                                           args.loss_stride))
+        if not args.no_accuracy:
+            frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
+                               args.batch_size or (None if args.variant == "quick" else 1))
+    if losses:
+        loss = pd.concat(losses, ignore_index=True)
+        loss.to_csv(out / "loss_by_position.csv", index=False)
+        bands = loss_table(loss, native)
+        bands.to_csv(out / "loss_by_band.csv")
+        print("next-token NLL by position band (nats):\n" + bands.to_markdown(floatfmt=".2f"), flush=True)
+    if args.no_accuracy:
+        (out / "summary.json").write_text(json.dumps({
+            "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
+            "seed": args.seed, "wall_seconds": time.perf_counter() - started,
+            "methods": {k: v.describe(access) for k, v in specs.items()}}, indent=2, default=str))
+        return
     by_depth = pd.concat(frames, ignore_index=True)
     acc = pooled(by_depth)
     scan = None if args.no_rescan else rescan(access, {k: v for k, v in specs.items()}, native, args.variant)
