@@ -111,7 +111,10 @@ def choose_layout(info: ModelInfo, config: PatternExamplesConfig, lengths: list[
     Full rows when `full_rows` is True or (None and) their estimate fits max_megabytes; else top_k keys per query.
     The third item says why even that does not fit (None when it does, or when `enabled=True` forces storing).
     """
-    budget = (config.max_megabytes or 0) * 2**20
+    # max_megabytes None (a config not resolved against a budget, e.g. the support matrix): the standard level's
+    megabytes = (config.max_megabytes if config.max_megabytes is not None
+                 else PatternExamplesConfig.BUDGET_KNOBS["max_megabytes"]["standard"])
+    budget = megabytes * 2**20
     longest = max(lengths)
     full = estimate_bytes(info, lengths, longest)
     if config.full_rows or (config.full_rows is None and full <= budget):
@@ -121,7 +124,7 @@ def choose_layout(info: ModelInfo, config: PatternExamplesConfig, lengths: list[
         return "top_k", config.top_k, None
     return "top_k", config.top_k, (
         f"the stored patterns would take ~{top / 2**20:.1f} MB ({info.n_layers * info.n_heads} heads x "
-        f"{len(lengths)} examples x top {config.top_k} keys per query), over this budget's {config.max_megabytes:g} "
+        f"{len(lengths)} examples x top {config.top_k} keys per query), over this budget's {megabytes:g} "
         f"MB; store them anyway with configs={{'pattern_examples': PatternExamplesConfig(enabled=True)}} or raise "
         f"max_megabytes (Budget probes={{'pattern_examples': {{'max_megabytes': ...}}}})")
 
