@@ -27,9 +27,12 @@ Variants:
   [9, n, n] float32 logits of ~10 GB at 16k), but slowly on a CPU: a GPU (--device cuda) is the place for it. The
   grid is configurable for a reduced real run: --ratios / --lengths, --depths, --trials, --methods, e.g.
   `--variant full --ratios 1 1.5 --depths 3 --trials 5 --methods plain yarn self_extend buckets --no-rescan`.
-  It was not run in the sessions that wrote this script.
+  The full grid has not been run yet (no GPU so far). `--loss --no-accuracy` measures next-token loss by position
+  instead: one pass per text and method, a real reading on a small model whose exact-match accuracy is 0 past a
+  few thousand tokens (README: SmolLM2-135M at 16k under plain / yarn / ntk / dynamic / pi).
 
-Writes `accuracy.csv`, `accuracy_by_depth.csv`, `rescan.csv`, `summary.json` and `report.md` to --out.
+Writes `accuracy.csv`, `accuracy_by_depth.csv`, `rescan.csv`, `summary.json` and `report.md` to --out (with
+`--loss`: `loss_by_position.csv`, `loss_by_band.csv`).
 Command: `python analyses/context_extension.py --variant quick --out outputs/context_extension_quick`.
 """
 
