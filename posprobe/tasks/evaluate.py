@@ -327,10 +327,8 @@ def position_sweep(
     that can be checked without the model (task, intervention text, specs bound to another access) is checked
     before the model is loaded.
     """
-    import datetime as _dt
-
     from posprobe.models import load_model
-    from posprobe.scan import HEAD_ID_COLUMNS, Scan, _jsonable, _versions
+    from posprobe.scan import results_scan
     from posprobe.tasks.registry import get_task
 
     started = time.time()
@@ -359,27 +357,15 @@ def position_sweep(
         described.append({"label": label, "intervention": table.attrs["intervention"],
                           "n_errors": table.attrs["n_errors"], "seconds": table.attrs["seconds"],
                           "tokens_per_second": table.attrs["tokens_per_second"]})
-    info = access.info
-    heads = pd.DataFrame([(layer, head, info.kv_head(head), info.layers[layer].layer_type)
-                          for layer in range(info.n_layers) for head in range(info.n_heads)], columns=HEAD_ID_COLUMNS)
-    curves = pd.DataFrame({"probe": pd.Series(dtype="object"), "curve": pd.Series(dtype="object"),
-                           "series": pd.Series(dtype="object"), "layer": pd.Series(dtype="int64"),
-                           "head": pd.Series(dtype="int64"), "x": pd.Series(dtype="float64"),
-                           "y": pd.Series(dtype="float64")})
     summary = pd.concat(summaries, ignore_index=True)
     summary = summary[["intervention", *[c for c in summary.columns if c != "intervention"]]]
-    meta = {
-        "model": info.name, "backend": access.backend, "weights_hash": access.weights_hash(),
-        "model_info": info.to_dict(), "probes": {}, "skipped": {}, "summaries": {},
-        "budget": {"name": "evaluate"}, "seed": seed, "text_source": None, "versions": _versions(),
-        "evaluate": {"task": task_obj.name, "task_config": _describe(task_obj), "n_items": sizes,
-                     "gold_positions": sorted(set(summary["gold_position"].tolist())), "n_trials": n_trials,
-                     "conditions": described},
-        "timings_s": {"total": time.time() - started},
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return Scan(heads, curves, _jsonable(meta), {f"evaluate.{task_obj.name}": summary,
-                                                 "evaluate.trials": pd.concat(trials, ignore_index=True)})
+    return results_scan(  # provenance (model, backend, weights_hash, model_info, versions, created) as scan()'s
+        access, tables={f"evaluate.{task_obj.name}": summary, "evaluate.trials": pd.concat(trials, ignore_index=True)},
+        budget={"name": "evaluate"}, seed=seed, text_source=None,
+        evaluate={"task": task_obj.name, "task_config": _describe(task_obj), "n_items": sizes,
+                  "gold_positions": sorted(set(summary["gold_position"].tolist())), "n_trials": n_trials,
+                  "conditions": described},
+        timings_s={"total": time.time() - started})
 
 
 __all__ = ["evaluate_positions", "even_positions", "position_sweep", "summarize_trials", "trial_seed",

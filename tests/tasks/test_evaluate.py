@@ -228,7 +228,7 @@ def test_gemma_answers_the_first_position(gemma):
 
 
 def test_position_sweep_is_a_scan_of_every_condition_on_the_same_trials(tiny_rope, tmp_path):
-    from posprobe.scan import load
+    from posprobe.scan import empty_curves, head_ids, load, provenance
     from posprobe.tasks.evaluate import position_sweep
 
     dims = list(range(0, tiny_rope.info.d_model, 2))
@@ -244,6 +244,8 @@ def test_position_sweep_is_a_scan_of_every_condition_on_the_same_trials(tiny_rop
     conditions = scan.meta["evaluate"]["conditions"]
     assert [c["label"] for c in conditions] == summary["intervention"].unique().tolist()
     assert conditions[1]["intervention"]["resolved"]["layers"] == "0:2"
+    assert scan.heads.equals(head_ids(tiny_rope.info)) and scan.curves.equals(empty_curves())
+    assert set(provenance(tiny_rope)) <= set(scan.meta) and scan.meta["weights_hash"] == tiny_rope.weights_hash()
     scan.save(tmp_path / "sweep")
     assert load(tmp_path / "sweep").equals(scan)
     with pytest.raises(InputError, match="twice"):
