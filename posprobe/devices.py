@@ -126,7 +126,7 @@ def placement(model: Any) -> dict[str, Any]:
             devices[str(p.device)] = devices.get(str(p.device), 0) + p.numel()
             dtypes[dtype_name(p.dtype)] = dtypes.get(dtype_name(p.dtype), 0) + p.numel()
         out["devices"] = sorted(devices)
-        out["dtype"] = max(dtypes, key=dtypes.get) if dtypes else None
+        out["dtype"] = max(dtypes, key=dtypes.__getitem__) if dtypes else None
         out["dtypes"] = sorted(dtypes)
     device_map = getattr(model, "hf_device_map", None)
     out["device_map"] = {str(k): str(v) for k, v in device_map.items()} if device_map else None
@@ -140,7 +140,7 @@ def model_dtype(model: Any) -> torch.dtype:
         for p in model.parameters():
             if p.dtype.is_floating_point:
                 counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
-    return max(counts, key=counts.get) if counts else torch.float32
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
 # ---------------------------------------------------------------------------------------------------------------
