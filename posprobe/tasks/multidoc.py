@@ -92,8 +92,8 @@ class MultiDoc(Task):
         for slot, item in enumerate(order):
             if slot:
                 segments.append(Segment("\n"))
-            title, body = docs[item]
-            segments.append(Segment(f"Document [{slot + 1}](Title: {title}) {body}", item=True))
+            title, text = docs[item]
+            segments.append(Segment(f"Document [{slot + 1}](Title: {title}) {text}", item=True))
         answer_lead = " " + fact.split("{a}")[0].format(e=entities[0]).rstrip() if self.lead else ""
         segments.append(Segment(f"\n\nQuestion: {question.format(e=entities[0])}\nAnswer:{answer_lead}"))
         return build_prompt(access, segments, answer=answers[0], answer_prefix=" ", gold_index=gold_index,
