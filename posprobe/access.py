@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from posprobe.errors import ContextLengthError, InputError, InterventionError
+from posprobe.errors import ContextLengthError, InputError, InterventionError, UnsupportedModelError
 from posprobe.types import KeyMask, Pattern, QueryIndex, Scores
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -81,6 +81,11 @@ class LayerInfo:
         """w_k = theta ** (-2k / r), k = 0 fastest. Unscaled base frequencies (rope_scaling is reported separately)."""
         if not self.has_rope:
             return np.zeros(0)
+        if self.rotary_dim is None or self.rope_theta is None:
+            raise UnsupportedModelError(
+                f"Layer {self.index} is a RoPE layer without rotary_dim / rope_theta (got {self.rotary_dim!r} / "
+                f"{self.rope_theta!r}), so its chunk frequencies are undefined. The adapter that read the model's "
+                f"config must set both (or mark the layer Positional.NONE).")
         r = float(self.rotary_dim)
         return self.rope_theta ** (-2.0 * np.arange(self.n_chunks) / r)
 
@@ -307,15 +312,16 @@ class LayerCapture:
     def _source(self) -> Callable[[Tensor], Tensor]:
         if self.pattern_source is not None:
             return self.pattern_source
-        if self.q is None or self.k is None:
+        q, k = self.q, self.k
+        if q is None or k is None:
             raise RuntimeError("LayerCapture has no pattern: request Tap.PATTERN (or Tap.Q and Tap.K).")
-        return self._pattern_from_qk
+        return lambda query_index: self._pattern_from_qk(q, k, query_index)
 
-    def _pattern_from_qk(self, query_index: Tensor) -> Tensor:
+    def _pattern_from_qk(self, q: Tensor, k: Tensor, query_index: Tensor) -> Tensor:
         start, stop = query_key_range(query_index, self.info.sliding_window)
         probs = attention_probs(
-            self.q[:, :, query_index],
-            self.k[:, :, start:stop],
+            q[:, :, query_index],
+            k[:, :, start:stop],
             query_index,
             scale=self.info.attn_scale if self.info.attn_scale is not None else self.model.attn_scale,
             softcap=self.info.attn_softcap if self.info.attn_scale is not None else self.model.attn_softcap,
@@ -372,7 +378,7 @@ class LayerCapture:
         for key, held in self.extras.get("pattern_memo_sorted", ()):
             if not len(wanted) or wanted[0] < held[0] or wanted[-1] > held[-1]:
                 continue
-            positions = np.searchsorted(held, wanted)
+            positions = np.asarray(np.searchsorted(held, wanted))
             if np.array_equal(held[np.minimum(positions, len(held) - 1)], wanted):
                 return key, positions
         return None
@@ -528,6 +534,14 @@ class RunResult:
     logits: Tensor | None  # [b, n_kept, vocab]
     logit_positions: Tensor | None  # [n_kept] sequence indices the logits belong to
 
+    def requested_logits(self) -> Tensor:
+        """`logits`, for a run that asked for some (`run(logits=...)` other than "none")."""
+        if self.logits is None:
+            raise RuntimeError("The model access returned no logits for a run that asked for them: a run with "
+                               "logits='none' (the default) computes none; pass logits='last', 'all' or positions. "
+                               "An adapter whose _forward drops them is broken.")
+        return self.logits
+
 
 LayerCallback = Callable[[LayerCapture], None]
 
@@ -580,12 +594,13 @@ class ModelAccess(abc.ABC):
         facts = self.__dict__.get("_memory_facts")
         if facts is None:  # parameters are walked once per access
             model = self.torch_model()
-            devices, weights = set(), 0
+            found: set[torch.device] = set()
+            weights = 0
             if isinstance(model, torch.nn.Module):
                 for p in model.parameters():
-                    devices.add(p.device)
+                    found.add(p.device)
                     weights += p.numel() * p.element_size() if p.device.type != "meta" else 0
-            facts = self.__dict__["_memory_facts"] = (sorted(devices or {torch.device("cpu")}, key=str),
+            facts = self.__dict__["_memory_facts"] = (sorted(found or {torch.device("cpu")}, key=str),
                                                        model_dtype(model), weights)
         devices, dtype, weights = facts
         reads = bool({Tap(t) for t in taps} & {Tap.PATTERN, Tap.SCORES})
@@ -668,7 +683,7 @@ class ModelAccess(abc.ABC):
         self._validate_edits(edits)
         new: list[Tensor] = []
         for _ in range(max_new_tokens):
-            logits = self.run(ids, logits="last", edits=edits).logits[:, -1]
+            logits = self.run(ids, logits="last", edits=edits).requested_logits()[:, -1]
             nxt = logits.argmax(-1, keepdim=True).to(ids.device)
             new.append(nxt)
             ids = torch.cat([ids, nxt], dim=1)
