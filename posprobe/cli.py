@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -26,7 +26,7 @@ class Format(str, Enum):
     parquet = "parquet"
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     typer.echo(f"posprobe: error: {message}", err=True)
     raise typer.Exit(code=2)
 
@@ -112,7 +112,6 @@ def scan(
         if examples == "on" and names is not None and "pattern_examples" not in names:
             names.append("pattern_examples")
     what_ifs = [parse(text) for text in what_if or []]  # a bad spec fails before anything is loaded
-    hardware = {"device": device, "dtype": dtype, "batch_size": batch_size, "remote": remote}
     if model and len(model) > 1 and (device or dtype or batch_size != 1 or remote):
         raise typer.BadParameter("--device / --dtype / --batch-size / --remote apply to one --model at a time; "
                                  "run one `posprobe scan` per model", param_hint="--model")
@@ -126,7 +125,7 @@ def scan(
                                model_only_names=True, what_ifs=what_if or [None])
         _run_sweep(spec, out, rank_metric)
         return
-    model = model[0] if model else None
+    model_name = model[0] if model else None
     state = check_output_dir(out, marker="manifest.json")  # before any model is loaded: a bad --out costs nothing
     if state == "overwrite":
         typer.echo(f"{out} holds a scan already: it will be replaced when this scan is saved", err=True)
@@ -137,8 +136,8 @@ def scan(
         from posprobe.what_if import Stack
 
         applied = what_ifs[0] if len(what_ifs) == 1 else Stack(tuple(what_ifs))
-    result = run_scan(model, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied,
-                      configs=configs, **hardware)
+    result = run_scan(model_name, probes=names, budget=budget, seed=seed, backend=backend, intervention=applied,
+                      configs=configs, device=device, dtype=dtype, batch_size=batch_size, remote=remote)
     result.save(out)
     typer.echo(f"saved scan of {result.meta['model']} ({len(result.heads)} heads, metrics: "
                f"{', '.join(result.metrics)}) to {out} in {result.meta['timings_s']['total']:.0f} s", err=True)
