@@ -7,10 +7,11 @@ gold position with Wilson binomial intervals. A trial whose prompt the model can
 `trial_errors`) is counted in `n_errors` and listed in the per-trial records, never dropped silently; any other
 error (a misconfigured intervention, a bug) raises at once. Also owns `summarize_trials` and `wilson_interval`.
 
-Batching: prompts of one trial have the same length by construction (see `posprobe.tasks.base`), so they run as
-one batch of equal-length rows (no padding, which the access does not support); a trial whose prompts differ in
-length runs row by row. Each row's completion is cut at its first stop token, so a batch gives the same answers
-as one-at-a-time generation.
+Batching: a greedy call takes rows of equal token length only (no padding, which the access does not support).
+By default the prompts of one trial run as one batch (they have the same length by construction, see
+`posprobe.tasks.base`); with `batch_size=N` the prompts of all trials are grouped by token length and each group
+runs N rows at a time, across trials. Each row's completion is cut at its first stop token, so a batch gives the
+same answers as one-at-a-time generation; records keep the trial order whatever the batching.
 """
 
 from __future__ import annotations
@@ -111,11 +112,15 @@ def _generate(access: Any, prompts: Sequence[Prompt], max_new_tokens: int, stop:
     return [_cut([int(t) for t in row], stop_set) for row in new.tolist()]
 
 
-def _batches(prompts: list[Prompt], batch_size: int) -> Iterator[list[Prompt]]:
-    if len({p.n_tokens for p in prompts}) != 1:
-        batch_size = 1
-    for start in range(0, len(prompts), batch_size):
-        yield prompts[start : start + batch_size]
+def _batches(prompts: Sequence[Prompt], batch_size: int) -> Iterator[list[int]]:
+    """Indices into `prompts`, one list per greedy call: prompts of equal token length (no padding), in their
+    order, at most `batch_size` a call; the lengths in the order they first occur."""
+    by_length: dict[int, list[int]] = {}
+    for index, prompt in enumerate(prompts):
+        by_length.setdefault(prompt.n_tokens, []).append(index)
+    for indices in by_length.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]
 
 
 # --- the evaluation ---------------------------------------------------------------------------------------------------
@@ -151,7 +156,11 @@ def evaluate_positions(
     `prompt_context(access, prompts) -> context manager` method, entered around every generation batch with the
     batch's prompts (row r is prompts[r]; their `spans` locate each document).
 
-    batch_size: rows per greedy call (default: all gold positions of one trial). Returns one row per
+    batch_size: rows per greedy call. Default (None): the gold positions of one trial, one trial at a time. An int
+    packs rows across trials (and n_items), grouped by token length, e.g. 32 on a GPU for fewer greedy calls;
+    prompts of different lengths never share a call. Answers equal batch_size=1; an intervention's
+    `prompt_context` gets each call's prompts; a prompt that cannot run is still one errored trial row (a failed
+    batch is retried row by row). Returns one row per
     (n_items, gold_position): `task, n_items, gold_position, relative_position, n, n_correct, n_errors, accuracy,
     ci_low, ci_high` (accuracy over the trials that ran; `n` counts them; trials the model could not run are in
     `n_errors`).
@@ -171,12 +180,13 @@ def evaluate_positions(
                                                               list(n_items))
     if not isinstance(n_trials, int) or n_trials < 1:
         raise InputError(f"n_trials must be a positive integer; got {n_trials!r}.")
-    if batch_size is not None and batch_size < 1:
-        raise InputError(f"batch_size must be >= 1 (or None for one batch per trial); got {batch_size!r}.")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise InputError(f"batch_size must be a positive integer (rows per greedy call) or None (one batch per "
+                         f"trial); got {batch_size!r}.")
     steps = max_new_tokens or task_obj.max_new_tokens
     stop = _stop_ids(access, task_obj)
     plan = [(size, _positions(size, gold_positions)) for size in sizes]
-    total = sum(n_trials for _ in plan)
+    total = sum(n_trials * len(positions) for _, positions in plan)
     show = sys.stderr.isatty() if progress is None else progress
     from tqdm.auto import tqdm
 
@@ -184,29 +194,40 @@ def evaluate_positions(
     prompt_tokens = generated_tokens = 0
     gen_seconds = 0.0
     started = time.time()
-    with outer, tqdm(total=total, disable=not show, desc=f"{task_obj.name} trials",
-                                                  file=sys.stderr, leave=False) as bar:
-        for size, positions in plan:
-            for trial in range(n_trials):
-                t_seed = trial_seed(seed, trial)
-                prompts = [task_obj.make(access, size, g, t_seed) for g in positions]
-                for batch in _batches(prompts, batch_size or len(prompts)):
-                    t0 = time.time()
-                    outputs = _generate_or_errors(access, batch, steps, stop, per_batch)
-                    gen_seconds += time.time() - t0
-                    for prompt, (row, error) in zip(batch, outputs):
-                        completion = access.decode(row) if error is None else ""
-                        prompt_tokens += prompt.n_tokens if error is None else 0
-                        generated_tokens += len(row)
-                        records.append({
-                            "task": task_obj.name, "n_items": size, "gold_position": prompt.gold_index,
-                            "relative_position": prompt.gold_index / max(size - 1, 1), "trial": trial,
-                            "seed": t_seed, "n_tokens": prompt.n_tokens,
-                            "correct": bool(error is None and task_obj.score(prompt, completion)),
-                            "error": error or "", "completion": completion, "answer": prompt.answer,
-                            "natural": prompt.natural,
-                        })
-                bar.update(1)
+
+    def trial_rows(size: int, positions: list[int], trial: int) -> list[tuple[int, int, Prompt]]:
+        return [(size, trial, task_obj.make(access, size, g, trial_seed(seed, trial))) for g in positions]
+
+    # A unit is a list of (n_items, trial, prompt) rows batched together, and its rows per call: one trial (default)
+    # or every prompt of the run. Generators, so prompts are made inside `outer` as the runs need them.
+    units: Iterator[tuple[list[tuple[int, int, Prompt]], int]] = (
+        ((trial_rows(size, positions, trial), len(positions)) for size, positions in plan for trial in range(n_trials))
+        if batch_size is None else
+        iter([([row for size, positions in plan for trial in range(n_trials)
+                for row in trial_rows(size, positions, trial)], batch_size)]))
+    with outer, tqdm(total=total, disable=not show, desc=f"{task_obj.name} prompts", file=sys.stderr,
+                     leave=False) as bar:
+        for unit, rows_per_call in units:
+            outputs: dict[int, tuple[list[int], str | None]] = {}
+            for indices in _batches([prompt for _, _, prompt in unit], rows_per_call):
+                t0 = time.time()
+                outputs.update(zip(indices, _generate_or_errors(access, [unit[i][2] for i in indices], steps, stop,
+                                                                per_batch)))
+                gen_seconds += time.time() - t0
+                bar.update(len(indices))
+            for index, (size, trial, prompt) in enumerate(unit):
+                row, error = outputs[index]
+                completion = access.decode(row) if error is None else ""
+                prompt_tokens += prompt.n_tokens if error is None else 0
+                generated_tokens += len(row)
+                records.append({
+                    "task": task_obj.name, "n_items": size, "gold_position": prompt.gold_index,
+                    "relative_position": prompt.gold_index / max(size - 1, 1), "trial": trial,
+                    "seed": trial_seed(seed, trial), "n_tokens": prompt.n_tokens,
+                    "correct": bool(error is None and task_obj.score(prompt, completion)),
+                    "error": error or "", "completion": completion, "answer": prompt.answer,
+                    "natural": prompt.natural,
+                })
     trials = pd.DataFrame(records, columns=TRIAL_COLUMNS)
     table = summarize_trials(trials)
     n_errors = int((trials["error"] != "").sum())

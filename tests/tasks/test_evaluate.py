@@ -18,6 +18,7 @@ from posprobe.access import AttentionEdit
 from posprobe.errors import InputError, InterventionError
 from posprobe.interventions import Intervention, MaskHeads, PositionalDimension, mask_heads
 from posprobe.tasks import evaluate_positions, get_task, wilson_interval
+from posprobe.tasks.evaluate import trial_seed
 from posprobe.testing import PlantedAccess, planted_info
 
 
@@ -77,6 +78,61 @@ def test_batching_does_not_change_answers():
     assert set(single_access.batch_sizes) == {1}
     pd.testing.assert_frame_equal(batched, single)
 
+
+
+def test_batches_span_trials_and_give_the_records_of_unbatched_runs(tiny_rope, monkeypatch):
+    """batch_size=N packs prompts of equal token length from different trials into one greedy call (kv_words
+    prompts differ in length between trials, never within one); the trial records equal batch_size=1 and the
+    default (one call per trial) on a tiny random model."""
+    calls: list[tuple[int, int]] = []
+    greedy = tiny_rope.greedy
+    monkeypatch.setattr(tiny_rope, "greedy",
+                        lambda ids, *a, **k: calls.append(tuple(ids.shape)) or greedy(ids, *a, **k))
+    records, shapes = {}, {}
+    for batch_size in (1, None, 6):
+        calls.clear()
+        table = evaluate_positions(tiny_rope, "kv_words", 4, [0, 3], n_trials=6, batch_size=batch_size,
+                                   progress=False)
+        records[batch_size], shapes[batch_size] = pd.DataFrame(table.attrs["trials"]), list(calls)
+    lengths = [get_task("kv_words").make(tiny_rope, 4, 0, trial_seed(0, t)).n_tokens for t in range(6)]
+    assert sorted(shapes[1]) == sorted((1, n) for n in lengths for _ in range(2))  # grouped by length, one row
+    assert shapes[None] == [(2, n) for n in lengths]  # one call per trial, in trial order
+    assert len(shapes[6]) == len(set(lengths)) < 6 and max(rows for rows, _ in shapes[6]) > 2  # across trials
+    assert sum(rows for rows, _ in shapes[6]) == 12 and {n for _, n in shapes[6]} == set(lengths)
+    assert records[1]["completion"].nunique() > 1  # rows differ, so a row given another's answer would show
+    pd.testing.assert_frame_equal(records[6], records[1])
+    pd.testing.assert_frame_equal(records[None], records[1])
+
+
+def test_a_batch_across_trials_keeps_answers_prompts_and_errors_per_row():
+    """On the planted model each row's answer is its own prompt's number: packed batches return every row its own
+    completion, a per-batch intervention gets the call's prompts, and rows too long to run are errors one by one."""
+    class PerPrompt:
+        def __init__(self) -> None:
+            self.calls: list[list[int]] = []
+
+        def prompt_context(self, access, prompts):
+            self.calls.append([p.n_tokens for p in prompts])
+            return contextlib.nullcontext()
+
+    default = evaluate_positions(LostInTheMiddle(), "kv_words", 4, [0, 3], n_trials=6, progress=False)
+    access, per = LostInTheMiddle(), PerPrompt()
+    packed = evaluate_positions(access, "kv_words", 4, [0, 3], n_trials=6, batch_size=4, intervention=per,
+                                progress=False)
+    trials = pd.DataFrame(packed.attrs["trials"])
+    pd.testing.assert_frame_equal(trials, pd.DataFrame(default.attrs["trials"]))
+    assert trials["correct"].all() and trials["completion"].nunique() == 6  # each trial's own number, twice
+    assert [len(c) for c in per.calls] == access.batch_sizes and max(access.batch_sizes) == 4
+    assert all(len(set(c)) == 1 for c in per.calls)  # equal lengths within a call
+    short = int(trials["n_tokens"].min()) + 1  # prompts of up to `short` tokens fit, the longer ones do not
+    with pytest.warns(RuntimeWarning, match="raised"):
+        alone = evaluate_positions(LostInTheMiddle(max_positions=short), "kv_words", 4, [0, 3], n_trials=6,
+                                   batch_size=1, progress=False)
+    with pytest.warns(RuntimeWarning, match="raised"):
+        errors = evaluate_positions(LostInTheMiddle(max_positions=short), "kv_words", 4, [0, 3], n_trials=6,
+                                    batch_size=4, progress=False)
+    pd.testing.assert_frame_equal(pd.DataFrame(errors.attrs["trials"]), pd.DataFrame(alone.attrs["trials"]))
+    assert 0 < errors.attrs["n_errors"] == (trials["n_tokens"] > short).sum() < 12
 
 def test_same_seed_same_table_and_prompts():
     a = evaluate_positions(LostInTheMiddle(), "kv_words", [5, 8], 3, n_trials=4, seed=7, progress=False)
