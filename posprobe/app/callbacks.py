@@ -41,6 +41,7 @@ from posprobe.render.compare import (
     compare_atlas,
     compare_curve,
     compare_top_heads,
+    scan_labels,
     shared_metrics,
 )
 from posprobe.render.model_view import head_level_curve_names, layer_mean_curve, metric_by_layer
@@ -322,6 +323,12 @@ def update_model_table(catalog: ScanCatalog, name: str | None, table: str | None
 
 
 # --- compare --------------------------------------------------------------------------------------------------
+def _pair_labels(scan_a: Any, scan_b: Any, a: str | None, b: str | None) -> tuple[str, str]:
+    """Figure labels of A and B: model and what-if / intervention, the catalogue name where those collide."""
+    label_a, label_b = scan_labels([scan_a, scan_b], names=[str(a), str(b)])
+    return label_a, label_b
+
+
 def update_compare(catalog: ScanCatalog, name: str | None, trigger: str | None, a: str | None, b: str | None,
                    metric: str | None, curve: str | None) -> tuple[Any, ...]:
     """(A, B, A/B options, metric options, metric, message, figure, table data, table columns, curve options, curve).
@@ -347,8 +354,8 @@ def update_compare(catalog: ScanCatalog, name: str | None, trigger: str | None, 
     try:
         metrics = common_metrics(scan_a, scan_b)
         metric = pick(metric, metrics)
-        labels = (str(a), str(b))  # both opened: catalogue names
-        note = compare_page.shape_note(scan_a, scan_b, labels)
+        labels = _pair_labels(scan_a, scan_b, a, b)
+        note = compare_page.shape_note(scan_a, scan_b, (str(a), str(b)))
         notes = [m for m in (hint, message(note, "warning") if note else None) if m is not None]
         data: list[Any]
         columns: list[Any]
@@ -375,8 +382,9 @@ def update_compare_curve(catalog: ScanCatalog, a: str | None, b: str | None, cur
         key = _as_head(selected)
         rows = scan_a.curves[scan_a.curves["curve"] == curve]
         if key is not None and (rows["head"] >= 0).any():
-            return compare_curve(scan_a, scan_b, curve, layer=key[0], head=key[1], labels=(str(a), str(b)))
-        return compare_curve(scan_a, scan_b, curve, labels=(str(a), str(b)))
+            return compare_curve(scan_a, scan_b, curve, layer=key[0], head=key[1],
+                                 labels=_pair_labels(scan_a, scan_b, a, b))
+        return compare_curve(scan_a, scan_b, curve, labels=_pair_labels(scan_a, scan_b, a, b))
     except ScanUnavailable:
         return empty_figure()
     except Exception as exc:
@@ -389,13 +397,14 @@ def update_compare_many(catalog: ScanCatalog, chosen: Any, metric: str | None) -
     names = catalog.names
     scan_options = [{"label": catalog.label(n), "value": n} for n in names]
     selected = compare_page.default_selection(names, chosen)
-    scans, labels, notes = [], [], []
+    scans, opened, notes = [], [], []
     for n in selected:
         try:
             scans.append(catalog.get(n))
-            labels.append(n)
+            opened.append(n)
         except ScanUnavailable as exc:
             notes.append(message(f"left out: {exc}", "warning"))
+    labels = scan_labels(scans, names=opened)
     if len(scans) < 2:
         notes.insert(0, message("The N-scan comparison needs at least two scans that open: select them above, or "
                                 "start the explorer with more, e.g. posprobe app scans/ (a directory of scans).",

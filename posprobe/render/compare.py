@@ -6,8 +6,10 @@ B - A on a diverging scale) and `compare_curve` (the same curve of both scans on
 shapes are compared on the (layer, head) pairs they share. Over N scans: `top_heads_table` / `compare_top_heads`
 (scan x metric: each scan's top heads on each metric shared by all, coloured by the top value relative to the
 other scans) and `rank_agreement` / `agreement_table` / `compare_agreement` (Spearman's rho of a metric's head
-ranking between every pair of scans, over their common (layer, head) pairs; scipy). Renders any head metric;
-computes only differences and rank correlations (docs/explorer.md, "Compare").
+ranking between every pair of scans, over their common (layer, head) pairs; scipy). Scans are labelled by model
+and the intervention / what-if of their provenance (`scan_labels`, `scan_condition`), the scan name added where
+that is not enough. Renders any head metric; computes only differences and rank correlations (docs/explorer.md,
+"Compare").
 """
 
 from __future__ import annotations
@@ -138,18 +140,60 @@ TOP_HEADS = 3  # heads listed per scan and metric (the cell shows the first, the
 MIN_PAIRS = 3  # common heads with values needed for a rank correlation
 
 
-def scan_labels(scans: Sequence[Any], labels: Sequence[str] | None = None) -> list[str]:
-    """One label per scan: the given ones, else the model names made unique ("model", "model (2)")."""
+def _spec_text(record: Any) -> str:
+    """An intervention record of a scan's provenance (`Intervention.describe()`: name, settings, resolved values;
+    a stack's parts; or text) in its `name:key=value` text form, the settings at their defaults left out."""
+    if isinstance(record, str):
+        return record.strip()
+    if not isinstance(record, dict) or not record.get("name"):
+        return ""
+    name = str(record["name"])
+    if name == "stack":
+        return " + ".join(t for t in (_spec_text(part) for part in record.get("parts") or []) if t)
+    settings = {k: v for k, v in record.items() if k not in ("name", "resolved", "calibrations")}
+    from posprobe.errors import PosprobeError
+    from posprobe.interventions.spec import get_class
+
+    try:
+        return str(get_class(name).from_dict(settings))
+    except (PosprobeError, TypeError, ValueError):  # a spec this posprobe does not know (any more): as recorded
+        shown = ",".join(f"{k}={v}" for k, v in settings.items() if v is not None)
+        return f"{name}:{shown}" if shown else name
+
+
+def scan_condition(scan: Any) -> str:
+    """The intervention / what-if a scan was made under, as text ("yarn:factor=4", "yarn:factor=4 +
+    disable_rope"); "" for a plain scan. Read from `meta["intervention"]` (`scan(intervention=...)`, `posprobe scan
+    --what-if`), else from the sweep cell's `intervention` and `what_if` (`posprobe sweep`)."""
+    recorded = _spec_text(scan.meta.get("intervention"))
+    if recorded:
+        return recorded
+    cell = (scan.meta.get("sweep") or {}).get("cell") or {}
+    return " + ".join(str(cell[axis]) for axis in ("intervention", "what_if") if cell.get(axis))
+
+
+def scan_labels(scans: Sequence[Any], labels: Sequence[str] | None = None,
+                names: Sequence[str] | None = None) -> list[str]:
+    """One label per scan: the given `labels`, else the model name and the intervention / what-if the scan was made
+    under ("gemma-3-270m · yarn:factor=4"; `scan_condition`), so a what-if scan and its baseline differ. Labels that
+    still collide (two seeds of one model) get the scan's name from `names` (e.g. its directory) in parentheses,
+    and a number when even that repeats."""
     if labels is not None:
         if len(labels) != len(scans):
             raise ValueError(f"{len(labels)} labels for {len(scans)} scans; give one label per scan.")
         return [str(label) for label in labels]
-    out: list[str] = []
+    if names is not None and len(names) != len(scans):
+        raise ValueError(f"{len(names)} names for {len(scans)} scans; give one name per scan.")
+    bases = []
     for scan in scans:
-        base = str(scan.meta.get("model") or "scan")
-        label, index = base, 2
+        model, condition = str(scan.meta.get("model") or "scan"), scan_condition(scan)
+        bases.append(f"{model} · {condition}" if condition else model)
+    out: list[str] = []
+    for i, base in enumerate(bases):
+        named = f"{base} ({names[i]})" if names is not None and bases.count(base) > 1 else base
+        label, index = named, 2
         while label in out:
-            label, index = f"{base} ({index})", index + 1
+            label, index = f"{named} ({index})", index + 1
         out.append(label)
     return out
 

@@ -121,7 +121,7 @@ def test_compare_n_scans_top_heads_and_agreement(dash_duo, tmp_path):
     open_tab(dash_duo, "Compare")
     top = wait_until(lambda: (v := heatmap_values(dash_duo, ids.COMPARE_TOP_GRAPH)) and len(v["y"]) == 3 and v,
                      what="the top-heads map of three scans")
-    assert top["y"] == ["s0", "s1", "s2"] and "planted" in top["x"]
+    assert top["y"] == ["model-0", "model-1", "model-2"] and "planted" in top["x"]  # labelled by model
     wait_until(lambda: len((figure(dash_duo, ids.COMPARE_AGREEMENT_GRAPH) or {"data": []})["data"]) == 2,
                what="the rank agreement maps")
     dash_duo.select_dcc_dropdown(f"#{ids.COMPARE_N_METRIC}", value="signed")

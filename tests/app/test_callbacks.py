@@ -328,12 +328,33 @@ def test_update_compare_messages(catalog, broken_dirs):
 
 def test_update_compare_curve(catalog):
     fig = cb.update_compare_curve(catalog, "small", "other", "attention_vs_distance", {"layer": 1, "head": 2})
-    assert [t.name for t in fig.data] == ["small L1 H2", "other L1 H2"]
+    # one model, no what-if: the labels collide, so each gets its catalogue name
+    assert [t.name for t in fig.data] == ["synthetic (small) L1 H2", "synthetic (other) L1 H2"]
     fig = cb.update_compare_curve(catalog, "small", "other", "u_curve_attention", {"layer": 1, "head": 2})
-    assert [t.name for t in fig.data] == ["small baseline", "small found_in_the_middle", "other baseline",
-                                          "other found_in_the_middle"]
+    assert [t.name for t in fig.data] == ["synthetic (small) baseline", "synthetic (small) found_in_the_middle",
+                                          "synthetic (other) baseline", "synthetic (other) found_in_the_middle"]
     assert cb.update_compare_curve(catalog, "small", "other", None, None).data == ()
     assert cb.update_compare_curve(catalog, "small", "nope", "u_curve_attention", None).data == ()
+
+
+def test_compare_labels_a_what_if_scan_apart_from_its_baseline():
+    from posprobe.interventions import parse
+
+    base, yarn = synthetic_scan(3, 4, seed=0), synthetic_scan(3, 4, seed=1)
+    yarn.meta["intervention"] = {**parse("yarn:factor=8").to_dict(), "resolved": {"layers": "0:3"},
+                                 "calibrations": []}  # what scan(intervention=...) records
+    catalog = ScanCatalog.build({"base": base, "yarn": yarn})
+    out = cb.update_compare(catalog, "base", ids.SCAN, None, None, "signed", None)
+    assert out[:2] == ("base", "yarn")
+    figure = out[6]
+    assert [t.name for t in figure.data[:2]] == ["synthetic", "synthetic · yarn:factor=8"]
+    titles = [a.text for a in figure.layout.annotations]
+    assert titles == ["synthetic", "synthetic · yarn:factor=8", "synthetic · yarn:factor=8 − synthetic"]
+    curve = cb.update_compare_curve(catalog, "base", "yarn", "attention_vs_distance", {"layer": 1, "head": 2})
+    assert [t.name for t in curve.data] == ["synthetic L1 H2", "synthetic · yarn:factor=8 L1 H2"]
+    many = cb.update_compare_many(catalog, ["yarn", "base"], "signed")
+    assert list(many[5].data[0].y) == ["synthetic · yarn:factor=8", "synthetic"]
+    assert list(many[6].data[1].x) == ["synthetic · yarn:factor=8", "synthetic"]
 
 
 # --- large scans ----------------------------------------------------------------------------------------------
@@ -421,10 +442,12 @@ def test_update_compare_many_defaults_to_every_scan(broken_dirs):
     scan_options, selected, metric_options, metric, notes, top, agreement = out
     assert selected == ["s0", "s1", "s2"] and [o["value"] for o in scan_options] == selected
     assert metric == "planted" and notes == []
-    assert list(top.data[0].y) == selected and len(top.data[0].x) == len(metric_options)
-    assert list(agreement.data[1].x) == selected and np.allclose(np.asarray(agreement.data[1].z, float), 1.0)
+    labels = [f"synthetic ({n})" for n in selected]  # one model, no what-if: the catalogue names tell them apart
+    assert list(top.data[0].y) == labels and len(top.data[0].x) == len(metric_options)
+    assert list(agreement.data[1].x) == labels and np.allclose(np.asarray(agreement.data[1].z, float), 1.0)
     out = cb.update_compare_many(catalog, ["s2", "s0", "nope"], "metric_2")
-    assert out[1] == ["s2", "s0"] and out[3] == "metric_2" and list(out[6].data[1].x) == ["s2", "s0"]
+    assert out[1] == ["s2", "s0"] and out[3] == "metric_2"
+    assert list(out[6].data[1].x) == ["synthetic (s2)", "synthetic (s0)"]
     assert serializable(out)
     one = cb.update_compare_many(catalog, ["s1"], None)
     assert "at least two scans" in text_of(one[4]) and one[5].data == ()
@@ -433,4 +456,4 @@ def test_update_compare_many_defaults_to_every_scan(broken_dirs):
     out = cb.update_compare_many(mixed, ["a", "b", "bad"], None)
     text = text_of(out[4])
     assert "left out" in text and "format version 99" in text and "2 model(s) and 2 shape(s)" in text
-    assert list(out[5].data[0].y) == ["a", "b"]
+    assert list(out[5].data[0].y) == ["synthetic", "other-model"]  # two models: the model names suffice

@@ -140,3 +140,65 @@ def test_rank_agreement_is_spearman_over_common_heads(trio):
                                rank_agreement(trio, "signed", ["a", "b", "c"]).to_numpy())
     assert fig.layout.coloraxis.cmin == -1 and fig.layout.coloraxis.cmax == 1
     assert "need" in compare_agreement(trio[0]).layout.title.text
+
+
+# --- labels: model + what-if / intervention -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def what_if_pair():
+    """A real tiny-model scan under a what-if (YaRN x8, its provenance as `scan` records it) and a baseline of the
+    same model (the same tables, the record removed)."""
+    import copy
+
+    import posprobe
+
+    yarn = posprobe.scan("tiny-rope", probes=["head_basics"], budget="quick", intervention="yarn:factor=8",
+                         progress=False)
+    base = copy.deepcopy(yarn)
+    del base.meta["intervention"]
+    return base, yarn
+
+
+def test_a_what_if_scan_and_its_baseline_get_distinct_labels(what_if_pair):
+    from posprobe.render.compare import (
+        agreement_table,
+        compare_agreement,
+        compare_top_heads,
+        rank_agreement,
+        scan_condition,
+        scan_labels,
+        top_heads_table,
+    )
+
+    base, yarn = what_if_pair
+    assert base.meta["model"] == yarn.meta["model"] == "tiny-rope" and yarn.meta["intervention"]["name"] == "yarn"
+    assert scan_condition(base) == "" and scan_condition(yarn) == "yarn:factor=8"
+    labels = ["tiny-rope", "tiny-rope · yarn:factor=8"]
+    assert scan_labels([base, yarn]) == labels
+    assert sorted(set(top_heads_table([base, yarn])["scan"])) == labels
+    assert list(rank_agreement([base, yarn], "sink_mass").index) == labels
+    assert agreement_table([base, yarn])[["a", "b"]].drop_duplicates().values.tolist() == [labels]
+    assert list(compare_top_heads(base, [yarn]).data[0].y) == labels
+    pairwise = compare_agreement(base, [yarn], metric="sink_mass").data[1]
+    assert list(pairwise.x) == labels and list(pairwise.y) == labels
+
+
+def test_labels_read_stacks_and_sweep_cells_and_fall_back_to_scan_names():
+    from posprobe.interventions import parse
+    from posprobe.render.compare import scan_condition, scan_labels
+
+    stacked, swept, plain, other = (synthetic_scan(2, 2, seed=s) for s in range(4))
+    stacked.meta["intervention"] = {"name": "stack", "parts": [parse("yarn:factor=8").to_dict(),
+                                                               parse("disable_rope:layers=0:1").to_dict()]}
+    swept.meta["sweep"] = {"cell": {"intervention": "disable_rope", "what_if": "ntk:factor=2"}}
+    assert scan_condition(stacked) == "yarn:factor=8 + disable_rope:layers=0:1"
+    assert scan_condition(swept) == "disable_rope + ntk:factor=2"
+    unknown = synthetic_scan(2, 2)
+    unknown.meta["intervention"] = {"name": "retired_spec", "alpha": 3, "beta": None, "resolved": {}}
+    assert scan_condition(unknown) == "retired_spec:alpha=3"  # a spec this posprobe does not know: as recorded
+    # two plain scans of one model: the scan names tell them apart, then a number
+    assert scan_labels([plain, other, stacked], names=["seed0", "seed1", "s"]) == [
+        "synthetic (seed0)", "synthetic (seed1)", "synthetic · yarn:factor=8 + disable_rope:layers=0:1"]
+    assert scan_labels([plain, other]) == ["synthetic", "synthetic (2)"]
+    assert scan_labels([plain, plain], names=["a", "a"]) == ["synthetic (a)", "synthetic (a) (2)"]
+    with pytest.raises(ValueError, match="one name per scan"):
+        scan_labels([plain, other], names=["only one"])
