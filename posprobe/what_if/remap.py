@@ -77,10 +77,8 @@ class PairwiseAttention(WhatIf):
         return [AttentionEdit(layer=layer, fn=_EditFunction(self, access, layer), stage="scores") for layer in layers]
 
     def logits(self, access: ModelAccess, scores: Tensor, ctx: EditContext) -> Tensor:
-        if ctx.query is None or ctx.key is None:
-            raise InterventionError(f"{self.name}: this adapter does not hand q/k to attention edits (EditContext."
-                                    f"query/key); the position what-ifs run on the HF backend.")
-        q = ctx.query[:, :, ctx.query_index - (ctx.n_keys - ctx.query.shape[2])]  # the rows of this call / chunk
+        query, key = _query_key(self.name, ctx)
+        q = query[:, :, ctx.query_index - (ctx.n_keys - query.shape[2])]  # the rows of this call / chunk
         n_heads = q.shape[1]
         pos_k = _key_positions(ctx, q.shape[0], q.device)
         pos_q = pos_k[:, ctx.query_index]
@@ -96,7 +94,7 @@ class PairwiseAttention(WhatIf):
                 qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
             if plan.q_scale is not None:
                 qb = qb * plan.q_scale[..., None].to(qb.dtype)
-            kb = expand_kv(ctx.key, n_heads).to(scores.dtype)
+            kb = expand_kv(key, n_heads).to(scores.dtype)
             if plan.delta_k is not None:
                 kb = rotate(kb, _heads(plan.delta_k, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
             scale = ctx.scale if ctx.scale is not None else access.info.attn_scale
@@ -125,6 +123,14 @@ class _EditFunction:
 
     def __repr__(self) -> str:
         return f"{self.spec} on layer {self.layer}"
+
+
+def _query_key(name: str, ctx: EditContext) -> tuple[Tensor, Tensor]:
+    """The layer's rotated q [b, H, cq, d] and k [b, G, nk, d], which only some adapters hand to attention edits."""
+    if ctx.query is None or ctx.key is None:
+        raise InterventionError(f"{name}: this adapter does not hand q/k to attention edits (EditContext."
+                                f"query/key); the position what-ifs run on the HF backend.")
+    return ctx.query, ctx.key
 
 
 def _key_positions(ctx: EditContext, batch: int, device: torch.device) -> Tensor:
@@ -167,9 +173,12 @@ class STRING(PairwiseAttention):
 
     def offsets(self, access: ModelAccess) -> tuple[int, int]:
         native = native_length(access)
-        if self.shift is None and native is None:
+        if self.shift is not None:
+            shift = self.shift
+        elif native is not None:
+            shift = native // 3
+        else:
             raise InterventionError("string: the model reports no max_position_embeddings; give shift=S.")
-        shift = self.shift if self.shift is not None else native // 3
         _positive_int(self.name, "shift", shift)
         _positive_int(self.name, "window", self.window)
         if self.window >= shift:
@@ -237,7 +246,7 @@ class MsPoE(PairwiseAttention):
 
     def head_ratios(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
         """[b, H] ratio of every head: ratio table indexed by the head order (as the official code does)."""
-        q = ctx.query
+        q, _ = _query_key(self.name, ctx)
         b, n_heads = q.shape[:2]
         table = self.ratios(n_heads, q.device)
         if self.order == "index":
@@ -251,11 +260,12 @@ class MsPoE(PairwiseAttention):
     def outlier_order(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
         """argsort of -(share of keys above 3x the mean attention of the call's last query), pre-rotary q/k,
         1/sqrt(d); the same for every query chunk of the call."""
-        inv_freq = current_inv_freq(access, ctx.layer).to(ctx.query.device)
+        query, key = _query_key(self.name, ctx)
+        inv_freq = current_inv_freq(access, ctx.layer).to(query.device)
         offset = rotary_offset(access, ctx.layer)
         last = pos_k[:, -1:]  # the call's last query is its last key (whatever chunk of queries is computed)
-        q = rotate(ctx.query[:, :, -1:].float(), -last[:, None, :, None].float() * inv_freq, offset)
-        k = rotate(expand_kv(ctx.key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq, offset)
+        q = rotate(query[:, :, -1:].float(), -last[:, None, :, None].float() * inv_freq, offset)
+        k = rotate(expand_kv(key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq, offset)
         visible = pos_k <= last  # [b, nk]
         logits = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # [b, H, nk]
         probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
@@ -308,9 +318,12 @@ class StreamingLLM(PairwiseAttention):
 
     def sizes(self, access: ModelAccess) -> tuple[int, int]:
         native = native_length(access)
-        if self.window is None and native is None:
+        if self.window is not None:
+            window = self.window
+        elif native is not None:
+            window = native - self.n_sink
+        else:
             raise InterventionError("streaming_llm: the model reports no max_position_embeddings; give window=.")
-        window = self.window if self.window is not None else native - self.n_sink
         _positive_int(self.name, "window", window)
         if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
             raise InterventionError(f"streaming_llm: n_sink must be a non-negative integer; got {self.n_sink!r}.")
@@ -348,10 +361,10 @@ class LMInfinite(PairwiseAttention):
 
     def sizes(self, access: ModelAccess) -> tuple[int, int, int | None]:
         native = native_length(access)
-        if native is None and (self.n_local is None or self.cap is None):
-            raise InterventionError("lm_infinite: the model reports no max_position_embeddings; give n_local, cap.")
         local = self.n_local if self.n_local is not None else native
         cap = native if self.cap is None else (self.cap or None)
+        if local is None or (native is None and self.cap is None):  # no native length and n_local or cap missing
+            raise InterventionError("lm_infinite: the model reports no max_position_embeddings; give n_local, cap.")
         _positive_int(self.name, "n_local", local)
         if isinstance(self.n_global, bool) or not isinstance(self.n_global, int) or self.n_global < 0:
             raise InterventionError(f"lm_infinite: n_global must be a non-negative integer; got {self.n_global!r}.")
