@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -47,6 +47,22 @@ from posprobe.what_if.base import (
     rotary_module,
     takes_layer_type,
 )
+
+
+@runtime_checkable
+class _AttentionModules(Protocol):
+    """An access that hands out each layer's attention module (the HF adapter's `attention_module`)."""
+
+    def attention_module(self, layer: int) -> nn.Module: ...
+
+
+def _rotary_dim(access: ModelAccess, layer: int, what: str) -> int:
+    """The rotary width r of a RoPE layer, or the error saying the model's facts lack it."""
+    rotary_dim = access.info.layers[layer].rotary_dim
+    if rotary_dim is None:
+        raise InterventionError(f"{what}: layer {layer} of {access.info.name} reports no rotary_dim, so its "
+                                f"frequencies cannot be rescaled; the adapter must read it from the model's config.")
+    return rotary_dim
 
 
 @dataclass(frozen=True)
@@ -90,6 +106,9 @@ class RopeParameters(WhatIf):
     # --- applying -----------------------------------------------------------------------------------------------
     def install(self, access: ModelAccess, layers: list[int]) -> list[Any]:
         rotary = rotary_module(access, self.name)
+        if not isinstance(access, _AttentionModules):  # rotary_module has checked it is an HF access, which is one
+            raise InterventionError(f"{self.name}: this {type(access).__name__} does not hand out attention modules "
+                                    f"(attention_module(layer)); the RoPE what-ifs run on the HF backend.")
         if takes_layer_type(rotary):
             kinds = {access.info.layers[i].layer_type for i in layers}
             others = [x.index for x in access.info.layers if x.has_rope and x.layer_type in kinds
@@ -192,7 +211,7 @@ class NTKAware(RopeRescaling):
     summary: ClassVar[str] = "NTK-aware scaling: theta * factor^(r/(r-2)) (rope_type default, new theta)"
 
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
-        r = access.info.layers[layer].rotary_dim
+        r = _rotary_dim(access, layer, self.name)
         return {**old, "rope_theta": float(old["rope_theta"]) * float(self.factor) ** (r / (r - 2))}
 
 
@@ -318,7 +337,7 @@ class LongRoPE(RopeRescaling):
             object.__setattr__(self, label, values)
 
     def rope_parameters(self, old: dict[str, Any], access: ModelAccess, layer: int) -> dict[str, Any]:
-        half = access.info.layers[layer].rotary_dim // 2
+        half = _rotary_dim(access, layer, self.name) // 2
         long = list(self.long_factor) if self.long_factor is not None else [float(self.factor)] * half
         short = list(self.short_factor) if self.short_factor is not None else [1.0] * half
         for label, values in (("long_factor", long), ("short_factor", short)):
