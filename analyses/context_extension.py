@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the passkey / key-value accuracy")
+    parser.add_argument("--filler", choices=("generated", "repeat"), default="generated",
+                        help="passkey haystack: seeded varied sentences, or the paper's five sentences repeated")
     parser.add_argument("--loss", action="store_true", help="also measure the next-token loss by position on "
                         "generated text at each length (one pass per text and method: cheap next to the tasks)")
     parser.add_argument("--loss-texts", type=int, default=2, help="texts per length for --loss")
@@ -145,11 +147,11 @@ def kv_task(access: Any, tokens: int, seed: int) -> tuple[Any, int]:
 
 
 def evaluate(access: Any, name: str, spec: Any, lengths: list[int], trials: int, seed: int,
-             depths: int, batch_size: int | None) -> list[pd.DataFrame]:
+             depths: int, batch_size: int | None, filler: str = "generated") -> list[pd.DataFrame]:
     rows = []
     for length in lengths:
         cells = []
-        passkey = get_task("passkey", context_length=length - 24)
+        passkey = get_task("passkey", context_length=length - 24, filler=filler)
         try:
             passkey.make(access, depths, 0, seed)
             cells.append((passkey, depths))
@@ -268,7 +270,8 @@ def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.D
         f"# Context extension past the native window ({args.variant})", "",
         f"Command: `{' '.join(['python'] + sys.argv)}`", "",
         (f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials per "
-         f"(method, task, length, depth) x {args.depths} depths; evaluation seed {args.seed} (settings "
+         f"(method, task, length, depth) x {args.depths} depths; passkey filler {args.filler}; evaluation seed "
+         f"{args.seed} (settings "
          f"are the papers', not tuned); wall time {wall / 60:.1f} min."), "",
         "Greedy exact-match accuracy over all depths, Wilson 95 % interval:", "",
         wide.reset_index().to_markdown(index=False), "",
@@ -312,7 +315,7 @@ def main() -> None:
                                            args.loss_stride))
         if not args.no_accuracy:
             frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
-                               args.batch_size or (None if args.variant == "quick" else 1))
+                               args.batch_size or (None if args.variant == "quick" else 1), args.filler)
     if losses:
         loss = pd.concat(losses, ignore_index=True)
         loss.to_csv(out / "loss_by_position.csv", index=False)
@@ -322,6 +325,7 @@ def main() -> None:
     if args.no_accuracy:
         (out / "summary.json").write_text(json.dumps({
             "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
+        "filler": args.filler,
             "seed": args.seed, "wall_seconds": time.perf_counter() - started,
             "methods": {k: v.describe(access) for k, v in specs.items()}}, indent=2, default=str))
         return
@@ -337,6 +341,7 @@ def main() -> None:
         scan.to_csv(out / "rescan.csv", index=False)
     (out / "summary.json").write_text(json.dumps({
         "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
+        "filler": args.filler,
         "trials": args.trials, "seed": args.seed, "wall_seconds": wall,
         "methods": {k: v.describe(access) for k, v in specs.items()},
         "accuracy": acc.replace({np.nan: None}).to_dict(orient="records")}, indent=2, default=str))

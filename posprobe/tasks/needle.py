@@ -50,6 +50,12 @@ PASSKEY_HEADER = ("There is an important info hidden inside a lot of irrelevant 
 
 TaskName = Literal["needle", "passkey"]
 
+# The filler of Mohtashami & Jaggi 2023's passkey test (also the passkey of the PI, YaRN and LongRoPE papers): five
+# sentences repeated. `filler="repeat"` uses it; the default "generated" is seeded varied text (harder: the model
+# cannot tell the needle from the filler by repetition alone).
+REPEAT_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLERS = ("generated", "repeat")
+
 
 @dataclass(frozen=True)
 class NeedleTrial:
@@ -131,11 +137,17 @@ def find_subsequence(haystack: Sequence[int], needle: Sequence[int]) -> list[int
     return [i for i in range(n - m + 1) if haystack[i] == first and list(haystack[i:i + m]) == list(needle)]
 
 
-def _haystack(access: Any, n_tokens: int, seed: int) -> list[int]:
-    """Generated filler of at most `n_tokens` tokens, cut at a sentence boundary (" " first, see module doc)."""
+def _filler_text(filler: str, n_sentences: int, seed: int) -> str:
+    if filler == "repeat":  # the paper's five sentences, repeated (the same for every seed)
+        return " ".join([REPEAT_FILLER] * max(1, n_sentences // 4))
+    return generated_text(n_sentences, seed)
+
+
+def _haystack(access: Any, n_tokens: int, seed: int, filler: str = "generated") -> list[int]:
+    """Filler of at most `n_tokens` tokens, cut at a sentence boundary (" " first, see module doc)."""
     n_sentences = max(4, n_tokens // 8)
     while True:
-        ids = list(access.encode(" " + generated_text(n_sentences, seed), add_bos=False))
+        ids = list(access.encode(" " + _filler_text(filler, n_sentences, seed), add_bos=False))
         if len(ids) > n_tokens:
             break
         n_sentences *= 2
@@ -213,14 +225,20 @@ def make_needle_trial(
     task: TaskName = "needle",
     n_digits: int = 7,
     index: int = 0,
+    filler: str = "generated",
 ) -> NeedleTrial:
     """One seeded trial of `task` ("needle": special magic number; "passkey") of at most `context_length` tokens.
 
     The same seed gives the same haystack, key and value at every depth, so a seed swept over depths is one
     needle moved through one text. `n_digits`: digits of the value (7 for the needle: one token per digit with
-    Gemma / SmolLM2 tokenizers, so every answer has 8 copy steps including the leading space).
+    Gemma / SmolLM2 tokenizers, so every answer has 8 copy steps including the leading space). `filler`:
+    "generated" (seeded varied sentences) or "repeat" (the passkey paper's five sentences repeated; `REPEAT_FILLER`).
     """
     depth = _check_depth(depth)
+    if filler not in FILLERS:
+        from posprobe.errors import UnknownNameError
+
+        raise UnknownNameError("haystack filler", filler, FILLERS)
     if task not in ("needle", "passkey"):
         from posprobe.errors import UnknownNameError
 
@@ -232,9 +250,9 @@ def make_needle_trial(
 
     head_ids, needle_ids, answer_ids, value_offset, question_ids = _pieces(access, spec)
     overhead = len(head_ids) + len(needle_ids) + len(question_ids)
-    hay = _haystack(access, context_length - overhead, seed=seed) if context_length > overhead else []
+    hay = _haystack(access, context_length - overhead, seed, filler) if context_length > overhead else []
     if not hay:
-        first = sentence_boundaries(access, _haystack(access, 256, seed=seed))[1:2] or [64]
+        first = sentence_boundaries(access, _haystack(access, 256, seed, filler))[1:2] or [64]
         raise InputError(f"context_length {context_length} leaves no room for a haystack sentence: the header, "
                          f"needle and question alone take {overhead} tokens with this tokenizer. Use "
                          f"context_length >= {overhead + first[0]}.")
@@ -278,7 +296,7 @@ def make_needle_trial(
 
 
 def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float | int], seed: int, n_per_cell: int,
-          task: TaskName, n_digits: int) -> list[NeedleTrial]:
+          task: TaskName, n_digits: int, filler: str = "generated") -> list[NeedleTrial]:
     if not lengths or not depths:
         raise InputError("Needle trials need at least one context length and one depth.")
     if not isinstance(n_per_cell, int) or n_per_cell < 1:
@@ -289,7 +307,7 @@ def _grid(access: Any, lengths: Sequence[int], depths: Sequence[float | int], se
             trial_seed = seed * 1_000_003 + int(length) * 101 + rep
             for depth in depths:
                 trials.append(make_needle_trial(access, int(length), float(depth), trial_seed, task=task,
-                                                n_digits=n_digits, index=len(trials)))
+                                                n_digits=n_digits, index=len(trials), filler=filler))
     return trials
 
 
@@ -318,12 +336,14 @@ def make_passkey_trials(
     *,
     n_per_cell: int = 1,
     n_digits: int = 5,
+    filler: str = "generated",
 ) -> list[NeedleTrial]:
     """Passkey trials (Mohtashami & Jaggi 2023: "The pass key is 71432. Remember it. 71432 is the pass key.").
 
-    The answer span is the first of the two occurrences of the key in the needle.
+    The answer span is the first of the two occurrences of the key in the needle. `filler="repeat"`: the paper's
+    own repeated filler (see `make_needle_trial`).
     """
-    return _grid(access, lengths, depths, seed, n_per_cell, "passkey", n_digits)
+    return _grid(access, lengths, depths, seed, n_per_cell, "passkey", n_digits, filler)
 
 
 def grid_for_trials(lengths: Sequence[int], n_trials: int) -> list[tuple[int, float]]:

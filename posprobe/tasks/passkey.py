@@ -22,19 +22,32 @@ class Passkey(Task):
     """Passkey retrieval ("The pass key is 71432. Remember it. ...") in generated filler, needle moved by slot."""
 
     name: ClassVar[str] = "passkey"
-    description: ClassVar[str] = "passkey in generated filler (posprobe.tasks.needle), needle depth swept by slot"
+    description: ClassVar[str] = ("passkey in generated (or the paper's repeated) filler (posprobe.tasks.needle), "
+                                  "needle depth swept by slot")
     default_items: ClassVar[int] = 5
 
     context_length: int = 1024  # tokens: long enough for a real haystack, inside Gemma 3's 512-token window x2
     n_digits: int = 5  # the passkey of Mohtashami & Jaggi is a 5-digit number
     max_new_tokens: int = 8  # a space plus one token per digit with digit-splitting tokenizers, plus slack
+    # "generated": seeded varied sentences; "repeat": the paper's own filler, five sentences repeated (the form the
+    # PI / YaRN / LongRoPE papers report passkey accuracy on; far easier for a small model)
+    filler: str = "generated"
+
+    def __post_init__(self) -> None:
+        from posprobe.tasks.needle import FILLERS
+
+        if self.filler not in FILLERS:
+            from posprobe.errors import UnknownNameError
+
+            raise UnknownNameError("passkey filler", self.filler, FILLERS)
 
     def make(self, access: Any, n_items: int, gold_index: int, seed: int) -> Prompt:
         from posprobe.tasks.needle import make_needle_trial
 
         gold_index = check_item_args(self.name, n_items, gold_index)
         depth = gold_index / (n_items - 1) if n_items > 1 else 0.5
-        trial = make_needle_trial(access, self.context_length, depth, seed, task="passkey", n_digits=self.n_digits)
+        trial = make_needle_trial(access, self.context_length, depth, seed, task="passkey", n_digits=self.n_digits,
+                                  filler=self.filler)
         start, stop = trial.haystack_span
         if stop - start < n_items:
             raise InputError(f"The passkey haystack has {stop - start} tokens, fewer than n_items={n_items} slots; "
