@@ -179,6 +179,10 @@ class Intervention:
         """What the settings resolve to on `access` (e.g. the default layers), for provenance."""
         return {}
 
+    def check_runner(self, runner: str) -> None:
+        """Raise an InterventionError (what, why, the fix) if `runner` ("scan", "evaluate_positions", ...) cannot
+        run this spec. `resolve` calls it, so the refusal comes before any model is loaded or run; default: none."""
+
     # --- applying -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def applied(self, access: ModelAccess | Any) -> Iterator[ModelAccess]:
@@ -335,6 +339,8 @@ def resolve(intervention: Any, access: ModelAccess | Any, *, prompts_available: 
     if spec is not None and spec.per_prompt and not prompts_available:
         raise InterventionError(f"{spec.name} edits each prompt by its document spans, and {runner} runs no "
                                 f"structured prompts. Use it with posprobe.evaluate_positions(...).")
+    if spec is not None:
+        spec.check_runner(runner)  # a spec some runner cannot run (buckets in scan) raises before any pass
     return spec
 
 

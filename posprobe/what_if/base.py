@@ -277,6 +277,10 @@ class Stack(Intervention):
                 stack.enter_context(part.applied(access))
             yield access
 
+    def check_runner(self, runner: str) -> None:
+        for part in self.parts:
+            part.check_runner(runner)
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "parts": [part.to_dict() for part in self.parts]}
 

@@ -16,7 +16,8 @@ class built from a config copy with the new theta). Composition:
   logits; `access.greedy` decodes from the combined distribution, the passes in lockstep with a KV cache each
   (as the authors' code keeps one per batch of bases).
 - Reading activations (`scan`, any probe tap) is refused: N passes are N different models and posprobe does not
-  choose one silently. Scan one bucket with `rope_theta:theta=B`.
+  choose one silently. Scan one bucket with `rope_theta:theta=B`. `scan(intervention=...)` refuses it when it
+  resolves the spec (`check_runner`), before the model is loaded; a tap inside `applied` is refused at the pass.
 - Score-level what-ifs (STRING, Self-Extend, ...) stack with it (each pass runs them with its own frequencies);
   RoPE rescaling what-ifs do not (the paper defines no bucket over a rescaled RoPE): refused.
 Cost: N forward passes per call. Formulas in docs/interventions.md ("Attention Buckets").
@@ -94,6 +95,19 @@ class AttentionBuckets(RopeParameters):
     def context_limit(self, access: ModelAccess) -> int | None:
         return None  # the method is the experiment: no length limit while applied
 
+    def check_runner(self, runner: str) -> None:
+        if runner == "scan":  # every scan reads activations: refused before the model is loaded or run
+            raise InterventionError(self._reads_refused(f"scan(intervention={str(self)!r}) is refused before the "
+                                                        f"model is loaded or run: "))
+
+    def _reads_refused(self, prefix: str = "") -> str:
+        passes = self.passes()
+        return (f"{prefix}buckets combines the output distributions of {len(passes)} passes with different RoPE "
+                f"bases ({', '.join(str(p) for p in passes)}); a probe reading activations (attention patterns, "
+                f"q / k) would see {len(passes)} different models, and posprobe does not pick one silently. Scan "
+                f"one pass instead: intervention=RopeTheta(theta=B) / --what-if rope_theta:theta=B (or ratio=R), "
+                f"and evaluate the combined outputs with evaluate_positions or access.run(ids, logits=...).")
+
     def passes(self) -> list[RopeTheta]:
         """One `rope_theta` what-if per pass, on this spec's layers."""
         if self.bases is None:
@@ -135,12 +149,7 @@ class AttentionBuckets(RopeParameters):
         def forward(input_ids: Tensor, position_ids: Tensor, taps: frozenset, on_layer: Any,
                     logit_positions: Tensor | None, edits: Any, **extra: Any) -> Tensor | None:
             if taps or on_layer is not None:
-                raise InterventionError(
-                    f"buckets combines the output distributions of {len(passes)} passes with different RoPE bases "
-                    f"({', '.join(str(p) for p in passes)}); a probe reading activations would see {len(passes)} "
-                    f"different models, and posprobe does not pick one silently. Scan one pass instead: "
-                    f"intervention=RopeTheta(theta=B) / --what-if rope_theta:theta=B (or ratio=R), and evaluate "
-                    f"the combined outputs with evaluate_positions or access.run(ids, logits=...).")
+                raise InterventionError(spec_self._reads_refused())
             if logit_positions is None:  # nothing observable leaves the pass
                 return None
             outs = []

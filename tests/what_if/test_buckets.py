@@ -119,10 +119,34 @@ def test_activation_reads_are_refused_with_the_fix(llama, ids):
     with AttentionBuckets(bases=BASES).applied(llama):
         with pytest.raises(InterventionError, match="rope_theta:theta="):
             llama.run(ids[:, :16], taps=[Tap.Q])
+
+
+def test_scan_refuses_buckets_when_it_resolves_the_spec_before_any_pass(llama, monkeypatch):
+    """scan(intervention=buckets) used to raise only inside the first shared pass; now the spec refuses the scan
+    runner when scan resolves it: no model is loaded, no forward pass runs (also as text, in a Stack, bound)."""
+    import posprobe.models
+
+    passes = []
+    hook = llama.model.get_input_embeddings().register_forward_pre_hook(lambda module, args: passes.append(1))
     budget = Budget("t", (24,), 1, 8, level="quick")
-    with pytest.raises(InterventionError, match="scan one pass|Scan one pass"):
-        posprobe.scan(llama, probes=["head_basics"], budget=budget, intervention=AttentionBuckets(bases=BASES),
-                      progress=False)
+    spec = AttentionBuckets(bases=BASES)
+    try:
+        for intervention in (spec, str(spec), Stack((STRING(), spec)), spec.bind(llama)):
+            with pytest.raises(InterventionError, match=r"refused before the model is loaded.*rope_theta:theta=B"):
+                posprobe.scan(llama, probes=["head_basics"], budget=budget, intervention=intervention,
+                              progress=False)
+        loads = []
+        monkeypatch.setattr(posprobe.models, "load_model", lambda *a, **k: loads.append(a) or llama)
+        with pytest.raises(InterventionError, match="Scan one pass instead"):
+            posprobe.scan("tiny-llama", probes=["head_basics"], budget=budget, intervention="buckets",
+                          progress=False)
+        assert loads == []
+        assert passes == []
+        posprobe.scan(llama, probes=["head_basics"], budget=budget, intervention=RopeTheta(theta=BASES[0]),
+                      progress=False)  # the fix the message gives runs
+        assert passes  # the hook counts this access's passes: the zero above is no dead hook
+    finally:
+        hook.remove()
 
 
 def test_one_bucket_is_rope_theta(llama, ids):
