@@ -10,6 +10,8 @@ Owns two things the CLI, `Scan.save` and the model cache share:
   place of `target` in one step (Linux `renameat2(RENAME_EXCHANGE)` where available, else two renames), and the old
   contents are deleted afterwards. An exception (or a kill) before the swap leaves `target` as it was; the temporary
   directory is removed on exceptions and ignored (hidden, dot-prefixed) otherwise.
+- `write_text_atomic(path, text)`: one file written to a hidden temporary sibling and renamed into place, so a
+  reader never sees half a file and a failure leaves a previous file as it was.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import ctypes.util
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,3 +121,20 @@ def replace_dir(target: str | Path) -> Iterator[Path]:
     target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` through a temporary sibling renamed into place (`os.replace`)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # a unique name opened with "x" (not mkstemp): the file gets the umask's permissions, not 0600
+    tmp = out.with_name(f".{out.name}.writing-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "x", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out

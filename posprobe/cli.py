@@ -1,4 +1,4 @@
-"""The `posprobe` command line: scan, sweep, rank, export, report, models, probes, app.
+"""The `posprobe` command line: scan, sweep, rank, export, report, patterns, models, probes, app.
 
 Owns argument parsing (typer) and turning posprobe errors into one-line messages with exit code 2. The commands are
 thin: they call the public API (`scan`, `load`, `Scan.rank`) and write tables with pandas.
@@ -275,6 +275,42 @@ def report(
     check_output_file(out)  # before the scan is read
     written = write_report(_load(scan_dir), out, top=top)
     typer.echo(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB)", err=True)
+
+
+@app.command()
+def patterns(
+    scan_dir: Annotated[Path, typer.Argument(help="a saved scan directory with stored example patterns (posprobe "
+                                                  "scan --examples on)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="the HTML file to write")],
+    heads: Annotated[str | None, typer.Option(help="comma-separated heads as L<layer>H<head>, e.g. L3H1,L5H0 "
+                                                   "(default: the top head of each of --metrics)")] = None,
+    metrics: Annotated[str | None, typer.Option(help="comma-separated head metrics whose top head is shown when "
+                                                     "--heads is not given (default: those of previous_token_score, "
+                                                     "induction_score, duplicate_token_score, sink_mass, "
+                                                     "retrieval_score the scan has)")] = None,
+    example: Annotated[list[str] | None, typer.Option(
+        "--example", help="a stored example by name or index (text, repeated, needle / 0, 1, 2); repeat for "
+                          "several (default: every stored example)")] = None,
+    query: Annotated[int | None, typer.Option(help="the query row outlined and shown as top keys (negative: from "
+                                                   "the end; default: the last token)")] = None,
+    top_keys: Annotated[bool, typer.Option("--top-keys/--no-top-keys", help="also the top-keys strip of the "
+                                           "query row")] = True,
+    cdn: Annotated[bool, typer.Option("--cdn", help="load plotly.js from its CDN (a much smaller file that needs "
+                                      "the network) instead of inlining it")] = False,
+) -> None:
+    """Write the stored attention patterns of some heads (per example: heatmap + top keys) to one HTML page."""
+    from posprobe._io import check_output_file
+    from posprobe.pattern_export import select, write_patterns
+
+    check_output_file(out)  # before the scan is read; every other problem is raised by select, before writing
+    result = _load(scan_dir)
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    selection = select(result, heads=heads, examples=example, query=query, metrics=chosen, top_keys=top_keys,
+                       source=scan_dir)
+    written = write_patterns(result, out, selection, plotlyjs="cdn" if cdn else "inline")
+    shown = ", ".join(f"L{layer}H{head}" for layer, head in selection.heads)
+    typer.echo(f"wrote {shown} on {len(selection.examples)} example(s) to {written} "
+               f"({written.stat().st_size / 1e6:.1f} MB)", err=True)
 
 
 @app.command(name="app")

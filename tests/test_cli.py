@@ -107,3 +107,65 @@ def test_scan_examples_switch_stores_or_drops_the_pattern_examples(tmp_path, cap
     assert example_names(loaded) == [] and "off" in loaded.meta["skipped"]["pattern_examples"]
     assert main(["scan", "--model", "tiny-rope", "--examples", "sometimes", "--out", str(tmp_path / "bad")]) == 2
     assert "auto, on or off" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def examples_scan_dir(tmp_path_factory):
+    """A tiny random-model scan with stored example patterns (text, repeated, needle)."""
+    out = tmp_path_factory.mktemp("examples") / "scan"
+    assert main(["scan", "--model", "tiny-rope", "--probes", "head_basics", "--budget", "quick", "--examples", "on",
+                 "--out", str(out)]) == 0
+    return out
+
+
+def test_patterns_exports_the_top_heads_by_default(examples_scan_dir, tmp_path, capsys):
+    import posprobe
+
+    out = tmp_path / "patterns.html"
+    assert main(["patterns", str(examples_scan_dir), "--out", str(out)]) == 0
+    scan = posprobe.load(examples_scan_dir)
+    tops = [scan.rank(m, top=1).iloc[0] for m in ("previous_token_score", "sink_mass")]
+    heads = list(dict.fromkeys(f"L{r.layer}H{r['head']}" for r in tops))
+    assert f"wrote {', '.join(heads)} on 3 example(s) to {out}" in capsys.readouterr().err
+    page = out.read_text()
+    assert page.count("Plotly.newPlot") == len(heads) * 3 * 2  # per head and example: heatmap + top keys
+    for head in heads:
+        layer, number = head[1:].split("H")
+        assert f"<h2>L{layer} H{number}</h2>" in page and f"needle: L{layer} H{number}" in page
+    assert "top previous_token_score" in page and "top sink_mass" in page
+
+
+def test_patterns_with_heads_examples_query_and_cdn(examples_scan_dir, tmp_path):
+    out = tmp_path / "two.html"
+    assert main(["patterns", str(examples_scan_dir), "--out", str(out), "--heads", "L1H2,L0H1", "--example",
+                 "repeated", "--example", "0", "--query", "-3", "--no-top-keys", "--cdn"]) == 0
+    page = out.read_text()
+    assert page.count("Plotly.newPlot") == 2 * 2 and page.index("<h2>L1 H2</h2>") < page.index("<h2>L0 H1</h2>")
+    assert "repeated: L1 H2" in page and "text: L0 H1" in page and "needle:" not in page
+    assert 'src="https://cdn.plot.ly/' in page and "top keys of query" not in page
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--heads", "L7H0"], "L7H0 is not in this scan: tiny-rope has 2 layers x 4 heads (L0H0 to L1H3)"),
+    (["--heads", "7.0"], "Cannot read head '7.0'"),
+    (["--example", "5"], "Example 5 is out of range: this scan stores 3 examples (0 text, 1 repeated, 2 needle)"),
+    (["--example", "haystack"], "Unknown stored example 'haystack'"),
+    (["--example", "text", "--query", "500"], "--query 500 is not a position of example 0 (text, "),
+    (["--metrics", "nope"], "Unknown head metric 'nope'"),
+])
+def test_patterns_refuses_bad_input_before_writing(examples_scan_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "patterns.html"
+    out.write_text("an earlier export")
+    assert main(["patterns", str(examples_scan_dir), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert out.read_text() == "an earlier export" and [p.name for p in tmp_path.iterdir()] == ["patterns.html"]
+
+
+def test_patterns_of_a_scan_without_examples_says_why_and_how_to_rescan(prev_token_scan_dir, tmp_path, capsys):
+    out = tmp_path / "patterns.html"
+    assert main(["patterns", str(prev_token_scan_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"The scan {prev_token_scan_dir} stores no example attention patterns" in err
+    assert "pattern_examples probe did not run" in err and "made before" in err and "--examples on" in err
+    assert not out.exists()

@@ -32,19 +32,23 @@ def has_examples(scan: Any) -> bool:
     return all(name in scan.tables for name in (PATTERNS, TOKENS, EXAMPLES)) and len(scan.tables[EXAMPLES]) > 0
 
 
-def no_examples_reason(scan: Any) -> str:
-    """A sentence saying why the scan has no example patterns and how to get them."""
+def no_examples_why(scan: Any) -> str:
+    """Why the scan stores no example patterns, from its provenance: the probe was skipped (and the reason, e.g. the
+    size budget), it ran but dropped every example, or it did not run (not asked for, or an older scan)."""
     skipped = (scan.meta.get("skipped") or {}).get(PROBE)
     dropped = ((scan.meta.get("summaries") or {}).get(PROBE) or {}).get("dropped")
     if skipped:
-        why = f"the {PROBE} probe was skipped: {skipped}"
-    elif dropped:
-        why = f"the {PROBE} probe ran but could store none of its examples: " + "; ".join(
+        return f"the {PROBE} probe was skipped: {skipped}"
+    if dropped:
+        return f"the {PROBE} probe ran but could store none of its examples: " + "; ".join(
             f"{name}: {reason}" for name, reason in dropped.items())
-    else:
-        why = f"the {PROBE} probe did not run in this scan"
-    return (f"This scan stores no example attention patterns ({why}). Scan again with the probe, e.g. "
-            f"posprobe.scan(model, probes=[..., '{PROBE}']) or posprobe scan --probes {PROBE}.")
+    return f"the {PROBE} probe did not run in this scan"
+
+
+def no_examples_reason(scan: Any) -> str:
+    """A sentence saying why the scan has no example patterns and how to get them."""
+    return (f"This scan stores no example attention patterns ({no_examples_why(scan)}). Scan again with the probe, "
+            f"e.g. posprobe.scan(model, probes=[..., '{PROBE}']) or posprobe scan --probes {PROBE}.")
 
 
 def _require(scan: Any) -> None:
@@ -216,5 +220,5 @@ def pattern_top_keys(scan: Any, layer: int, head: int, example: str | int | None
 
 
 __all__ = ["EXAMPLES", "PATTERNS", "TOKENS", "example_names", "example_tokens", "examples_table", "has_examples",
-           "no_examples_reason", "parse_label", "pattern", "pattern_matrix", "pattern_top_keys", "query_shape",
-           "resolve_example", "token_labels", "top_keys", "visible_token"]
+           "no_examples_reason", "no_examples_why", "parse_label", "pattern", "pattern_matrix", "pattern_top_keys",
+           "query_shape", "resolve_example", "token_labels", "top_keys", "visible_token"]
