@@ -8,10 +8,11 @@ A subset runs alone with `--only CASE:N,N,...` (repeatable) or a named `--suite`
     python -m benchmarks --suite stream_long --repeat 1      # forward vs stream_scan at 8192, 16384, 32768
     python -m benchmarks --only forward:512,1024 --only stream_scan:512,1024 --repeat 3
     python -m benchmarks --suite retrieval_long long_scan    # benchmarks.retrieval_modes at 4k / 16k, the long scan
+    python -m benchmarks --suite passkey_long                # a passkey sweep at the model's full context
 
 `--repeat R` runs every case R times (fresh process each) and keeps the fastest (best of R: the box is shared).
-The last two suites are the reports of `benchmarks.retrieval_modes` and `benchmarks.long_scan`, written next to
-`--out`.
+The last three suites are the reports of `benchmarks.retrieval_modes`, `benchmarks.long_scan` and
+`benchmarks.passkey_long`, written next to `--out`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ SUITES: dict[str, list[tuple[str, int]] | list[str]] = {
     "stream_long": [(case, n) for n in LONG for case in ("forward", "stream_scan")],
     "retrieval_long": ["benchmarks.retrieval_modes", "--lengths", "4096", "16384"],
     "long_scan": ["benchmarks.long_scan"],
+    "passkey_long": ["benchmarks.passkey_long"],
 }
 
 

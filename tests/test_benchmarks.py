@@ -32,3 +32,18 @@ def test_only_and_suites_choose_the_cases(monkeypatch, tmp_path):
     text = out.read_text()
     assert "| 512 | 1 | forward | 2.00 | 1.00 |" in text  # best of 3 (3, 2, 5)
     assert "| 512 | 1 | stream_scan | 1.00 | 0.50 |" in text  # best of (1, 4, 1.5), over the best forward
+
+
+def test_passkey_long_reports_every_depth_with_its_interval(tmp_path):
+    import benchmarks.passkey_long as passkey_long
+
+    out = tmp_path / "passkey.md"
+    assert passkey_long.main(["--model", "tiny-rope", "--length", "420", "--depths", "2", "--trials", "2",
+                              "--out", str(out)]) == 0
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 0%") or line.startswith("| 100%")]
+    assert len(rows) == 2 and all(line.split("|")[2].strip() == "2" for line in rows)  # n = 2 trials per depth
+    assert all(len(line.replace("\\|", "").split("|")) == 8 for line in rows)  # 6 cells: completions escaped
+    assert "Wilson" in text and "peak RSS" in text and "filler generated" in text
+    with pytest.raises(SystemExit):  # a prompt longer than the model's window is refused before any pass
+        passkey_long.main(["--model", "tiny-rope", "--length", "100000", "--out", str(out)])
