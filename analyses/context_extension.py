@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the passkey / key-value accuracy")
+    parser.add_argument("--tasks", nargs="+", choices=("passkey", "kv"), default=["passkey", "kv"],
+                        help="which accuracy tasks to run (default both)")
     parser.add_argument("--filler", choices=("generated", "repeat"), default="generated",
                         help="passkey haystack: seeded varied sentences, or the paper's five sentences repeated")
     parser.add_argument("--loss", action="store_true", help="also measure the next-token loss by position on "
@@ -147,17 +149,20 @@ def kv_task(access: Any, tokens: int, seed: int) -> tuple[Any, int]:
 
 
 def evaluate(access: Any, name: str, spec: Any, lengths: list[int], trials: int, seed: int,
-             depths: int, batch_size: int | None, filler: str = "generated") -> list[pd.DataFrame]:
+             depths: int, batch_size: int | None, filler: str = "generated",
+             tasks: tuple[str, ...] = ("passkey", "kv")) -> list[pd.DataFrame]:
     rows = []
     for length in lengths:
         cells = []
         passkey = get_task("passkey", context_length=length - 24, filler=filler)
         try:
-            passkey.make(access, depths, 0, seed)
-            cells.append((passkey, depths))
+            if "passkey" in tasks:
+                passkey.make(access, depths, 0, seed)
+                cells.append((passkey, depths))
         except InputError as exc:  # the prompt does not fit this length (tiny byte-tokenizer model)
             print(f"  passkey skipped at {length} tokens: {exc}", flush=True)
-        cells.append(kv_task(access, length, seed))
+        if "kv" in tasks:
+            cells.append(kv_task(access, length, seed))
         for task, n_items in cells:
             start = time.perf_counter()
             table = posprobe.evaluate_positions(access, task, n_items=n_items, gold_positions=depths,
@@ -315,7 +320,8 @@ def main() -> None:
                                            args.loss_stride))
         if not args.no_accuracy:
             frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
-                               args.batch_size or (None if args.variant == "quick" else 1), args.filler)
+                               args.batch_size or (None if args.variant == "quick" else 1), args.filler,
+                               tuple(args.tasks))
     if losses:
         loss = pd.concat(losses, ignore_index=True)
         loss.to_csv(out / "loss_by_position.csv", index=False)
