@@ -45,7 +45,8 @@ def has_nonrotary_band(layer: LayerInfo, head_dim: int) -> bool:
     return layer.has_rope and (layer.rotary_dim or 0) < head_dim
 
 
-def _check_layer(layer: LayerInfo, head_dim: int) -> None:
+def _check_layer(layer: LayerInfo, head_dim: int) -> int:
+    """The layer's rotary width r, once checked against a head of `head_dim` dims."""
     if not layer.has_rope:
         raise ProbeError(f"Layer {layer.index} has no RoPE ({layer.positional.value}); it has no rotary chunks. "
                          f"Skip it (the RoPE probes do so with a reason).")
@@ -53,6 +54,7 @@ def _check_layer(layer: LayerInfo, head_dim: int) -> None:
         raise ProbeError(f"Layer {layer.index} reports rotary_dim={layer.rotary_dim} for head_dim={head_dim}; "
                          f"it must be even and at most the head dim. Fix the model's LayerInfo "
                          f"(adapters/architectures.py).")
+    return int(layer.rotary_dim)
 
 
 def split_chunks(
@@ -61,9 +63,9 @@ def split_chunks(
     """Split head vectors into rotary chunks [..., r/2, 2] (layout from `layer.chunk_layout`) and the non-rotated
     dims [..., d - r] (None when the whole head rotates). The chunks may be a view of x: do not modify them."""
     d = x.shape[-1]
-    _check_layer(layer, d)
+    r = _check_layer(layer, d)
     a, b = layer.chunk_coordinates()
-    r, offset = int(layer.rotary_dim), int(layer.rotary_offset)
+    offset = int(layer.rotary_offset)
     if offset + r > d or (a.size and int(max(a.max(), b.max())) >= offset + r):
         raise ProbeError(f"Chunk coordinates of layer {layer.index} exceed the rotated dims [{offset}, {offset + r}) "
                          f"of a {d}-dim head. Fix the model's LayerInfo (adapters/architectures.py).")
@@ -83,8 +85,8 @@ def chunk_norms(x: Float[Tensor, "*batch d"], layer: LayerInfo) -> Float[Tensor,
 
     A chunk's norm is sqrt(a^2 + b^2) of its two coordinates, read as two strided views (no stacked copy; a
     `vector_norm` over a last axis of 2 was ~3x slower and differs from this by float64 rounding only)."""
-    _check_layer(layer, x.shape[-1])
-    r, offset, half = int(layer.rotary_dim), int(layer.rotary_offset), int(layer.rotary_dim) // 2
+    r = _check_layer(layer, x.shape[-1])
+    offset, half = int(layer.rotary_offset), r // 2
     if layer.chunk_layout is ChunkLayout.INTERLEAVED:
         first, second = x[..., offset : offset + r : 2], x[..., offset + 1 : offset + r : 2]
     else:
@@ -109,7 +111,7 @@ def chunk_contributions(
     kc, kr = split_chunks(k, layer)
     # [b, h, c, nq, 2] @ [b, h, c, 2, nk]: one small matmul per (batch, head, chunk)
     c = torch.matmul(qc.movedim(-2, 2), kc.movedim(-2, 2).transpose(-1, -2))
-    if qr is not None:
+    if qr is not None and kr is not None:  # q and k have the same head dim: both or neither have the band
         c = torch.cat((c, torch.matmul(qr, kr.transpose(-1, -2)).unsqueeze(2)), dim=2)
     return c
 
@@ -161,6 +163,10 @@ def effective_frequencies(layer: LayerInfo, max_positions: int | None = None) ->
     if rope_type == "yarn":
         old = float(scaling.get("original_max_position_embeddings") or (max_positions or 0) / factor or 4096)
         fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+        if layer.rotary_dim is None or layer.rope_theta is None:
+            raise ProbeError(f"Layer {layer.index} has yarn rope_scaling but no rotary_dim / rope_theta "
+                             f"({layer.rotary_dim!r} / {layer.rope_theta!r}); its scaled frequencies are undefined. "
+                             f"Fix the model's LayerInfo (adapters/architectures.py).")
         r, theta = float(layer.rotary_dim), float(layer.rope_theta)
 
         def correction_dim(rotations: float) -> float:
@@ -277,7 +283,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
             c = torch.matmul(_grouped_rows(qc_chunk[:, :, s : s + cq], groups), kc)  # [b, G, c, (H/G) cq, nk]
             c = c.view(b, groups, n_chunks, per_group, cq, stop - start)
             rest = None
-            if qr_chunk is not None:  # the non-rotated band: one grouped matmul over those dims
+            if qr_chunk is not None and kr_all is not None:  # the non-rotated band: one grouped matmul over those dims
                 rest = grouped_matmul(qr_chunk[:, :, s : s + cq], kr_all[:, :, start:stop].transpose(-1, -2))
             if check and first:
                 visible = causal_key_mask(qi, stop, layer.sliding_window, key_start=start)
@@ -293,7 +299,8 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
             if rest is not None:
                 block = torch.cat((block, torch.einsum("bhqk,bhqk->h", rest.abs_(), p)[:, None]), dim=1)
             usage += block.to(usage.dtype)
-    return ChunkUsage(usage=usage.cpu().double(), n_rows=int(cap.q.shape[0]) * len(queries), max_logit_error=max_error)
+    return ChunkUsage(usage=usage.cpu().double(), n_rows=int(_wide(cap)[0].shape[0]) * len(queries),
+                      max_logit_error=max_error)
 
 
 @dataclass
@@ -336,7 +343,7 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
         w = probs[:, :, rows, start:stop].masked_fill(~far, 0.0)  # a_ij on far keys, exactly 0 elsewhere
         signed += chunk_dot(q, grouped_matmul(w.to(q.dtype), k), layer).sum((0, 2)).to(acc)
         mass += w.sum((0, 2, 3)).to(acc)
-    n_rows = int(cap.q.shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
+    n_rows = int(_wide(cap)[0].shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
     return LongRange(signed=signed.cpu().double(), mass=mass.cpu().double(), n_rows=n_rows)
 
 
