@@ -264,11 +264,15 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
 
     config = ctx.budgeted(PROBE.name, config)
     _check(config)
+    context_length, n_contexts, n_trials = config.context_length, config.n_contexts, config.doc_trials
+    if context_length is None or n_contexts is None or n_trials is None:
+        raise ProbeError(f"PositionBiasConfig budget knobs left unset by the budget: context_length="
+                         f"{context_length}, n_contexts={n_contexts}, doc_trials={n_trials}. Give them in the config "
+                         f"or drop the None from the Budget's probes= entry.")
     access, info = ctx.access, ctx.info
-    length = min(config.context_length, info.max_positions or config.context_length)
+    length = min(context_length, info.max_positions or context_length)
     if length < 4:
         raise ProbeError(f"PositionBiasConfig.context_length must be >= 4 tokens; got {config.context_length}.")
-    n_contexts = config.n_contexts
     seeds = [ctx.seed * 100_003 + 7_919 + c for c in range(n_contexts)]
     groups = [seeds[i: i + ctx.batch_size] for i in range(0, n_contexts, ctx.batch_size)]  # equal lengths: exact
     contexts = (torch.tensor([text_ids(access, length, seed=s) for s in group])
@@ -277,7 +281,6 @@ def run_position_bias(ctx: ScanContext, config: PositionBiasConfig) -> ProbeResu
     curves_np = curves.numpy()
     u, first, middle, last = u_parts(curves_np)
 
-    n_trials = config.doc_trials
     docs = document_attention(access, config.doc_task, config.doc_items, n_trials, ctx.seed, batch=config.batch,
                               progress=ctx.progress)
     gold_mean = docs.gold.mean(0).transpose(1, 2, 0)  # [L, H, slots]
