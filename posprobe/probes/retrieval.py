@@ -120,7 +120,7 @@ def score_batch(access: ModelAccess, trials: Sequence[NeedleTrial],
     row_queries = [torch.arange(first, first + len(steps)) for first, steps in zip(firsts, steps_of)]
     queries = torch.unique(torch.cat(row_queries))  # sorted union: every column is a real answer query of a row
     spans = [t.answer_span if config.span == "answer" else t.needle_span for t in trials]
-    copies = [np.zeros((info.n_layers, info.n_heads), dtype=np.int64) for _ in trials]
+    copies: list[np.ndarray] = [np.zeros((info.n_layers, info.n_heads), dtype=np.int64) for _ in trials]
     on_device: dict[str, torch.Tensor] = {}
 
     def on_layer(cap: LayerCapture) -> None:
@@ -143,14 +143,17 @@ def score_batch(access: ModelAccess, trials: Sequence[NeedleTrial],
         for r, hit in enumerate(hits):
             copies[r][cap.layer] = hit.sum(-1).cpu().numpy()
 
+    padding = batch.run_kwargs()  # empty when nothing is padded (the unpadded fast path)
     result = access.run(batch.input_ids, taps={Tap.PATTERN}, on_layer=on_layer,
-                        logits=queries if teacher_forced else "none", **batch.run_kwargs())
+                        logits=queries if teacher_forced else "none", attention_mask=padding.get("attention_mask"),
+                        position_ids=padding.get("position_ids"))
     outcomes = []
     for r, (trial, steps) in enumerate(zip(trials, steps_of)):
         answer = list(trial.answer_ids)
         if teacher_forced:
             picked = torch.searchsorted(queries, row_queries[r])  # this row's answer columns among the logits
-            predicted = result.logits[r, picked.to(result.logits.device)].argmax(-1).cpu()
+            logits = result.requested_logits()
+            predicted = logits[r, picked.to(logits.device)].argmax(-1).cpu()
             matches = (predicted == torch.as_tensor(steps)).tolist()
         else:
             matches = [i < len(steps) and steps[i] == a for i, a in enumerate(answer)]
@@ -190,6 +193,8 @@ def summarize(
 ) -> ProbeResult:
     """Heads table, curves, per-trial tables and summary from trial outcomes."""
     trial_rows, copy_rows = [], []
+    layers: np.ndarray
+    heads: np.ndarray
     layers, heads = np.meshgrid(np.arange(info.n_layers), np.arange(info.n_heads), indexing="ij")
     for o in outcomes:
         t = o.trial
@@ -324,6 +329,9 @@ def run_retrieval(ctx: ScanContext, config: RetrievalConfig) -> ProbeResult:
     """The retrieval probe on the scan's model: needle trials over the budget's lengths x depths, then scoring."""
     config = ctx.budgeted(PROBE.name, config)
     _check(config)
+    if config.n_trials is None:
+        raise ProbeError("RetrievalConfig.n_trials was left unset by the budget; give n_trials in the config or drop "
+                         "the None from the Budget's probes= entry.")
     lengths = context_lengths(ctx.access, config.context_lengths or ctx.budget.context_lengths, config)
     trials = build_trials(ctx.access, config.n_trials, lengths, config, ctx.seed)
     return score_trials(ctx.access, trials, config, progress=ctx.progress, batch_size=ctx.batch_size)
