@@ -117,7 +117,8 @@ def _sequence_ids(ctx: ScanContext, config: ImplicitPositionConfig, index: int, 
     seed = ctx.seed * 1_000_003 + 7_919 * index + 17  # distinct from the shared scan texts' seeds
     access = ctx.access
     bos = getattr(access.tokenizer, "bos_token_id", None)
-    with_bos = config.bos and access.info.adds_bos and bos is not None
+    bos_id = bos if config.bos and access.info.adds_bos else None  # the token put at position 0, if any
+    with_bos = bos_id is not None
     if config.input == "text":
         from posprobe.tasks.text import text_ids
 
@@ -129,8 +130,8 @@ def _sequence_ids(ctx: ScanContext, config: ImplicitPositionConfig, index: int, 
     special = {int(i) for i in (getattr(access.tokenizer, "all_special_ids", None) or []) if 0 <= int(i) < vocab}
     allowed = np.setdiff1d(np.arange(vocab), np.fromiter(special, dtype=np.int64, count=len(special)))
     ids = np.random.default_rng(seed).choice(allowed, size=n_tokens).tolist()
-    if with_bos:
-        ids[0] = int(bos)
+    if bos_id is not None:
+        ids[0] = int(bos_id)
     return ids
 
 
@@ -145,14 +146,14 @@ class _Collector:
                  max_anchors: int = 512) -> None:
         n_layers, rows = info.n_layers, n_sequences * k
         self.k, self.n_tokens, self.offsets = k, n_tokens, offsets
-        self.hidden = np.zeros((n_layers, rows, info.d_model), dtype=np.float32)
-        self.scale = np.zeros((n_layers, rows, len(SCALE_FEATURES)), dtype=np.float64)
-        self.positions = np.zeros(rows, dtype=np.float64)
-        self.groups = np.zeros(rows, dtype=np.int64)
-        self.attn_var = np.zeros((n_layers, n_tokens), dtype=np.float64)
-        self.resid_var = np.zeros((n_layers, n_tokens), dtype=np.float64)
-        self.similarity = np.zeros((n_layers, len(offsets)), dtype=np.float64)
-        self.seen = np.zeros(n_layers, dtype=np.int64)
+        self.hidden: np.ndarray = np.zeros((n_layers, rows, info.d_model), dtype=np.float32)
+        self.scale: np.ndarray = np.zeros((n_layers, rows, len(SCALE_FEATURES)), dtype=np.float64)
+        self.positions: np.ndarray = np.zeros(rows, dtype=np.float64)
+        self.groups: np.ndarray = np.zeros(rows, dtype=np.int64)
+        self.attn_var: np.ndarray = np.zeros((n_layers, n_tokens), dtype=np.float64)
+        self.resid_var: np.ndarray = np.zeros((n_layers, n_tokens), dtype=np.float64)
+        self.similarity: np.ndarray = np.zeros((n_layers, len(offsets)), dtype=np.float64)
+        self.seen: np.ndarray = np.zeros(n_layers, dtype=np.int64)
         self.anchors = torch.linspace(1, n_tokens - 1, min(n_tokens - 1, max_anchors)).round().long().unique()
         self.offset_index = torch.as_tensor(offsets, dtype=torch.long)
         self.batch: list[tuple[int, np.ndarray]] = []  # (sequence index, sampled positions) of each row of a pass
@@ -196,6 +197,7 @@ class _Collector:
         similarity = values.sum(0) / valid.sum(0).clamp(min=1)
         rows = slice(index * self.k, index * self.k + len(idx))
         # to the CPU once per layer and row: the sampled rows and per-position / per-offset vectors, never [n, D]
+        hidden: torch.Tensor
         hidden, scale, resid_var, attn_var, similarity = (t.cpu() for t in (resid[idx], scale, resid_var, attn_var,
                                                                               similarity))
         self.resid_var[layer] += resid_var.double().numpy()
@@ -213,7 +215,7 @@ class _Collector:
 def _features(col: _Collector, layer: int, name: str) -> np.ndarray:
     if name == "scale":
         return col.scale[layer]
-    hidden = col.hidden[layer].astype(np.float64)
+    hidden: np.ndarray = col.hidden[layer].astype(np.float64)
     if name == "direction":
         return hidden / np.maximum(np.linalg.norm(hidden, axis=1, keepdims=True), _TINY)
     return hidden
@@ -227,7 +229,7 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
     for features in config.feature_sets:
         x = _features(col, layer, features)
         x_train, x_test = x[train], x[test]
-        for regressor in config.regressors:
+        for regressor in _regressors(config):
             if regressor == "mlp" and features not in config.mlp_feature_sets:
                 continue
             variants = [("true", np.arange(len(train_pos)))]
@@ -237,9 +239,9 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
                 columns = [(labels, target) for labels, _ in variants for target in config.targets]
                 y = np.stack([target_values(train_pos[order], target) for (labels, order) in variants
                               for target in config.targets], axis=1)
-                pred, alpha = ridge_fit_predict(x_train, y, groups[train], x_test, config.ridge_alphas,
-                                                config.cv_folds)
-                fits = [(labels, target, pred[:, j], float(alpha[j])) for j, (labels, target) in enumerate(columns)]
+                pred, chosen = ridge_fit_predict(x_train, y, groups[train], x_test, config.ridge_alphas,
+                                                 config.cv_folds)  # chosen: the CV alpha of every column
+                fits = [(labels, target, pred[:, j], float(chosen[j])) for j, (labels, target) in enumerate(columns)]
             else:
                 fits = [(labels, target, mlp_fit_predict(x_train, target_values(train_pos[order], target),
                                                          groups[train], x_test, config, seed), float("nan"))
@@ -257,10 +259,18 @@ def _fit_layer(col: _Collector, layer: int, train: np.ndarray, test: np.ndarray,
 # The probe
 
 
+def _regressors(config: ImplicitPositionConfig) -> tuple[str, ...]:
+    """The regressors of a config whose budget knobs are resolved (`ScanContext.budgeted`)."""
+    if config.regressors is None:
+        raise ProbeError("ImplicitPositionConfig.regressors was left unset by the budget; give regressors=('ridge',) "
+                         "or ('ridge', 'mlp') in the config, or drop the None from the Budget's probes= entry.")
+    return config.regressors
+
+
 def _check_config(config: ImplicitPositionConfig, n_sequences: int) -> None:
     for field_name, given, valid in (("feature_sets", config.feature_sets, FEATURE_SETS),
                                      ("targets", config.targets, TARGETS),
-                                     ("regressors", config.regressors, REGRESSORS),
+                                     ("regressors", _regressors(config), REGRESSORS),
                                      ("mlp_feature_sets", config.mlp_feature_sets, FEATURE_SETS),
                                      ("shuffled_control", config.shuffled_control, REGRESSORS)):
         unknown = [v for v in given if v not in valid]
@@ -297,6 +307,9 @@ class ImplicitPosition:
         info = ctx.info
         config = ctx.budgeted(self.name, config)
         n_sequences = config.n_sequences
+        if n_sequences is None:
+            raise ProbeError("ImplicitPositionConfig.n_sequences was left unset by the budget; give n_sequences in "
+                             "the config or drop the None from the Budget's probes= entry.")
         _check_config(config, n_sequences)
         n_tokens = min(config.context_length, info.max_positions or config.context_length)
         rng = np.random.default_rng(ctx.seed + 4_242)
@@ -389,7 +402,7 @@ class ImplicitPosition:
         edits = [f"{type(e).__name__}(layer={e.layer})" for e in getattr(ctx.access, "_edits", [])]
         return {
             "input": config.input,
-            "regressors": list(config.regressors),  # resolved from the budget in run()
+            "regressors": list(_regressors(config)),  # resolved from the budget in run()
             "bos": bool(config.bos and ctx.info.adds_bos),  # whether position 0 actually held BOS
             "context_length": n_tokens,
             "n_sequences": n_sequences,
