@@ -324,7 +324,8 @@ class LayerCapture:
             k[:, :, start:stop],
             query_index,
             scale=self.info.attn_scale if self.info.attn_scale is not None else self.model.attn_scale,
-            softcap=self.info.attn_softcap if self.info.attn_scale is not None else self.model.attn_softcap,
+            # each layer field overrides its model-level value on its own (a layer may set a softcap, not a scale)
+            softcap=self.info.attn_softcap if self.info.attn_softcap is not None else self.model.attn_softcap,
             sliding_window=self.info.sliding_window,
             key_start=start,
         )

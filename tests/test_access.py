@@ -58,3 +58,25 @@ def test_a_result_larger_than_the_budget_is_still_shared(monkeypatch):
     monkeypatch.setattr(LayerCapture, "PATTERN_MEMO_BYTES", 16)
     assert cap.pattern() is cap.pattern()
     assert len(calls) == 1
+
+
+def test_pattern_from_qk_takes_each_layer_override_on_its_own():
+    """A layer's softcap applies even when the layer sets no scale of its own (and the reverse): the pattern built
+    from q/k equals a softmax of the softcapped logits written out here."""
+    torch.manual_seed(0)
+    n, d = 6, 4
+    q, k = torch.randn(1, 2, n, d) * 3, torch.randn(1, 2, n, d) * 3
+    for layer_scale, layer_cap, model_scale, model_cap in ((None, 2.0, 0.5, None), (0.7, None, 0.5, 3.0)):
+        layer = LayerInfo(index=0, layer_type="full_attention", positional=Positional.NONE, attn_scale=layer_scale,
+                          attn_softcap=layer_cap)
+        model = ModelInfo(name="toy", architecture="toy", n_layers=1, n_heads=2, n_kv_heads=2, head_dim=d,
+                          d_model=8, vocab_size=10, max_positions=None, attn_scale=model_scale,
+                          attn_softcap=model_cap, adds_bos=False, layers=(layer,))
+        cap = LayerCapture(layer=0, info=layer, model=model, position_ids=torch.arange(n)[None])
+        cap.q, cap.k = q, k
+        scale = layer_scale if layer_scale is not None else model_scale
+        softcap = layer_cap if layer_cap is not None else model_cap
+        logits = (q @ k.transpose(-1, -2)) * scale
+        logits = torch.tanh(logits / softcap) * softcap
+        logits = logits.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+        torch.testing.assert_close(cap.pattern(), torch.softmax(logits, -1), atol=1e-6, rtol=1e-5)
