@@ -95,8 +95,9 @@ def _agreement(model: str, device: str, budget: str) -> tuple[list[tuple[str, fl
 def render(speed: list[dict], agreement: list[tuple[str, float, float]], seconds: dict, header: str) -> str:
     from benchmarks.__main__ import table
 
+    fp32, bf16 = seconds.get("float32", float("nan")), seconds.get("bfloat16", float("nan"))
     lines = [header, "", table(speed), "", "bf16 vs fp32, quick scan of the streaming probes "
-             f"(fp32 {seconds.get('float32', float('nan')):.1f} s, bf16 {seconds.get('bfloat16', float('nan')):.1f} s):",
+             f"(fp32 {fp32:.1f} s, bf16 {bf16:.1f} s):",
              "", "| metric | Spearman over heads | max abs diff |", "|---|---|---|"]
     lines += [f"| {m} | {r:.4f} | {d:.3g} |" for m, r, d in agreement]
     return "\n".join(lines) + "\n"
