@@ -47,7 +47,7 @@ from posprobe.interventions.positional_dimension import (
 )
 from posprobe.interventions.spec import layer_range_of
 from posprobe.probes.base import curve_frame
-from posprobe.probes.position_bias import binned_attention, middle_third, u_score
+from posprobe.probes.position_bias import binned_attention, u_score
 from posprobe.tasks import wilson_interval
 
 TUNING_SEED, HELDOUT_SEED = 1, 2
@@ -576,7 +576,7 @@ def _report_heldout(r: _Report) -> None:
     lines = ["| pairs | intervention | middle before | middle after | change (95% CI) | mean before | mean after | "
              "change (95% CI) |", "|---|---|---|---|---|---|---|---|"]
     for c in changes:
-        def acc(key: str) -> str:
+        def acc(key: str, c: dict[str, Any] = c) -> str:
             return f"{c[key]:.3f} [{c[key + '_ci'][0]:.3f}, {c[key + '_ci'][1]:.3f}]"
 
         cond = c["condition"]
@@ -598,8 +598,10 @@ def _report_heldout_sweeps(r: _Report) -> None:
     if sweep_files:
         base20 = trials[(trials["n_items"] == 20) & (trials["trial"] < args.sweep_trials)
                         & trials["gold_position"].isin(SWEEP_POSITIONS)].copy()
-        tuned_labels = {"found_in_the_middle": tuned["fitm"]["condition"], "positional_dimension": tuned["dim"]["condition"]}
-        tuned_values = {"found_in_the_middle": tuned["fitm"]["temperature"], "positional_dimension": tuned["dim"]["factor"]}
+        tuned_labels = {"found_in_the_middle": tuned["fitm"]["condition"],
+                        "positional_dimension": tuned["dim"]["condition"]}
+        tuned_values = {"found_in_the_middle": tuned["fitm"]["temperature"],
+                        "positional_dimension": tuned["dim"]["factor"]}
         base20["family"] = base20["condition"].map(lambda c: c if c in tuned_labels else "baseline")
         base20["parameter"] = base20["family"].map(tuned_values)
         base20["condition"] = base20["condition"].map(lambda c: tuned_labels.get(c, c))
@@ -651,8 +653,8 @@ def _report_heldout_sweeps(r: _Report) -> None:
                          f"[{r.mean_ci[0]:.3f}, {r.mean_ci[1]:.3f}] | {r.change_mean:+.3f} "
                          f"[{r.change_mean_ci[0]:+.3f}, {r.change_mean_ci[1]:+.3f}] |")
         md += ["## Sweeps on the held-out split", "",
-               f"kv_words 20 pairs, held-out seed {HELDOUT_SEED}, the first {args.sweep_trials} trials at gold positions "
-               f"{SWEEP_POSITIONS} (middle: {middle_positions(20, SWEEP_POSITIONS)}); baseline middle "
+               f"kv_words 20 pairs, held-out seed {HELDOUT_SEED}, the first {args.sweep_trials} trials at gold "
+               f"positions {SWEEP_POSITIONS} (middle: {middle_positions(20, SWEEP_POSITIONS)}); baseline middle "
                f"{flat['baseline_middle'].iloc[0]:.3f}, mean {flat['baseline_mean'].iloc[0]:.3f}. Found-in-the-Middle "
                f"on layers {tuned_layers(tuned['fitm'])}; dimension "
                f"{tuned['dim']['dim']} on layers {tuned_layers(tuned['dim'])} (START:STOP, stop exclusive). "
@@ -669,7 +671,8 @@ def _report_attention(r: _Report) -> None:
     att_numbers = {}
     fig = make_subplots(rows=1, cols=3, subplot_titles=(
         "gold document by gold position", "any document by slot", "by relative key position"))
-    for col, (df, x, curve) in enumerate(((gold, "gold_position", "document_attention"), (slots, "slot", "slot_attention"),
+    for col, (df, x, curve) in enumerate(((gold, "gold_position", "document_attention"),
+                                          (slots, "slot", "slot_attention"),
                                           (rel.assign(x=(rel["bin"] + 0.5) / 12), "x",
                                            "attention_by_relative_position")), start=1):
         for cond, g in df.groupby("condition", sort=False):
@@ -732,7 +735,8 @@ def main() -> None:
     for stage in stages:
         t0 = time.time()
         {"search": stage_search, "tune-fitm": stage_tune_fitm, "tune-dim": stage_tune_dim,
-         "heldout": stage_heldout, "heldout-sweep": stage_heldout_sweep, "attention": stage_attention, "report": stage_report}[stage](access, out, args)
+         "heldout": stage_heldout, "heldout-sweep": stage_heldout_sweep, "attention": stage_attention,
+         "report": stage_report}[stage](access, out, args)
         print(f"== stage {stage}: {time.time() - t0:.0f} s", flush=True)
 
 

@@ -105,7 +105,6 @@ def causal_figure(causal: pd.DataFrame, title: str) -> go.Figure:
 def run_model(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     started = time.time()
     access = posprobe.load_model(name)
-    info = access.info
     budget = Budget("retrieval_analysis", context_lengths=tuple(args.lengths), n_texts=1, max_queries=1,
                     retrieval_trials=args.trials, bias_trials=1, implicit_sequences=1)
     config = RetrievalConfig(depths=tuple(args.depths), threshold=args.threshold, include_wrong=args.include_wrong)

@@ -119,7 +119,8 @@ def attention_look(access: Any, n_tokens: int, n_texts: int, max_offset: int, se
         def on_layer(cap: Any) -> None:
             probs = cap.pattern(queries)[0].double()  # [H, nq, n]
             for offset in range(max_offset + 1):
-                by_offset[cap.layer, :, offset] += probs[:, torch.arange(len(queries)), queries - offset].mean(-1).numpy()
+                by_offset[cap.layer, :, offset] += (
+                    probs[:, torch.arange(len(queries)), queries - offset].mean(-1).numpy())
             sink[cap.layer] += probs[:, :, 0].mean(-1).numpy()
 
         access.run(ids, taps=[Tap.PATTERN], on_layer=on_layer)
