@@ -1,4 +1,4 @@
-"""posprobe's own deprecated calls fail the test run (tests/conftest.py), and posprobe calls transformers' current API."""
+"""posprobe's own deprecated calls fail the test run (tests/conftest.py); posprobe calls transformers' current API."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ def test_a_deprecation_reached_through_a_library_from_posprobe_is_an_error(tiny_
 
 def test_deprecations_from_tests_themselves_stay_warnings():
     with pytest.warns(FutureWarning):
-        warnings.warn("a test's own call", FutureWarning)
+        # stacklevel=1 (the default, written out): the warning is attributed to this test's own frame, the case checked
+        warnings.warn("a test's own call", FutureWarning, stacklevel=1)
 
 
 def test_kv_cached_greedy_uses_the_current_keyword(tiny_rope):

@@ -135,7 +135,7 @@ def test_left_padding_reproduces_each_unpadded_sequence(tiny_rope):
     for r, seq in enumerate(seqs):
         alone: dict[int, torch.Tensor] = {}
         single = tiny_rope.run([seq], taps={Tap.PATTERN}, logits="last",
-                               on_layer=lambda cap: alone.__setitem__(cap.layer, cap.pattern(
+                               on_layer=lambda cap, alone=alone, seq=seq: alone.__setitem__(cap.layer, cap.pattern(
                                    torch.tensor([len(seq) - 1])).clone()))
         torch.testing.assert_close(padded.logits[r], single.logits[0], atol=1e-5, rtol=1e-5)
         off = batch.offsets[r]

@@ -64,8 +64,9 @@ def test_config_tables_attribute_each_comment_to_its_field(hooks, tmp_path, monk
 
 
 def test_generated_references_cover_the_code(hooks):
-    from posprobe.cli import app
     import typer.main
+
+    from posprobe.cli import app
 
     cli = hooks.cli_reference()
     group = typer.main.get_command(app)
@@ -81,4 +82,5 @@ def test_no_module_points_at_design_files_outside_the_repository():
         docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
         if "METRICS.md" in docstring:
             offenders.append(str(path.relative_to(ROOT)))
-    assert not offenders, f"module docstrings citing METRICS.md (not in the repository; cite the docs page): {offenders}"
+    assert not offenders, \
+        f"module docstrings citing METRICS.md (not in the repository; cite the docs page): {offenders}"

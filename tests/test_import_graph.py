@@ -130,7 +130,8 @@ def test_core_never_imports_the_explorer(module):
 
 
 BACKENDS = {"transformers", "tokenizers", "transformer_lens", "nnsight"}
-ONLY_IN = {**{name: "posprobe/adapters/" for name in BACKENDS}, "dash": "posprobe/app/", "dash_ag_grid": "posprobe/app/"}
+ONLY_IN = {**{name: "posprobe/adapters/" for name in BACKENDS},
+           "dash": "posprobe/app/", "dash_ag_grid": "posprobe/app/"}
 
 
 def third_party_imports(path: Path) -> set[str]:

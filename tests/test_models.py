@@ -15,8 +15,13 @@ import torch
 
 from posprobe import models
 from posprobe.access import ModelAccess, Positional
-from posprobe.errors import InputError, MissingDependencyError, ModelLoadError, UnknownNameError, \
-    UnsupportedModelError
+from posprobe.errors import (
+    InputError,
+    MissingDependencyError,
+    ModelLoadError,
+    UnknownNameError,
+    UnsupportedModelError,
+)
 from posprobe.models import load_model, tiny_model, wrap
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def test_unwritable_parent_refused(tmp_path, loader_spy, capsys, monkeypatch):
     locked.mkdir()
     real_access = os.access
     # Simulated (tests run as root in CI, and root may write anywhere): the OS says "no" for this one directory.
-    monkeypatch.setattr("posprobe._io.os.access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
+    monkeypatch.setattr("posprobe._io.os.access",
+                        lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
     assert main(["scan", "--model", "tiny-rope", "--out", str(locked / "scan")]) == 2
     assert "no write permission" in capsys.readouterr().err and loader_spy == []
 

@@ -1,4 +1,4 @@
-"""posprobe report: one self-contained HTML page (plotly inlined, nothing fetched) with provenance, top heads, figures."""
+"""posprobe report: one self-contained HTML page (plotly inlined, nothing fetched): provenance, top heads, figures."""
 
 from __future__ import annotations
 

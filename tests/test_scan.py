@@ -25,8 +25,10 @@ def test_heads_table_shape_and_columns(tiny_scan):
     info = tiny_scan.info
     assert len(tiny_scan.heads) == info.n_layers * info.n_heads
     assert list(tiny_scan.heads.columns[:4]) == HEAD_ID_COLUMNS
-    assert tiny_scan.heads["kv_head"].tolist() == [info.kv_head(h) for _ in range(info.n_layers) for h in range(info.n_heads)]
-    for metric in ("sink_mass", "previous_token_score", "distance_corr", "entropy_mean", "entropy_norm", "entropy_nosink"):
+    assert tiny_scan.heads["kv_head"].tolist() == [info.kv_head(h) for _ in range(info.n_layers)
+                                                   for h in range(info.n_heads)]
+    for metric in ("sink_mass", "previous_token_score", "distance_corr", "entropy_mean", "entropy_norm",
+                   "entropy_nosink"):
         assert metric in tiny_scan.metrics
         assert tiny_scan.heads[metric].notna().all()
 

@@ -13,8 +13,9 @@ import base64
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from selenium.webdriver.common.action_chains import ActionChains
 

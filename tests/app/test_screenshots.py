@@ -69,7 +69,8 @@ def test_screenshots_of_every_view_on_gemma(dash_duo, gemma_quick_scan, gemma_no
     wait_until(lambda: (figure(dash_duo, ids.MODEL_METRIC_GRAPH) or {}).get("data"), what="metric by layer")
     wait_until(lambda: (figure(dash_duo, ids.MODEL_HEADCURVE_GRAPH) or {}).get("data"), what="layer-mean curves")
     shots.append(_save(dash_duo, "3_model"))
-    assert png_size(shots[-1])[1] > 1000, "the model view is taller than the 1000-px window: the PNG must not be clipped"
+    assert png_size(shots[-1])[1] > 1000, \
+        "the model view is taller than the 1000-px window: the PNG must not be clipped"
 
     open_tab(dash_duo, "Compare")
     wait_until(lambda: len((figure(dash_duo, ids.COMPARE_GRAPH) or {"data": []})["data"]) == 3, what="compare")

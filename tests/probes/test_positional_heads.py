@@ -1,8 +1,9 @@
-"""positional_heads: planted chunk contributions with known answers, brute-force parity, windows, config (METRICS.md 2)."""
+"""positional_heads: planted chunk contributions with known answers, brute-force parity, windows, config.
+
+METRICS.md 2.
+"""
 
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
@@ -80,8 +81,8 @@ def test_planted_heads_have_the_known_answers():
 
 def test_exclude_sink_and_explicit_distance():
     cfg = Config(exclude_sink=True, long_distance=20, threshold=0.0)
-    scan = posprobe.scan(planted_access(), probes=["positional_heads"], budget=BUDGET, configs={"positional_heads": cfg},
-                         progress=False)
+    scan = posprobe.scan(planted_access(), probes=["positional_heads"], budget=BUDGET,
+                         configs={"positional_heads": cfg}, progress=False)
     h = scan.heads.set_index("head")
     assert h.loc[0, "long_mass"] == pytest.approx(expected_uniform_mass(20, exclude_sink=True), rel=1e-6)
     assert h.loc[3, "long_mass"] == 0.0  # the sink head has nothing left at long range
