@@ -17,6 +17,7 @@ import torch
 
 from posprobe.access import LayerCapture, ModelInfo, Tap
 from posprobe.devices import accumulator_dtype
+from posprobe.errors import ProbeError
 from posprobe.probes.base import ProbeResult, ScanContext, StreamingProbe, TextSample, curve_frame, head_frame
 
 
@@ -93,9 +94,13 @@ class _Reducer:
                 0, buckets, torch.full((len(qidx),), float(b), dtype=acc, device=hm.device)))
         if not local:
             return
+        if self.sample is None:
+            raise ProbeError(f"attention_entropy got layer {layer} before any text: its sums are kept per context "
+                             f"length, which begin(sample) sets. Call begin(sample) before each pass (scan() does).")
+        length = self.sample.context_length
         host = {name: value.cpu().double() for name, value in local.items()}  # one transfer per layer
-        pos_sum, pos_n = self.by_pos[self.sample.context_length]
-        len_sum, len_n = self.by_len[self.sample.context_length]
+        pos_sum, pos_n = self.by_pos[length]
+        len_sum, len_n = self.by_len[length]
         self.sums["raw"][layer] += host["raw"]
         self.sums["norm"][layer] += host["norm"]
         self.counts["raw"][layer] += host["n_raw"]
@@ -122,7 +127,8 @@ class _Reducer:
         for length, (s, n) in self.by_pos.items():
             mean = (s / n.clamp(min=1)[:, None, :]).numpy()  # [L, H, buckets]
             layers, buckets = np.nonzero(n.numpy())
-            layer_col, bucket_col = np.repeat(layers, info.n_heads), np.repeat(buckets, info.n_heads)
+            layer_col: np.ndarray = np.repeat(layers, info.n_heads)
+            bucket_col: np.ndarray = np.repeat(buckets, info.n_heads)
             head_col = np.tile(heads_idx, len(layers))
             parts.append(pd.DataFrame({"curve": "entropy_by_position", "series": f"len={length}", "layer": layer_col,
                                        "head": head_col, "x": np.exp2(bucket_col.astype(np.float64)),
