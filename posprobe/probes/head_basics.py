@@ -138,7 +138,7 @@ class _Reducer:
                     a = torch.round(a, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)
                 values.append(a.reshape(p.shape[0], -1))
                 logd.append(torch.log1p((qidx[ok, None] - keys).to(acc)).reshape(-1))
-        if sink is None:
+        if sink is None or prev is None or dist_sum is None or dist_n is None:  # no chunk: all four are set together
             return
         self.sink[layer] += sink.cpu().double()
         self.prev[layer] += prev.cpu().double()
@@ -178,7 +178,8 @@ class _Reducer:
         x = np.array([float(lo) for lo, _ in bin_edges(self.config.n_distance_bins)])
         layers, bins = np.nonzero(self.dist_n.numpy() != 0)  # (layer, bin) pairs with keys, layer-major
         n_heads = info.n_heads
-        layer_col, bin_col = np.repeat(layers, n_heads), np.repeat(bins, n_heads)
+        layer_col: np.ndarray = np.repeat(layers, n_heads)
+        bin_col: np.ndarray = np.repeat(bins, n_heads)
         head_col = np.tile(np.arange(n_heads), len(layers))
         curves = curve_frame(pd.DataFrame({"curve": "attention_vs_distance", "layer": layer_col, "head": head_col,
                                            "x": x[bin_col], "y": mean[layer_col, head_col, bin_col]}), PROBE.name)
