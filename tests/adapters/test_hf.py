@@ -112,7 +112,8 @@ def test_run_leaves_model_untouched(tiny_rope):
 
 
 @pytest.mark.parametrize("edit_factory", [
-    lambda: AttentionEdit(1, lambda p, ctx: torch.tril(torch.ones_like(p)) / torch.tril(torch.ones_like(p)).sum(-1, keepdim=True)),
+    lambda: AttentionEdit(1, lambda p, ctx: torch.tril(torch.ones_like(p))
+                          / torch.tril(torch.ones_like(p)).sum(-1, keepdim=True)),
     lambda: ProjectionInputEdit(0, dims=(0, 1, 2), factor=-1.0),
     lambda: RotaryEdit(0),
 ])

@@ -78,9 +78,10 @@ def test_streaming_calls_on_layer_inside_the_pass_and_collected_after_it(hf_and_
     for streaming, expected in ((True, [0, "block 1 runs", 1]), (False, ["block 1 runs", 0, 1])):
         access = NNsightAccess(users, streaming=streaming)
         events = []
-        handle = access.hf_model.model.layers[1].register_forward_pre_hook(lambda m, a: events.append("block 1 runs"))
+        handle = access.hf_model.model.layers[1].register_forward_pre_hook(
+            lambda m, a, events=events: events.append("block 1 runs"))
         try:
-            access.run([1, 50, 60], taps=[Tap.RESID_POST], on_layer=lambda cap: events.append(cap.layer))
+            access.run([1, 50, 60], taps=[Tap.RESID_POST], on_layer=lambda cap, events=events: events.append(cap.layer))
         finally:
             handle.remove()
         assert events == expected, streaming

@@ -44,7 +44,8 @@ def test_sink_excluded_entropy_of_uniform_head_is_log_of_remaining_keys(scan):
     expected_48 = torch.log(queries.double()).mean()
     queries96 = torch.linspace(1, 95, 64).round().long().unique()
     expected_96 = torch.log(queries96.double()).mean()
-    expected = (expected_48 * len(queries) * 2 + expected_96 * len(queries96) * 2) / (2 * len(queries) + 2 * len(queries96))
+    expected = ((expected_48 * len(queries) * 2 + expected_96 * len(queries96) * 2)
+                / (2 * len(queries) + 2 * len(queries96)))
     row = scan.heads[scan.heads["head"] == 0].iloc[0]
     assert row.entropy_nosink == pytest.approx(float(expected), rel=1e-6)
 

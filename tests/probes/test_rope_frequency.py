@@ -175,7 +175,8 @@ def test_kv_heads_and_pre_vs_post_rotary_norms(tiny_rope):
             assert np.allclose(got, expected[g].numpy(), rtol=1e-6)
     # an access that only hands out post-rotary q/k (the norms fall back to them) gives the same norms
     post_only = PlantedAccess(tiny_rope.info, tensors=lambda layer, ids: {
-        k: v for k, v in model_tensors(tiny_rope)(layer, ids).items() if k in ("q", "k")}, tokenizer=tiny_rope.tokenizer)
+        k: v for k, v in model_tensors(tiny_rope)(layer, ids).items() if k in ("q", "k")},
+        tokenizer=tiny_rope.tokenizer)
     other = posprobe.scan(post_only, probes=["rope_frequency"], budget=ONE_TEXT, progress=False)
     for curve in ("rope_q_norm", "rope_k_norm", "rope_usage_spectrum"):
         assert np.allclose(scan.curve(curve)["y"], other.curve(curve)["y"], rtol=1e-5, atol=1e-6)
