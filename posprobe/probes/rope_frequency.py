@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from posprobe.access import LayerCapture, ModelInfo, Tap
+from posprobe.access import LayerCapture, LayerInfo, ModelInfo, Tap
 from posprobe.errors import ProbeError
 from posprobe.probes.base import (
     MODEL_LEVEL,
@@ -87,7 +87,12 @@ def frequency_table(info: ModelInfo) -> pd.DataFrame:
     for lay in info.layers:
         if not lay.has_rope:
             continue
-        base = lay.chunk_frequencies().astype(np.float64)
+        base: np.ndarray = lay.chunk_frequencies().astype(np.float64)  # refuses a RoPE layer without r / theta
+        theta, rotary_dim, layout = lay.rope_theta, lay.rotary_dim, lay.chunk_layout
+        if theta is None or rotary_dim is None or layout is None:
+            raise ProbeError(f"Layer {lay.index} is a RoPE layer without rope_theta / rotary_dim / chunk_layout (got "
+                             f"{theta!r} / {rotary_dim!r} / {layout!r}); its frequency table is undefined. Fix the "
+                             f"model's LayerInfo (adapters/architectures.py).")
         scaled, rope_type = effective_frequencies(lay, info.max_positions)
         extra = has_nonrotary_band(lay, info.head_dim)  # the non-rotated band: frequency 0, infinite wavelength
         n = lay.n_chunks + int(extra)
@@ -97,8 +102,8 @@ def frequency_table(info: ModelInfo) -> pd.DataFrame:
             "layer": lay.index, "chunk": np.arange(n), "band": ["rotary"] * lay.n_chunks + [NONROTARY] * extra,
             "frequency": np.append(base, [0.0] * extra),
             "effective_frequency": np.append(np.asarray(scaled, dtype=np.float64), [0.0] * extra),
-            "wavelength": np.append(wavelength, [np.inf] * extra), "rope_theta": float(lay.rope_theta),
-            "rotary_dim": int(lay.rotary_dim), "rope_type": rope_type, "chunk_layout": lay.chunk_layout.value},
+            "wavelength": np.append(wavelength, [np.inf] * extra), "rope_theta": float(theta),
+            "rotary_dim": int(rotary_dim), "rope_type": rope_type, "chunk_layout": layout.value},
             columns=columns))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
@@ -119,7 +124,7 @@ def usage_summaries(share: np.ndarray, n_chunks: int, fraction: float) -> dict[s
     }
 
 
-def _norm_sums(pre: torch.Tensor | None, post: torch.Tensor, lay) -> torch.Tensor:
+def _norm_sums(pre: torch.Tensor | None, post: torch.Tensor, lay: LayerInfo) -> torch.Tensor:
     """Per-band chunk norms summed over batch and positions, [heads, bands].
 
     From the pre-rotary tensor when the adapter gives one in the post-rotary layout [b, heads, n, d]; else from the
@@ -186,15 +191,17 @@ class _Reducer:
     def on_layer(self, cap: LayerCapture) -> None:
         if not cap.info.has_rope:
             return
-        layer = cap.layer
+        layer, q, k = cap.layer, cap.q, cap.k
+        if q is None or k is None:
+            raise ProbeError(f"Layer {layer}: the capture holds no post-rotary q/k. rope_frequency needs Tap.Q and "
+                             f"Tap.K (its taps request them); an access that drops them cannot be measured.")
         cfg = self.config
         queries = self.ctx.query_sample(cap.n_tokens)
         if cfg.max_queries is not None and len(queries) > cfg.max_queries:
             queries = queries[torch.linspace(0, len(queries) - 1, cfg.max_queries).round().long().unique()]
         sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness)
-        qn = _norm_sums(cap.q_pre, cap.q, cap.info).cpu()  # [H, bands], to the CPU accumulators once per layer
-        kn = _norm_sums(cap.k_pre, cap.k, cap.info).cpu()  # [G, bands]
-        q = cap.q
+        qn = _norm_sums(cap.q_pre, q, cap.info).cpu()  # [H, bands], to the CPU accumulators once per layer
+        kn = _norm_sums(cap.k_pre, k, cap.info).cpu()  # [G, bands]
         if layer not in self.usage:  # first pass over this layer
             self.usage[layer] = torch.zeros_like(sums.usage)
             self.q_norm[layer], self.k_norm[layer] = torch.zeros_like(qn), torch.zeros_like(kn)
