@@ -321,8 +321,8 @@ def _edited_attention(
 def _query_chunk(edits: list[AttentionEdit], call: AttentionCall) -> int | None:
     """Query rows per chunk when every edit's fn declares `query_chunk(batch, heads, n_keys) -> rows` (it gives
     the same values on any subset of the queries, with `EditContext.query_index` naming them); else None."""
-    sizes = [getattr(edit.fn, "query_chunk", None) for edit in edits]
-    if not sizes or any(size is None for size in sizes):
+    sizes = [size for edit in edits if (size := getattr(edit.fn, "query_chunk", None)) is not None]
+    if not sizes or len(sizes) < len(edits):  # no edits, or one that needs every query at once
         return None
     b, heads = int(call.q.shape[0]), int(call.q.shape[1])
     return max(1, min(int(size(b, heads, call.n_keys)) for size in sizes))
@@ -408,12 +408,8 @@ class HFAccess(ModelAccess):
                     f"posprobe cannot replace its attention probabilities, so AttentionEdit (mask_heads, "
                     f"found_in_the_middle) does not apply. Read-only probes work on this family."
                 )
-            if isinstance(edit, ProjectionInputEdit) and (self.paths.q_proj is None or self.paths.k_proj is None):
-                raise InterventionError(
-                    f"{self.info.architecture} has no separate query and key projections (fused QKV or MLA "
-                    f"low-rank projections); ProjectionInputEdit (positional_dimension) scales the input of q_proj "
-                    f"and k_proj, so it does not apply to this family."
-                )
+            if isinstance(edit, ProjectionInputEdit):
+                self._projection_paths()
             if isinstance(edit, RotaryEdit) and not self.info.layers[edit.layer].has_rope:
                 raise InterventionError(f"Layer {edit.layer} of {self.info.name} has no RoPE to disable "
                                         f"({self.info.layers[edit.layer].positional.value}).")
@@ -570,7 +566,19 @@ class HFAccess(ModelAccess):
                 handles += self._projection_edit(edit)
         return handles
 
+    def _projection_paths(self) -> tuple[str, str]:
+        """The attribute names of the query and key projections whose inputs ProjectionInputEdit scales."""
+        q_proj, k_proj = self.paths.q_proj, self.paths.k_proj
+        if q_proj is None or k_proj is None:
+            raise InterventionError(
+                f"{self.info.architecture} has no separate query and key projections (fused QKV or MLA "
+                f"low-rank projections); ProjectionInputEdit (positional_dimension) scales the input of q_proj "
+                f"and k_proj, so it does not apply to this family."
+            )
+        return q_proj, k_proj
+
     def _projection_edit(self, edit: ProjectionInputEdit) -> list[Any]:
+        q_proj, k_proj = self._projection_paths()
         attn = self.attention_module(edit.layer)
         dims = torch.tensor(edit.dims, dtype=torch.long)
         handles = []
@@ -584,11 +592,11 @@ class HFAccess(ModelAccess):
             return x
 
         if edit.keys:
-            handles.append(getattr(attn, self.paths.k_proj).register_forward_pre_hook(
+            handles.append(getattr(attn, k_proj).register_forward_pre_hook(
                 lambda m, args: (scaled(args[0], False), *args[1:])))
         if edit.queries != "none":
             last = edit.queries == "last"
-            handles.append(getattr(attn, self.paths.q_proj).register_forward_pre_hook(
+            handles.append(getattr(attn, q_proj).register_forward_pre_hook(
                 lambda m, args: (scaled(args[0], last), *args[1:])))
         return handles
 
@@ -669,12 +677,19 @@ class HFAccess(ModelAccess):
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         new: list[Tensor] = []
 
-        def step(tokens: Tensor, start: int, chosen: Sequence[Edit], kv: Any, logits: bool) -> Tensor | None:
-            pos = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None].expand(b, -1)
-            with self._session(pos, frozenset(), None, chosen):
-                if not logits:  # the decoder alone: no lm_head over the vocabulary
-                    self.base(input_ids=tokens, position_ids=pos, **cache_kwargs(self.base, kv), use_cache=True)
-                    return None
+        def positions(tokens: Tensor, start: int) -> Tensor:
+            return torch.arange(start, start + tokens.shape[1], device=tokens.device)[None].expand(b, -1)
+
+        def extend(tokens: Tensor, start: int, kv: Any) -> None:
+            """Append `tokens` to `kv` as non-last tokens: the decoder alone, no lm_head over the vocabulary."""
+            pos = positions(tokens, start)
+            with self._session(pos, frozenset(), None, settle):
+                self.base(input_ids=tokens, position_ids=pos, **cache_kwargs(self.base, kv), use_cache=True)
+
+        def last_logits(tokens: Tensor, start: int, kv: Any) -> Tensor:
+            """Logits of the last token of `tokens` run as the last token, on top of `kv`."""
+            pos = positions(tokens, start)
+            with self._session(pos, frozenset(), None, edits):
                 out = self.model(input_ids=tokens, position_ids=pos, **cache_kwargs(self.model, kv), use_cache=True,
                                  logits_to_keep=1)
             return out.logits[:, -1]
@@ -682,14 +697,14 @@ class HFAccess(ModelAccess):
         last = ids[:, -1:]
         with torch.inference_mode():
             if n > 1:
-                step(ids[:, :-1], 0, settle, cache, logits=False)
+                extend(ids[:, :-1], 0, cache)
             for k in range(max_new_tokens):
                 position = n - 1 + k
-                nxt = step(last, position, edits, copy.deepcopy(cache), logits=True).argmax(-1, keepdim=True)
+                nxt = last_logits(last, position, copy.deepcopy(cache)).argmax(-1, keepdim=True)
                 new.append(nxt)
                 if (len(stop) and bool(torch.isin(nxt, stop).all())) or k == max_new_tokens - 1:
                     break
-                step(last, position, settle, cache, logits=False)
+                extend(last, position, cache)
                 last = nxt
         return torch.cat(new, dim=1)
 
