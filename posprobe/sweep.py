@@ -92,6 +92,7 @@ def _condition(text: Any, axis: str) -> str | None:
     if getattr(spec, "per_prompt", False):
         raise InputError(f"{axis} {text!r} edits each prompt by its document spans, so it cannot apply to a whole "
                          f"scan. Evaluate it with `posprobe eval` instead, or leave it out of the sweep.")
+    spec.check_runner("scan")  # every cell is a scan: a spec scan() refuses (buckets) is refused here, as scan words it
     return str(spec)
 
 

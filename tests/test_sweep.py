@@ -155,6 +155,27 @@ def test_bad_sweep_files_exit_2_before_any_model_loads(tmp_path, capsys, text, m
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("axis", ["what_ifs", "interventions"])
+def test_a_condition_scan_refuses_is_refused_when_the_sweep_is_built(tmp_path, monkeypatch, axis):
+    """buckets reads activations of several models at once: scan() refuses it, so the sweep refuses it at build,
+    with scan's own message, before any model is loaded or any cell runs."""
+    from posprobe.errors import InterventionError
+    from posprobe.interventions.spec import parse
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded for a sweep that should have been refused at build")
+
+    monkeypatch.setattr("posprobe.models.load_model", no_load)
+    with pytest.raises(InterventionError) as refused:
+        SweepSpec.build(models=["tiny-rope"], **{axis: ["none", "buckets:bases=10000/20000"]})
+    with pytest.raises(InterventionError) as by_scan:
+        parse("buckets:bases=10000/20000").check_runner("scan")
+    assert str(refused.value) == str(by_scan.value) and "scan(intervention=" in str(refused.value)
+    (tmp_path / "s.toml").write_text('models = ["tiny-rope"]\nwhat_ifs = ["none", "buckets"]\n')
+    assert main(["sweep", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_directory_of_something_else_is_refused(tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "notes.txt").write_text("mine")
