@@ -16,7 +16,7 @@ from posprobe.app import callbacks as cb
 from posprobe.app import ids as app_ids
 from posprobe.app.catalog import ScanCatalog
 from posprobe.probes import Budget
-from posprobe.render.compare import common_metrics, compare_atlas, head_differences
+from posprobe.render.compare import common_metrics, compare_atlas, head_differences, scan_labels
 from tests.what_if.conftest import NATIVE
 
 
@@ -60,7 +60,10 @@ def test_the_compare_callback_shows_them(scans):
     assert (a, b, metric) == ("plain", "yarn", "entropy_norm")
     assert "entropy_norm" in [o["value"] for o in metric_options]
     assert not [n for n in notes if "error" in str(n).lower()]
-    assert [trace.name for trace in figure.data] == ["plain", "yarn", "difference"]
+    # traces are labelled by model + what-if from the provenance (render.compare.scan_labels), so the two differ
+    names = [trace.name for trace in figure.data]
+    assert names == [*scan_labels([plain, yarn]), "difference"]
+    assert "yarn" not in names[0] and "yarn" in names[1]
     top = head_differences(plain, yarn, "entropy_norm").iloc[0]
     assert (data[0]["layer"], data[0]["head"]) == (int(top["layer"]), int(top["head"]))
     assert data[0]["B − A"] == pytest.approx(round(float(top["diff"]), 5))
