@@ -266,6 +266,16 @@ def query_key_range(query_index: Tensor, sliding_window: int | None) -> tuple[in
     return start, stop
 
 
+def widen_band(probs: Tensor, start: int, n_keys: int) -> Tensor:
+    """Band probs [..., width] over keys [start, start + width) -> full rows [..., n_keys], zeros elsewhere (the
+    band itself when it already spans every key)."""
+    if start == 0 and probs.shape[-1] == n_keys:
+        return probs
+    full = probs.new_zeros(*probs.shape[:-1], n_keys)
+    full[..., start : start + probs.shape[-1]] = probs
+    return full
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What one layer hands a probe
 
@@ -290,6 +300,10 @@ class LayerCapture:
     attn_out: Tensor | None = None
     resid_post: Tensor | None = None
     pattern_source: Callable[[Tensor], Tensor] | None = None  # query index [cq] -> probs [b, H, cq, n]
+    # (the pattern_source it belongs to, query index [cq] -> (probs [b, H, cq, stop - start], start)): the same
+    # probabilities over only the key range [start, stop) the queries can see. Used while pattern_source is still
+    # the one it was paired with (an edit that replaces pattern_source turns it off).
+    band_source: tuple[Callable[[Tensor], Tensor], Callable[[Tensor], tuple[Tensor, int]]] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -309,15 +323,20 @@ class LayerCapture:
             return call.q.device
         return self.position_ids.device
 
-    def _source(self) -> Callable[[Tensor], Tensor]:
+    def _source(self) -> Callable[[Tensor], tuple[Tensor, int]]:
+        """query index -> (probs [b, H, cq, width], first key): a band over the visible key range where the source
+        can compute one, else the full [b, H, cq, n] rows with first key 0."""
         if self.pattern_source is not None:
-            return self.pattern_source
+            source = self.pattern_source
+            if self.band_source is not None and self.band_source[0] == source:
+                return self.band_source[1]
+            return lambda query_index: (source(query_index), 0)
         q, k = self.q, self.k
         if q is None or k is None:
             raise RuntimeError("LayerCapture has no pattern: request Tap.PATTERN (or Tap.Q and Tap.K).")
-        return lambda query_index: self._pattern_from_qk(q, k, query_index)
+        return lambda query_index: self._band_from_qk(q, k, query_index)
 
-    def _pattern_from_qk(self, q: Tensor, k: Tensor, query_index: Tensor) -> Tensor:
+    def _band_from_qk(self, q: Tensor, k: Tensor, query_index: Tensor) -> tuple[Tensor, int]:
         start, stop = query_key_range(query_index, self.info.sliding_window)
         probs = attention_probs(
             q[:, :, query_index],
@@ -329,11 +348,10 @@ class LayerCapture:
             sliding_window=self.info.sliding_window,
             key_start=start,
         )
-        if start == 0 and stop == self.n_tokens:
-            return probs
-        full = probs.new_zeros(*probs.shape[:3], self.n_tokens)
-        full[..., start:stop] = probs
-        return full
+        return probs, start
+
+    def _pattern_from_qk(self, q: Tensor, k: Tensor, query_index: Tensor) -> Tensor:
+        return widen_band(*self._band_from_qk(q, k, query_index), self.n_tokens)
 
     # Bytes of patterns one capture may memoise (see `pattern`): 16 chunks of 256 queries x 4096 keys x 4 heads fp32.
     PATTERN_MEMO_BYTES = 256 * 2**20
@@ -351,6 +369,23 @@ class LayerCapture:
         """
         if query_index is None:
             query_index = torch.arange(self.n_tokens)
+        probs, start = self._entry(query_index)
+        return widen_band(probs, start, self.n_tokens)
+
+    def pattern_band(self, query_index: QueryIndex) -> tuple[Pattern, int]:
+        """(probs [b, H, cq, stop - start], start): the attention probabilities of these queries over the key range
+        [start, stop) they can see (`query_key_range`: causal, sliding window); every key outside it is exactly 0
+        in `pattern`. Shares `pattern`'s memo; cheaper than it where a window hides most keys. Read-only, as
+        `pattern`."""
+        probs, start = self._entry(query_index)
+        lo, hi = query_key_range(query_index, self.info.sliding_window)
+        if lo > start or hi < start + probs.shape[-1]:  # a wider result (full rows, a larger chunk): a view of it
+            lo, hi = max(lo, start), min(hi, start + probs.shape[-1])
+            probs, start = probs[..., lo - start : hi - start], lo
+        return probs, start
+
+    def _entry(self, query_index: QueryIndex) -> tuple[Tensor, int]:
+        """The memoised (probs, first key) of these queries, computed on a miss (see `pattern`)."""
         query_index = query_index.to(self.device)  # indices live with the layer's tensors (masks, gathers)
         memo = self.extras.setdefault("pattern_memo", {})
         wanted = query_index.detach().to("cpu", torch.int64).numpy()
@@ -361,16 +396,18 @@ class LayerCapture:
         rows = self._memo_rows(wanted)
         if rows is not None:  # every query is a row of a memoised sorted chunk: a gather instead of a recomputation
             held_key, positions = rows
-            return memo[held_key][:, :, torch.as_tensor(positions, device=memo[held_key].device)]
-        probs = self._source()(query_index)
-        held = self.extras.get("pattern_memo_bytes", 0)
+            held, start = memo[held_key]
+            return held[:, :, torch.as_tensor(positions, device=held.device)], start
+        entry = self._source()(query_index)
+        probs = entry[0]
+        held_bytes = self.extras.get("pattern_memo_bytes", 0)
         size = probs.numel() * probs.element_size()
-        if not memo or held + size <= self.PATTERN_MEMO_BYTES:
-            memo[key] = probs
-            self.extras["pattern_memo_bytes"] = held + size
+        if not memo or held_bytes + size <= self.PATTERN_MEMO_BYTES:
+            memo[key] = entry
+            self.extras["pattern_memo_bytes"] = held_bytes + size
             if len(wanted) and bool(np.all(wanted[1:] > wanted[:-1])):
                 self.extras.setdefault("pattern_memo_sorted", []).append((key, wanted))
-        return probs
+        return entry
 
     def _memo_rows(self, wanted: np.ndarray) -> tuple[bytes, np.ndarray] | None:
         """(key of a memoised chunk with strictly increasing queries that holds every wanted query, their row
@@ -396,18 +433,51 @@ class LayerCapture:
                                                 device=self.device, limit=limit)
         return int(self.extras[key])
 
-    def pattern_chunks(self, chunk_size: int | None = None,
-                       queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), `chunk_size` at a time
-        (None: `query_chunk()`, sized from the memory estimate).
-
-        Both are on the layer's device (`device`): reduce them there and move per-layer results to the CPU once."""
+    def query_chunks(self, chunk_size: int | None = None, queries: Tensor | None = None) -> list[Tensor]:
+        """`queries` (default all) split into the chunks `pattern_chunks` reads: at most `chunk_size` queries
+        (None: `query_chunk()`), and on a sliding-window layer a new chunk wherever the next query lies a window
+        or more past the chunk's first, so a chunk's visible key range spans under two windows (not the whole
+        context). Memoised per capture: every probe gets the same chunks and shares the pattern memo."""
         chunk_size = chunk_size or self.query_chunk()
         queries = torch.arange(self.n_tokens) if queries is None else queries
+        window = self.info.sliding_window
+        key = f"query_chunks:{chunk_size}:" + queries.detach().to("cpu", torch.int64).numpy().tobytes().hex()
+        held = self.extras.get(key)
+        if held is not None:
+            return held
         queries = queries.to(self.device)
-        for start in range(0, len(queries), chunk_size):
-            idx = queries[start : start + chunk_size]
+        host = queries.detach().to("cpu", torch.int64).numpy()
+        bounds: list[int] = []
+        first = lo = hi = 0
+        for at, pos in enumerate(host.tolist()):
+            if at == first:
+                lo = hi = pos
+                continue
+            lo, hi = min(lo, pos), max(hi, pos)
+            if at - first >= chunk_size or (window is not None and hi - lo >= window):
+                bounds.append(at)
+                first, lo, hi = at, pos, pos
+        edges = [0, *bounds, len(host)]
+        chunks = [queries[a:b] for a, b in zip(edges[:-1], edges[1:]) if b > a]
+        self.extras[key] = chunks
+        return chunks
+
+    def pattern_chunks(self, chunk_size: int | None = None,
+                       queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield (query_index [cq], probs [b, H, cq, n]) over `queries` (default all), in `query_chunks`.
+
+        Both are on the layer's device (`device`): reduce them there and move per-layer results to the CPU once."""
+        for idx in self.query_chunks(chunk_size, queries):
             yield idx, self.pattern(idx)
+
+    def pattern_band_chunks(self, chunk_size: int | None = None,
+                            queries: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor, int]]:
+        """As `pattern_chunks`, as bands: (query_index [cq], probs [b, H, cq, stop - start], start) over the keys
+        [start, stop) each chunk can see (`pattern_band`). A reduction that skips the exact zeros outside the band
+        does a window's work per query on a sliding-window layer instead of the whole context's."""
+        for idx in self.query_chunks(chunk_size, queries):
+            probs, start = self.pattern_band(idx)
+            yield idx, probs, start
 
     def scores(self, query_index: Tensor) -> Tensor:
         """Pre-softmax logits [b, H, cq, n] (scaled, softcapped, NOT masked) for the given queries."""

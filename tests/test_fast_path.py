@@ -349,7 +349,8 @@ def test_pattern_of_a_query_subset_is_read_from_the_memoised_chunk(access):
 
     def on_layer(cap):
         calls = []
-        source = cap._source()
+        source = cap.pattern_source  # the adapter's full-row source (the model's own attention call)
+        assert source is not None
         cap.pattern_source = lambda index: calls.append(len(index)) or source(index)
         full = cap.pattern(superset)
         part = cap.pattern(subset)
@@ -362,3 +363,54 @@ def test_pattern_of_a_query_subset_is_read_from_the_memoised_chunk(access):
 
     access.run(ids, taps=[Tap.PATTERN], on_layer=on_layer)
     assert checked == list(range(access.info.n_layers))
+
+
+def test_window_split_bands_equal_full_rows(access, monkeypatch):
+    """Sliding-window layers read their chunks as bands over the visible keys, in chunks split at the window
+    (`LayerCapture.query_chunks`, `pattern_band_chunks`). Every streaming reducer's sums equal those of the plain
+    path: chunks of `chunk_size` queries and full [b, H, cq, n] rows from key 0."""
+    from posprobe.access import LayerCapture
+
+    fast = _streamed_reducers(access)
+    split = []
+    original = LayerCapture.query_chunks
+
+    def counted(self, chunk_size=None, queries=None):
+        chunks = original(self, chunk_size, queries)
+        split.append(self.info.sliding_window is not None and len(chunks) > 1)
+        return chunks
+
+    monkeypatch.setattr(LayerCapture, "query_chunks", counted)
+    _streamed_reducers(access)  # the fast path again, counting the window splits
+    monkeypatch.setattr(LayerCapture, "query_chunks", lambda self, chunk_size=None, queries=None: list(
+        (torch.arange(self.n_tokens) if queries is None else queries).to(self.device).split(
+            chunk_size or self.query_chunk())))
+    monkeypatch.setattr(LayerCapture, "pattern_band", lambda self, query_index: (self.pattern(query_index), 0))
+    plain = _streamed_reducers(access)
+    if access.info.name == "tiny-gemma3":  # window 8 < the texts: the split and the bands really were exercised
+        assert any(split)
+
+    def close(a, b, what):
+        assert torch.allclose(torch.as_tensor(a), torch.as_tensor(b), rtol=1e-5, atol=1e-6), what  # float32 sums
+
+    hb_f, hb_p = fast["head_basics"], plain["head_basics"]
+    for name in ("sink", "prev", "learned_sink", "count", "dist_sum", "dist_n"):
+        close(getattr(hb_f, name), getattr(hb_p, name), f"head_basics.{name}")
+    for layer in hb_f.pairs:
+        for (va, da), (vb, db) in zip(hb_f.pairs[layer], hb_p.pairs[layer], strict=True):
+            # values are rounded to 5 decimals (ties stay ties): float noise may flip a last digit, no more
+            diff = abs(va - vb)
+            assert diff.max() <= 1.01e-5 and (diff > 0).mean() < 0.01, f"head_basics pairs, layer {layer}"
+            close(da, db, f"head_basics pair distances, layer {layer}")
+    en_f, en_p = fast["attention_entropy"], plain["attention_entropy"]
+    for name in en_f.sums:
+        close(en_f.sums[name], en_p.sums[name], f"attention_entropy.{name}")
+    for length in en_f.by_pos:
+        close(en_f.by_pos[length][0], en_p.by_pos[length][0], "entropy_by_position")
+    rf_f, rf_p = fast["rope_frequency"], plain["rope_frequency"]
+    for layer in rf_f.usage:
+        close(rf_f.usage[layer], rf_p.usage[layer], f"rope_frequency usage, layer {layer}")
+    ph_f, ph_p = fast["positional_heads"], plain["positional_heads"]
+    for layer in ph_f.long_signed:
+        close(ph_f.long_signed[layer], ph_p.long_signed[layer], f"positional_heads signed, layer {layer}")
+        close(ph_f.long_weight[layer], ph_p.long_weight[layer], f"positional_heads mass, layer {layer}")

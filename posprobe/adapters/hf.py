@@ -44,6 +44,7 @@ from posprobe.access import (
     expand_kv,
     grouped_matmul,
     query_key_range,
+    widen_band,
 )
 from posprobe.adapters._compat import cache_kwargs
 from posprobe.adapters._wrapping import state_dict_hash
@@ -137,15 +138,15 @@ class AttentionCall:
         combined = combined - combined.max(dim=-1, keepdim=True).values
         return torch.softmax(combined, dim=-1)[..., :-1]
 
+    def band(self, query_index: Tensor) -> tuple[Tensor, int]:
+        """(probs [b, H, cq, stop - start], start): the given queries' probabilities over the keys [start, stop)
+        they may see (`key_range`); every other key is exactly 0 in `probs`."""
+        start, stop = self.key_range(query_index)
+        return self.softmax(self.masked_scores(query_index, start, stop)), start
+
     def probs(self, query_index: Tensor) -> Tensor:
         """Attention probabilities [b, H, cq, nk] of the given queries (key indices); masked entries exactly 0."""
-        start, stop = self.key_range(query_index)
-        p = self.softmax(self.masked_scores(query_index, start, stop))
-        if start == 0 and stop == self.n_keys:
-            return p
-        full = p.new_zeros(*p.shape[:3], self.n_keys)
-        full[..., start:stop] = p
-        return full
+        return widen_band(*self.band(query_index), self.n_keys)
 
     def scores(self, query_index: Tensor) -> Tensor:
         """Scaled, softcapped, unmasked logits [b, H, cq, nk] (what `LayerCapture.scores` promises)."""
@@ -232,6 +233,7 @@ def _posprobe_attention(
         cap.extras["attn_scale"] = call.scale
         cap.extras["attention_call"] = call
         cap.pattern_source = call.probs
+        cap.band_source = (cap.pattern_source, call.band)
         _settle_pre_rotary(cap, query, key)
     edits = state.attention_edits.get(layer)
     if not edits:

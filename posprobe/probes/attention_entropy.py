@@ -69,9 +69,9 @@ class _Reducer:
         def add(name: str, value: torch.Tensor) -> None:
             local[name] = value if name not in local else local[name] + value
 
-        for qidx, probs in cap.pattern_chunks(cap.query_chunk(cfg.chunk_size), queries):
-            b = probs.shape[0]
-            terms = torch.special.entr(probs)  # [b, H, cq, n] in the pattern's dtype (float32+), summed in `acc`
+        for qidx, probs, start in cap.pattern_band_chunks(cap.query_chunk(cfg.chunk_size), queries):
+            b = probs.shape[0]  # probs cover the keys [start, start + width) the chunk can see; the rest are 0
+            terms = torch.special.entr(probs)  # [b, H, cq, width] in the pattern's dtype (float32+), summed in `acc`
             h = terms.sum(-1, dtype=acc)  # [b, H, cq]
             visible = (qidx + 1).to(acc) if window is None else (qidx + 1).clamp(max=window).to(acc)
             hn = h / torch.log(visible)
@@ -81,8 +81,9 @@ class _Reducer:
             keep = qidx >= cfg.n_sink
             if keep.any():
                 # entropy of rest / Z with rest = keys >= n_sink: (sum entr(rest)) / Z + log Z, no copy of the rows
-                rest_terms = (h - terms[..., : cfg.n_sink].sum(-1, dtype=acc))[:, :, keep]
-                z = probs[..., cfg.n_sink :].sum(-1, dtype=acc)[:, :, keep]
+                cut = max(0, cfg.n_sink - start)  # sink keys inside the band (none once the window left them)
+                rest_terms = (h - terms[..., :cut].sum(-1, dtype=acc))[:, :, keep]
+                z = probs[..., cut:].sum(-1, dtype=acc)[:, :, keep]
                 # rows with (almost) no mass outside the sink have no defined remainder: entropy 0, as a pure sink
                 h_rest = torch.where(z > 1e-6, rest_terms / z.clamp(min=1e-6) + torch.log(z.clamp(min=1e-6)), 0.0)
                 add("nosink", h_rest.sum((0, 2)))

@@ -46,10 +46,11 @@ def bin_edges(n_bins: int) -> list[tuple[int, float]]:
 
 
 def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_bins: int,
-                    first_key: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                    first_key: int = 1, key_start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query, the attention mass and number of visible keys in each distance bin, from prefix sums.
 
-    p: [H, cq, n] probabilities of queries `qidx`. Keys before `first_key` (the sink) are excluded.
+    p: [H, cq, width] probabilities of queries `qidx` over keys [key_start, key_start + width), a range that holds
+    every key they can see (`LayerCapture.pattern_band`). Keys before `first_key` (the sink) are excluded.
     Returns (mass [H, cq, n_bins], count [cq, n_bins]) in float64 (float32 on MPS), on p's device. O(cq * n).
     """
     acc = accumulator_dtype(p.device)
@@ -67,8 +68,8 @@ def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_b
     a = torch.cat(lows, dim=1)
     c = torch.cat(highs, dim=1)
     count = (c - a + 1).clamp(min=0)
-    a_idx = a.clamp(min=0).long()
-    c_idx = (c + 1).clamp(min=0).long()
+    a_idx = (a - key_start).clamp(min=0).long()  # prefix-sum columns are keys relative to the band's first
+    c_idx = (c + 1 - key_start).clamp(min=0).long()
     c_idx = torch.maximum(c_idx, a_idx)
     H = p.shape[0]
     mass = cs.gather(-1, c_idx[None].expand(H, -1, -1)) - cs.gather(-1, a_idx[None].expand(H, -1, -1))
@@ -106,15 +107,17 @@ class _Reducer:
         logd: list[torch.Tensor] = []
         rows_index = self.sample.indices if self.sample is not None else (0,)
         generators = [torch.Generator().manual_seed(self._pair_seed(index, layer)) for index in rows_index]
-        for qidx, probs in cap.pattern_chunks(cap.query_chunk(cfg.chunk_size), queries):
+        for qidx, probs, start in cap.pattern_band_chunks(cap.query_chunk(cfg.chunk_size), queries):
+            # probs cover keys [start, start + width): every key these queries can see (the rest are exactly 0)
             b = probs.shape[0]  # every row of a batch is its own text: sums over rows, counts of rows x queries
             rows = torch.arange(len(qidx), device=qidx.device)
-            chunk_sink = probs[:, :, :, 0].sum((0, 2), dtype=acc)
-            chunk_prev = probs[:, :, rows, qidx - 1].sum((0, 2), dtype=acc)
+            chunk_sink = (probs[:, :, :, 0].sum((0, 2), dtype=acc) if start == 0  # key 0 out of every query's window
+                          else probs.new_zeros(probs.shape[1], dtype=acc))
+            chunk_prev = probs[:, :, rows, qidx - 1 - start].sum((0, 2), dtype=acc)
             if cap.info.learned_sinks:  # the sink logit's softmax share is what the rows are missing
                 self.learned_sink[layer] += (1 - probs.sum(-1, dtype=acc)).sum((0, 2)).cpu().double()
             mass, n_keys = binned_key_sums(probs.sum(0, dtype=acc) if b > 1 else probs[0], qidx, window,
-                                           cfg.n_distance_bins)
+                                           cfg.n_distance_bins, key_start=start)
             sink = chunk_sink if sink is None else sink + chunk_sink
             prev = chunk_prev if prev is None else prev + chunk_prev
             dist_sum = mass.sum(1) if dist_sum is None else dist_sum + mass.sum(1)
@@ -132,7 +135,7 @@ class _Reducer:
                 u = torch.rand(n_ok, per_query, generator=generators[r], dtype=torch.float64).to(qidx.device)
                 keys = low[ok, None] + (u * span[ok, None]).long()
                 p = probs[r, :, ok]  # [H, n_ok, n]
-                a = p.gather(-1, keys[None].expand(p.shape[0], -1, -1)).to(acc)
+                a = p.gather(-1, (keys - start)[None].expand(p.shape[0], -1, -1)).to(acc)
                 if cfg.relative_to_uniform:
                     a = a * n_visible[None, :, None]
                     a = torch.round(a, decimals=5)  # float noise must not break ties (a uniform head is exactly flat)

@@ -270,7 +270,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
     max_error = 0.0
     first = True
     window = layer.sliding_window
-    for cidx, chunk_probs in cap.pattern_chunks(cap.query_chunk(pattern_chunk), queries):
+    for cidx, chunk_probs, band_start in cap.pattern_band_chunks(cap.query_chunk(pattern_chunk), queries):
         _, _, q_chunk, _ = visible_keys(cap, cidx)
         qc_chunk, qr_chunk = split_chunks(q_chunk, layer)  # [b, H, cq, c, 2], [b, H, cq, rest]
         step = block_size or chunk_block_size(b * heads, n_chunks, min(int(cidx.max()) + 1, window or cap.n_tokens))
@@ -278,7 +278,8 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
             qi = cidx[s : s + step]
             cq = len(qi)
             start, stop = query_key_range(qi, layer.sliding_window)
-            probs = chunk_probs[:, :, s : s + cq, start:stop]  # [b, H, cq, nk], exactly 0 where masked
+            # [b, H, cq, nk], exactly 0 where masked (the band holds keys band_start.., a superset of start..stop)
+            probs = chunk_probs[:, :, s : s + cq, start - band_start : stop - band_start]
             kc = kc_all[:, :, :, start:stop].transpose(-1, -2)  # [b, G, c, 2, nk]
             c = torch.matmul(_grouped_rows(qc_chunk[:, :, s : s + cq], groups), kc)  # [b, G, c, (H/G) cq, nk]
             c = c.view(b, groups, n_chunks, per_group, cq, stop - start)
@@ -325,8 +326,8 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
     acc = accumulator_dtype(cap.device)
     signed = torch.zeros(model.n_heads, n_bands(layer, model.head_dim), dtype=acc, device=cap.device)
     mass = torch.zeros(model.n_heads, dtype=acc, device=cap.device)
-    for qidx, probs in cap.pattern_chunks(cap.query_chunk(pattern_chunk), queries):
-        start, stop, q, k = visible_keys(cap, qidx)
+    for qidx, probs, band_start in cap.pattern_band_chunks(cap.query_chunk(pattern_chunk), queries):
+        start, stop, q, k = visible_keys(cap, qidx)  # the band holds keys band_start.., a superset of start..stop
         stop = min(stop, int(qidx.max()) - distance + 1)  # keys past this are nearer than D to every query
         if stop <= start:
             continue
@@ -340,7 +341,7 @@ def layer_long_range(cap: LayerCapture, queries: Tensor, distance: int, *, patte
             far[:, 0] = False
         if not bool(far.any()):
             continue
-        w = probs[:, :, rows, start:stop].masked_fill(~far, 0.0)  # a_ij on far keys, exactly 0 elsewhere
+        w = probs[:, :, rows, start - band_start : stop - band_start].masked_fill(~far, 0.0)  # a_ij on far keys
         signed += chunk_dot(q, grouped_matmul(w.to(q.dtype), k), layer).sum((0, 2)).to(acc)
         mass += w.sum((0, 2, 3)).to(acc)
     n_rows = int(_wide(cap)[0].shape[0]) * int((queries >= distance + int(exclude_sink)).sum())
