@@ -15,7 +15,11 @@ task filling the length (`kv_words` while its 159 words suffice, else `kv_uuid`)
 depths; greedy exact match; Wilson 95 % intervals (`evaluate_positions`). The rescan at 2x: `head_basics`
 (sink mass), `attention_entropy`, `retrieval` (Wu et al. retrieval score), compared with the plain model scanned at
 1x: mean sink mass, mean normalised entropy, retrieval heads (score > 0.1), overlap of the top-10 retrieval heads
-with the 1x baseline (Jaccard) and the heads that lose the most retrieval score.
+with the 1x baseline (kept count and Jaccard), the heads that lose the most retrieval score, and how many needle
+trials the model answered. Its size: --rescan-texts / --rescan-queries (sink and entropy passes), --rescan-trials
+(retrieval needles), --rescan-include-wrong (score copying on failed trials too, teacher forced; Wu et al. score
+answered ones only). `--no-accuracy` without `--no-rescan` runs the rescan alone, e.g. on a CPU:
+`--variant full --no-accuracy --rescan-texts 1 --rescan-queries 64 --rescan-trials 2 --methods plain ntk yarn pi`.
 
 Variants:
 - `--variant quick` (CI, a few minutes on 2 cores): a seeded random tiny Llama (3 layers, native window 256;
@@ -84,9 +88,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--depths", type=int, default=None, help="evenly spaced gold depths from 0 to 100 %% "
                         "(default 3 quick, 5 full)")
     parser.add_argument("--seed", type=int, default=1, help="evaluation seed (held out: nothing is tuned here)")
-    parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default all)")
+    parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods, run in the order given "
+                        "(default all)")
     parser.add_argument("--no-rescan", action="store_true", help="skip the probe rescan at 2x")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the passkey / key-value accuracy")
+    parser.add_argument("--rescan-texts", type=int, default=None, help="texts per length for the rescan's sink / "
+                        "entropy passes (default 2 quick, 4 full)")
+    parser.add_argument("--rescan-queries", type=int, default=None, help="query positions sampled per text for "
+                        "the rescan's attention statistics (default 32 quick, 64 full)")
+    parser.add_argument("--rescan-trials", type=int, default=None, help="retrieval needle trials per rescanned "
+                        "method (default 4 quick, 20 full)")
+    parser.add_argument("--rescan-include-wrong", action="store_true", help="score retrieval copying on needle "
+                        "trials the model got wrong too (teacher forced; always on in quick: its random model "
+                        "answers nothing). Default full: answered trials only (Wu et al.)")
     parser.add_argument("--tasks", nargs="+", choices=("passkey", "kv"), default=["passkey", "kv"],
                         help="which accuracy tasks to run (default both)")
     parser.add_argument("--filler", choices=("generated", "repeat"), default="generated",
@@ -223,23 +237,40 @@ def pooled(by_depth: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def rescan(access: Any, specs: dict[str, Any], native: int, variant: str) -> pd.DataFrame:
-    """Sink mass, entropy and retrieval heads under each method at 2x vs the plain model at 1x."""
-    n_texts, queries, trials = (2, 32, 4) if variant == "quick" else (4, 64, 20)
+RESCAN_SIZES = {"quick": (2, 32, 4), "full": (4, 64, 20)}  # texts, queries per text, retrieval trials
+
+
+def rescan(access: Any, specs: dict[str, Any], native: int, variant: str, n_texts: int | None = None,
+           queries: int | None = None, trials: int | None = None, include_wrong: bool = False,
+           partial: Path | None = None) -> pd.DataFrame:
+    """Sink mass, entropy and retrieval heads under each method at 2x vs the plain model at 1x. Sizes left at
+    None take the variant's defaults (RESCAN_SIZES). `partial`: a csv rewritten after each method (a long run
+    stopped midway keeps the methods it finished)."""
+    defaults = RESCAN_SIZES[variant]
+    n_texts, queries, trials = (n_texts or defaults[0], queries or defaults[1], trials or defaults[2])
+    # the random quick model answers nothing: score copying on every trial there (Wu et al. use answered ones)
+    include_wrong = include_wrong or variant == "quick"
     retrieval = get_probe("retrieval").Config
 
-    def one(spec: Any, length: int) -> Any:
+    def one(spec: Any, length: int) -> tuple[pd.DataFrame, str]:
         budget = Budget(f"ctx{length}", (length,), n_texts, queries, level="quick")
-        # the random quick model answers nothing: score copying on every trial there (Wu et al. use answered ones)
         # teacher forcing appends the answer to the needle prompt: leave it room inside the length
         config = {"retrieval": retrieval(context_lengths=(length - 16,), n_trials=trials,
-                                         include_wrong=variant == "quick")}
-        return posprobe.scan(access, probes=["head_basics", "attention_entropy", "retrieval"], budget=budget,
-                             configs=config, intervention=spec, progress=False)
+                                         include_wrong=include_wrong)}
+        result = posprobe.scan(access, probes=["head_basics", "attention_entropy", "retrieval"], budget=budget,
+                               configs=config, intervention=spec, progress=False)
+        needle = result.meta.get("summaries", {}).get("retrieval", {})
+        answered = f"{needle.get('n_correct', '?')}/{needle.get('n_trials', '?')}"
+        return result.heads.set_index(["layer", "head"]), answered
 
-    baseline = one(Extrapolate(), native).heads.set_index(["layer", "head"])
+    start = time.perf_counter()
+    baseline, answered = one(Extrapolate(), native)
     top = set(baseline["retrieval_score"].nlargest(10).index)
-    rows = [{"method": "plain @1x", "length": native, **summary(baseline, baseline, top), "seconds": float("nan")}]
+    rows = [{"method": "plain @1x", "length": native, "needles_answered": answered,
+             **summary(baseline, baseline, top), "seconds": time.perf_counter() - start}]
+    print(f"  rescan plain @1x: {rows[0]['seconds']:.0f} s", flush=True)
+    if partial is not None:
+        pd.DataFrame(rows).to_csv(partial, index=False)
     for name, spec in specs.items():
         if isinstance(spec, AttentionBuckets):  # N passes are N models: no single set of heads to rescan
             print(f"  rescan skips {name}: it combines the outputs of {len(spec.passes())} passes; scan one with "
@@ -248,9 +279,12 @@ def rescan(access: Any, specs: dict[str, Any], native: int, variant: str) -> pd.
                          f"passes combined; scan one with rope_theta)", "seconds": float("nan")})
             continue
         start = time.perf_counter()
-        heads = one(spec, 2 * native).heads.set_index(["layer", "head"])
-        rows.append({"method": name, "length": 2 * native, **summary(heads, baseline, top),
-                     "seconds": time.perf_counter() - start})
+        heads, answered = one(spec, 2 * native)
+        rows.append({"method": name, "length": 2 * native, "needles_answered": answered,
+                     **summary(heads, baseline, top), "seconds": time.perf_counter() - start})
+        print(f"  rescan {name} @2x: {rows[-1]['seconds']:.0f} s", flush=True)
+        if partial is not None:
+            pd.DataFrame(rows).to_csv(partial, index=False)
     return pd.DataFrame(rows)
 
 
@@ -260,40 +294,57 @@ def summary(heads: pd.DataFrame, baseline: pd.DataFrame, top: set) -> dict[str, 
     drop = (baseline["retrieval_score"].fillna(0.0) - score).sort_values(ascending=False)
     return {"sink_mass": float(heads["sink_mass"].mean()), "entropy_norm": float(heads["entropy_norm"].mean()),
             "retrieval_heads": int((score > 0.1).sum()),
+            "top10_kept": len(mine & top),
             "top10_jaccard_vs_1x": len(mine & top) / len(mine | top) if mine | top else float("nan"),
             "largest_drops": ", ".join(f"L{layer}H{head} {value:+.2f}" for (layer, head), value in
                                        drop.head(3).items() if value > 0) or "-"}
 
 
-def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame, depth: pd.DataFrame, scan: pd.DataFrame | None,
-           wall: float) -> str:
-    table = acc.assign(cell=[f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
-                             zip(acc["accuracy"], acc["ci_low"], acc["ci_high"])])
-    wide = table.pivot_table(index=["task", "method"], columns="ratio", values="cell", aggfunc="first", sort=False)
-    wide.columns = [f"{c:g}x" for c in wide.columns]
+def report(args: argparse.Namespace, access: Any, acc: pd.DataFrame | None, depth: pd.DataFrame | None,
+           scan: pd.DataFrame | None, wall: float) -> str:
     lines = [
         f"# Context extension past the native window ({args.variant})", "",
         f"Command: `{' '.join(['python'] + sys.argv)}`", "",
-        (f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials per "
-         f"(method, task, length, depth) x {args.depths} depths; passkey filler {args.filler}; evaluation seed "
-         f"{args.seed} (settings "
-         f"are the papers', not tuned); wall time {wall / 60:.1f} min."), "",
-        "Greedy exact-match accuracy over all depths, Wilson 95 % interval:", "",
-        wide.reset_index().to_markdown(index=False), "",
     ]
-    if args.variant == "quick":
-        lines += [("The quick variant's model has random weights: accuracies near 0 are expected; this table "
-                   "checks that every method runs past the native window and that the report is produced."), ""]
-    slots = max(args.depths - 1, 1)  # relative positions binned to the nearest requested depth
-    binned = (depth["relative_position"] * slots).round() / slots
-    by_depth = depth.assign(depth=(100 * binned).round().astype(int).astype(str) + "%")
-    lines += ["Per depth (relative position of the gold item, 0 % = start of the context):", "",
-              by_depth.pivot_table(index=["task", "method", "length"], columns="depth", values="accuracy",
-                                   sort=False).reset_index().to_markdown(index=False, floatfmt=".2f"), ""]
+    if acc is None or depth is None:
+        lines += [(f"Model: {access.info.name} (native window {access.info.max_positions} tokens); accuracy not "
+                   f"run (--no-accuracy); evaluation seed {args.seed}; wall time {wall / 60:.1f} min."), ""]
+    else:
+        table = acc.assign(cell=[f"{a:.2f} [{lo:.2f}, {hi:.2f}]" for a, lo, hi in
+                                 zip(acc["accuracy"], acc["ci_low"], acc["ci_high"])])
+        wide = table.pivot_table(index=["task", "method"], columns="ratio", values="cell", aggfunc="first",
+                                 sort=False)
+        wide.columns = [f"{c:g}x" for c in wide.columns]
+        lines += [
+            (f"Model: {access.info.name} (native window {access.info.max_positions} tokens); {args.trials} trials "
+             f"per (method, task, length, depth) x {args.depths} depths; passkey filler {args.filler}; evaluation "
+             f"seed {args.seed} (settings are the papers', not tuned); wall time {wall / 60:.1f} min."), "",
+            "Greedy exact-match accuracy over all depths, Wilson 95 % interval:", "",
+            wide.reset_index().to_markdown(index=False), "",
+        ]
+        if args.variant == "quick":
+            lines += [("The quick variant's model has random weights: accuracies near 0 are expected; this table "
+                       "checks that every method runs past the native window and that the report is produced."), ""]
+        slots = max(args.depths - 1, 1)  # relative positions binned to the nearest requested depth
+        binned = (depth["relative_position"] * slots).round() / slots
+        by_depth = depth.assign(depth=(100 * binned).round().astype(int).astype(str) + "%")
+        lines += ["Per depth (relative position of the gold item, 0 % = start of the context):", "",
+                  by_depth.pivot_table(index=["task", "method", "length"], columns="depth", values="accuracy",
+                                       sort=False).reset_index().to_markdown(index=False, floatfmt=".2f"), ""]
     if scan is not None:
-        lines += ["Rescan at 2x (plain @1x = the baseline the overlaps and drops refer to):", "",
+        texts, queries, trials = rescan_sizes(args)
+        lines += [(f"Rescan at 2x (plain @1x = the baseline the overlaps and drops refer to); {texts} text(s) x "
+                   f"{queries} queries for sink / entropy, {trials} retrieval needle trials per method, scored on "
+                   f"{'every trial' if args.rescan_include_wrong or args.variant == 'quick' else 'answered trials'}"
+                   f" (needles_answered: correct / trials):"), "",
                   scan.to_markdown(index=False, floatfmt=".3f"), ""]
     return "\n".join(lines)
+
+
+def rescan_sizes(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(texts, queries, retrieval trials) of the rescan: the CLI's, else the variant's defaults."""
+    defaults = RESCAN_SIZES[args.variant]
+    return (args.rescan_texts or defaults[0], args.rescan_queries or defaults[1], args.rescan_trials or defaults[2])
 
 
 def main() -> None:
@@ -310,7 +361,7 @@ def main() -> None:
         unknown = sorted(set(args.methods) - set(specs))
         if unknown:
             raise SystemExit(f"Unknown method(s) {unknown}; choose from {sorted(specs)}.")
-        specs = {k: v for k, v in specs.items() if k in args.methods}
+        specs = {k: specs[k] for k in dict.fromkeys(args.methods)}  # in the order given (the slow ones last)
     lengths = args.lengths or [int(native * r) for r in (args.ratios or RATIOS)]
     frames, losses = [], []
     for name, spec in specs.items():
@@ -328,29 +379,32 @@ def main() -> None:
         bands = loss_table(loss, native)
         bands.to_csv(out / "loss_by_band.csv")
         print("next-token NLL by position band (nats):\n" + bands.to_markdown(floatfmt=".2f"), flush=True)
-    if args.no_accuracy:
-        (out / "summary.json").write_text(json.dumps({
-            "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
-        "filler": args.filler,
-            "seed": args.seed, "wall_seconds": time.perf_counter() - started,
-            "methods": {k: v.describe(access) for k, v in specs.items()}}, indent=2, default=str))
-        return
-    by_depth = pd.concat(frames, ignore_index=True)
-    acc = pooled(by_depth)
-    scan = None if args.no_rescan else rescan(access, {k: v for k, v in specs.items()}, native, args.variant)
+    by_depth = pd.concat(frames, ignore_index=True) if frames else None
+    acc = pooled(by_depth) if by_depth is not None else None
+    scan = None
+    if not args.no_rescan:
+        texts, queries, trials = rescan_sizes(args)
+        print(f"[{time.perf_counter() - started:7.1f}s] rescan", flush=True)
+        scan = rescan(access, specs, native, args.variant, texts, queries, trials, args.rescan_include_wrong,
+                      partial=out / "rescan.csv")
     wall = time.perf_counter() - started
-    by_depth.drop(columns=[c for c in by_depth.columns if by_depth[c].dtype == object and c not in
-                           ("task", "method", "intervention")], errors="ignore").to_csv(out / "accuracy_by_depth.csv",
-                                                                                        index=False)
-    acc.to_csv(out / "accuracy.csv", index=False)
+    if by_depth is not None and acc is not None:
+        by_depth.drop(columns=[c for c in by_depth.columns if by_depth[c].dtype == object and c not in
+                               ("task", "method", "intervention")],
+                      errors="ignore").to_csv(out / "accuracy_by_depth.csv", index=False)
+        acc.to_csv(out / "accuracy.csv", index=False)
     if scan is not None:
         scan.to_csv(out / "rescan.csv", index=False)
     (out / "summary.json").write_text(json.dumps({
         "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
-        "filler": args.filler,
-        "trials": args.trials, "seed": args.seed, "wall_seconds": wall,
+        "filler": args.filler, "trials": args.trials, "seed": args.seed, "wall_seconds": wall,
+        "rescan": None if scan is None else dict(zip(("texts", "queries", "trials"), rescan_sizes(args)),
+                                                 include_wrong=args.rescan_include_wrong or args.variant == "quick"),
         "methods": {k: v.describe(access) for k, v in specs.items()},
-        "accuracy": acc.replace({np.nan: None}).to_dict(orient="records")}, indent=2, default=str))
+        "accuracy": None if acc is None else acc.replace({np.nan: None}).to_dict(orient="records")},
+        indent=2, default=str))
+    if acc is None and scan is None:
+        return
     text = report(args, access, acc, by_depth, scan, wall)
     (out / "report.md").write_text(text)
     print(text)

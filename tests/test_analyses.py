@@ -39,5 +39,25 @@ def test_context_extension_quick_variant_runs_every_method_past_the_window(tmp_p
     scanned = rescan[rescan["sink_mass"].notna()]
     assert set(scanned["method"]) == {"plain @1x"} | (set(methods) - {"buckets"})  # buckets: not a single model
     assert scanned["sink_mass"].between(0, 1).all() and scanned["entropy_norm"].between(0, 1.0001).all()
+    assert scanned["top10_kept"].between(0, 10).all()
+    assert scanned["needles_answered"].str.fullmatch(r"\d+/4").all()  # quick default: 4 retrieval trials
     report = (out / "report.md").read_text()
     assert "Wilson" in report and all(f"| {m}" in report for m in methods)
+
+
+def test_context_extension_rescan_alone_takes_its_sizes_from_the_cli(tmp_path):
+    out = tmp_path / "ce"
+    proc = subprocess.run([sys.executable, str(ROOT / "analyses" / "context_extension.py"), "--variant", "quick",
+                           "--no-accuracy", "--methods", "plain", "yarn", "--rescan-texts", "1", "--rescan-queries",
+                           "16", "--rescan-trials", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "accuracy.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["accuracy"] is None and summary["rescan"] == {"texts": 1, "queries": 16, "trials": 2,
+                                                                 "include_wrong": True}
+    rescan = pd.read_csv(out / "rescan.csv")
+    assert list(rescan["method"]) == ["plain @1x", "plain", "yarn"]
+    assert (rescan["needles_answered"].str.split("/").str[1] == "2").all()
+    report = (out / "report.md").read_text()
+    assert "accuracy not run" in report and "2 retrieval needle trials" in report
