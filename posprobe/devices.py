@@ -5,7 +5,8 @@ float32 on CPU, bfloat16 on CUDA), the parsing of device / dtype arguments, the 
 embedding runs: accelerate's execution device for dispatched models), the placement record a scan keeps as
 provenance (devices, dtypes, accelerate device map), and the memory estimate made before every pass (weights plus
 the largest per-layer working set of the statistics path at that length and batch), which raises
-`MemoryBudgetError` naming the knob to turn instead of letting the pass die out of memory.
+`MemoryBudgetError` naming the knob to turn instead of letting the pass die out of memory, and the prompt chunks
+of KV-cached greedy decoding's prefill (`prefill_chunk_size`: one pass unless its attention scores would not fit).
 
 Nothing here moves a model: models the user passes stay where they are (ARCHITECTURE.md, "Devices and dtypes belong
 to the user's model").
@@ -186,13 +187,59 @@ def query_chunk_size(info: Any, n_tokens: int, batch: int = 1, *, device: torch.
     (`statistics_bytes_per_query` x chunk) fits `budget_bytes` (default: min(STATISTICS_BYTES, a quarter of the free
     memory of `device`; `POSPROBE_MEMORY_LIMIT` caps that). At least 1: a pass that cannot fit one query is refused by
     `check_memory`. The global (full-attention) layers' [chunk x n] rows are what this bounds at long context."""
-    if budget_bytes is None:
-        budget_bytes = STATISTICS_BYTES
-        free = available_memory(torch.device(device)) if device is not None else None
-        if free is not None:
-            budget_bytes = min(budget_bytes, free // 4)
+    budget = _working_set_budget(STATISTICS_BYTES, device, budget_bytes)
     per_query = statistics_bytes_per_query(info, max(1, n_tokens), max(1, batch))
-    return int(max(1, min(limit, budget_bytes // per_query)))
+    return int(max(1, min(limit, budget // per_query)))
+
+
+def _working_set_budget(cap: int, device: torch.device | str | None, budget_bytes: int | None) -> int:
+    """`budget_bytes` when given, else min(cap, a quarter of the free memory of `device`)."""
+    if budget_bytes is not None:
+        return budget_bytes
+    free = available_memory(torch.device(device)) if device is not None else None
+    return cap if free is None else min(cap, free // 4)
+
+
+# One prefill pass of KV-cached greedy decoding keeps one layer's float32 attention scores under this many bytes (and
+# under a quarter of the device's free memory): the model's own SDPA materialises [b, H, queries, keys] scores on
+# the CPU once it is given a mask. Gemma 3 270M (4 heads) prefills one row of up to 8192 tokens in one pass, 16k
+# tokens in 4 chunks of 4096, 32k in 16 of ~2048 (the whole 32k prompt at once: 17.2 GB).
+PREFILL_BYTES = 2**30
+
+
+def prefill_scores_bytes(info: Any, n_tokens: int, batch: int = 1, queries: int | None = None) -> int:
+    """Bytes of one layer's float32 attention scores in a prefill pass: `queries` (default: all `n_tokens`) queries
+    of `batch` rows over `n_tokens` keys, b x n_heads x queries x n x 4."""
+    return batch * info.n_heads * (n_tokens if queries is None else queries) * n_tokens * 4
+
+
+def prefill_chunk_size(info: Any, n_tokens: int, batch: int = 1, *, device: torch.device | str | None = None,
+                       budget_bytes: int | None = None) -> int | None:
+    """Prompt tokens per prefill pass of KV-cached greedy decoding, or None for the whole prompt in one pass.
+
+    None while one layer's scores over the whole prompt (`prefill_scores_bytes`) fit `budget_bytes` (default:
+    min(PREFILL_BYTES, a quarter of the free memory of `device`; `POSPROBE_MEMORY_LIMIT` caps that), so short
+    prompts run as one pass. Otherwise the chunk whose [b, H, chunk, n] scores fit the budget, evened out over the
+    chunks the prompt then needs (16384 tokens, 4096 fit: 4 x 4096; 32748 tokens, 2049 fit: 16 x 2047); at least 1.
+    """
+    n = max(1, int(n_tokens))
+    budget = _working_set_budget(PREFILL_BYTES, device, budget_bytes)
+    if prefill_scores_bytes(info, n, max(1, batch)) <= budget:
+        return None
+    fits = max(1, budget // prefill_scores_bytes(info, n, max(1, batch), queries=1))
+    n_chunks = -(-n // fits)
+    return -(-n // n_chunks)
+
+
+def check_prefill_chunk(value: Any) -> int | str | None:
+    """`prefill_chunk` of greedy decoding ("auto", None or a positive int) as given, or the InputError saying so."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"prefill_chunk must be 'auto' (chunks only when one prefill pass would not fit the memory "
+                         f"budget, devices.prefill_chunk_size), None (the whole prompt in one pass) or a positive "
+                         f"number of prompt tokens per pass; got {value!r}.")
+    return int(value)
 
 
 def estimate_pass_memory(

@@ -25,7 +25,7 @@ import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,7 @@ from posprobe.adapters.architectures import (
     model_info,
     module_paths,
 )
+from posprobe.devices import check_prefill_chunk, prefill_chunk_size
 from posprobe.errors import InterventionError, UnsupportedModelError
 
 ATTN_NAME = "posprobe"  # output through SDPA (masks in SDPA's format)
@@ -63,6 +64,8 @@ _ATTENTION_TAPS = frozenset({Tap.Q, Tap.K, Tap.PATTERN, Tap.SCORES, Tap.Q_PRE, T
 _ROTARY_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_pos_emb_interleave",
                      "_apply_rotary_emb")  # module-level rotary functions of transformers' modeling files
 _registered = False
+_LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})  # rope types whose frequencies follow the pass length
+_WHAT_IF_ROTARY = "_posprobe_what_if_rotary"  # = posprobe.what_if.base._ROTARY_OVERRIDES: {layer: (rotary, type)}
 
 
 def _register_attention() -> None:
@@ -631,51 +634,125 @@ class HFAccess(ModelAccess):
         return DynamicCache(config=self.model.config)
 
     def greedy(
-        self, input_ids: Any, max_new_tokens: int, *, stop_ids: Sequence[int] = (), edits: Sequence[Edit] = ()
+        self, input_ids: Any, max_new_tokens: int, *, stop_ids: Sequence[int] = (), edits: Sequence[Edit] = (),
+        prefill_chunk: int | Literal["auto"] | None = "auto",
     ) -> Tensor:
-        """KV-cached greedy decoding; edits apply at every step (queries are a suffix of the keys)."""
-        from transformers import DynamicCache
+        """KV-cached greedy decoding; edits apply at every step (queries are a suffix of the keys).
 
+        prefill_chunk: prompt tokens per prefill pass on the cache. "auto" (default): the whole prompt in one pass
+        unless one layer's float32 attention scores over it would not fit the memory budget
+        (`posprobe.devices.prefill_chunk_size`: 1 GiB; Gemma 3 270M prefills one row of 8192 tokens at once, 16k in
+        4 chunks), then chunks that fit; None: one pass; an int: chunks of that many tokens. A chunk's queries are a
+        suffix of the keys, as a decoding step's are, so chunks give the tokens of one pass (to float rounding);
+        where they might not (`_prefill_blocker`: length-dependent RoPE, edits that read the whole prompt), the
+        prompt runs in one pass whatever is asked.
+        """
         ids = self._check_ids(input_ids)
-        n = ids.shape[1]
+        check_prefill_chunk(prefill_chunk)
+        b, n = ids.shape
         all_edits = [*self._edits, *edits]
         self._validate_edits(all_edits)
+        if max_new_tokens < 1:
+            return ids.new_zeros(b, 0)
         if any(isinstance(e, ProjectionInputEdit) and e.queries == "last" for e in all_edits):
-            return self._greedy_last_query(ids, max_new_tokens, stop_ids, all_edits)
-        cache = DynamicCache(config=self.model.config)
+            return self._greedy_last_query(ids, max_new_tokens, stop_ids, all_edits, prefill_chunk)
+        cache = self.new_kv_cache()
+        chunk = self._prefill_chunk(ids, all_edits, cache, prefill_chunk)
         new: list[Tensor] = []
-        step_ids, pos = ids, torch.arange(n, device=ids.device)[None].expand(ids.shape[0], -1)
+        pos = torch.arange(n, device=ids.device)[None].expand(b, -1)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         with torch.inference_mode(), self._session(pos, frozenset(), None, all_edits):
-            for _ in range(max_new_tokens):
-                out = self.model(
-                    input_ids=step_ids, position_ids=pos, **cache_kwargs(self.model, cache), use_cache=True,
-                    logits_to_keep=1
-                )
-                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            logits = self._prefill(ids, cache, chunk)
+            for step in range(max_new_tokens):
+                nxt = logits.argmax(-1, keepdim=True)
                 new.append(nxt)
-                if len(stop) and bool(torch.isin(nxt, stop).all()):
+                if (len(stop) and bool(torch.isin(nxt, stop).all())) or step == max_new_tokens - 1:
                     break
-                step_ids, pos = nxt, pos[:, -1:] + 1
+                out = self.model(input_ids=nxt, position_ids=torch.full_like(nxt, n + step),
+                                 **cache_kwargs(self.model, cache), use_cache=True, logits_to_keep=1)
+                logits = out.logits[:, -1]
         return torch.cat(new, dim=1)
 
+    def _prefill(self, ids: Tensor, cache: Any, chunk: int | None) -> Tensor:
+        """Feed the prompt `ids` [b, n] (positions 0..n-1) to `cache` inside an open session, `chunk` tokens per
+        pass (None: one pass); the logits [b, V] of its last token. Chunks before the last run the decoder alone
+        (no LM head over the vocabulary)."""
+        b, n = ids.shape
+        start = 0 if chunk is None else chunk * ((n - 1) // chunk)  # the last chunk's first token
+        for at in range(0, start, chunk or n):
+            part = ids[:, at:at + (chunk or n)]
+            pos = torch.arange(at, at + part.shape[1], device=ids.device)[None].expand(b, -1)
+            self.base(input_ids=part, position_ids=pos, **cache_kwargs(self.base, cache), use_cache=True)
+        pos = torch.arange(start, n, device=ids.device)[None].expand(b, -1)
+        out = self.model(input_ids=ids[:, start:], position_ids=pos, **cache_kwargs(self.model, cache),
+                         use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1]
+
+    def _prefill_chunk(self, ids: Tensor, edits: Sequence[Edit], cache: Any,
+                       requested: int | str | None) -> int | None:
+        """Prompt tokens per prefill pass of this greedy call on `cache` (None: the whole prompt in one pass)."""
+        b, n = ids.shape
+        if requested is None:
+            return None
+        chunk = prefill_chunk_size(self.info, n, b, device=ids.device) if requested == "auto" else int(requested)
+        if chunk is None or chunk >= n or self._prefill_blocker(n, edits, cache) is not None:
+            return None
+        return chunk
+
+    def _prefill_blocker(self, n: int, edits: Sequence[Edit], cache: Any) -> str | None:
+        """Why a prompt of `n` tokens is prefilled in one pass whatever `prefill_chunk` asks, or None when chunks
+        give the values of one pass (queries a suffix of the keys, as in a decoding step). Chunks are refused for:
+        - a cache layer other than transformers' full and sliding-window `DynamicCache` layers (recurrent states,
+          indexed or quantised layers): posprobe does not check that they extend chunk-wise;
+        - a rotary embedding of rope type "dynamic" or "longrope" (the model's own or a what-if's): transformers
+          recomputes its frequencies from the largest position of each pass, so chunks would be rotated at other
+          frequencies than the whole prompt;
+        - an `AttentionEdit` on a layer whose cache keeps a sliding window of at most `n` tokens: later chunks see
+          keys that no longer start at the first token, while edits index keys from it (sinks, spans, positions);
+        - an `AttentionEdit` whose function sets `prefill_chunks = False`: it needs the whole prompt in one call
+          (Ms-PoE's outlier head order, ranked by the call's last query; Found-in-the-Middle, which refuses a call
+          that does not reach the end of its documents)."""
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        layers = list(getattr(cache, "layers", None) or [])
+        for index, layer in enumerate(layers):
+            if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
+                return f"cache layer {index} is a {type(layer).__name__}"
+        rotaries = [m for m in self.model.modules() if hasattr(m, "rope_type")]
+        rotaries += [module for module, _ in vars(self).get(_WHAT_IF_ROTARY, {}).values()]
+        for rotary in rotaries:
+            kinds = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
+            if any(kind in _LENGTH_DEPENDENT_ROPE for kind in kinds):
+                return f"{type(rotary).__name__} has rope type {rotary.rope_type!r} (frequencies from the length)"
+        windows = {i: int(layer.sliding_window) for i, layer in enumerate(layers)
+                   if isinstance(layer, DynamicSlidingWindowLayer)}
+        for edit in edits:
+            if not isinstance(edit, AttentionEdit):
+                continue  # RotaryEdit and ProjectionInputEdit act on each token alone
+            if not getattr(edit.fn, "prefill_chunks", True):
+                return f"{edit.fn!r} needs the whole prompt in one call"
+            if edit.layer in windows and n >= windows[edit.layer]:
+                return f"an attention edit on layer {edit.layer}, whose cache keeps {windows[edit.layer]} tokens"
+        return None
+
     def _greedy_last_query(
-        self, ids: Tensor, max_new_tokens: int, stop_ids: Sequence[int], edits: Sequence[Edit]
+        self, ids: Tensor, max_new_tokens: int, stop_ids: Sequence[int], edits: Sequence[Edit],
+        prefill_chunk: int | str | None = "auto",
     ) -> Tensor:
         """Greedy decoding under edits that scale only the *last* query (Yu et al.), equal to recomputing the whole
         sequence every step but KV-cached: "last" is defined on the whole sequence, so a token's states depend on
         whether it is the last one. The cache holds every token but the last as a non-last token (query unscaled,
         keys scaled); each step runs the last token twice on top of it, once as the last token (on a copy of the
         cache: its logits choose the next token) and once as a non-last token (appended for the later steps).
-        Two one-token passes per step instead of a pass over the whole sequence."""
+        Two one-token passes per step instead of a pass over the whole sequence. The prompt but its last token is
+        prefilled `prefill_chunk` tokens per pass (as `greedy`): its tokens are all non-last ones."""
         import copy
 
-        from transformers import DynamicCache
-
+        b, n = ids.shape
+        cache = self.new_kv_cache()
+        chunk = self._prefill_chunk(ids, edits, cache, prefill_chunk)
         settle = [dataclasses.replace(e, queries="none") if isinstance(e, ProjectionInputEdit) and e.queries == "last"
                   else e for e in edits]
-        b, n = ids.shape
-        cache = DynamicCache(config=self.model.config)
         stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
         new: list[Tensor] = []
 
@@ -698,8 +775,9 @@ class HFAccess(ModelAccess):
 
         last = ids[:, -1:]
         with torch.inference_mode():
-            if n > 1:
-                extend(ids[:, :-1], 0, cache)
+            step = chunk or max(1, n - 1)
+            for start in range(0, n - 1, step):
+                extend(ids[:, start:min(start + step, n - 1)], start, cache)
             for k in range(max_new_tokens):
                 position = n - 1 + k
                 nxt = last_logits(last, position, copy.deepcopy(cache)).argmax(-1, keepdim=True)

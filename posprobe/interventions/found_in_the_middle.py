@@ -132,6 +132,10 @@ class DocumentCalibration:
     rows [b, H, n_keys] of query q_start (the answer-predicting query) whenever a pass computes that query.
     """
 
+    # a call must reach the end of the documents (a shorter one is refused as another prompt), so KV-cached greedy
+    # decoding prefills the prompt in one pass, never in chunks (HFAccess._prefill_blocker)
+    prefill_chunks = False
+
     def __init__(self, layer: int, member: Tensor, bias: Tensor, q_start: int, temperature: float,
                  relative: bool = True, granularity: str = "head") -> None:
         self.layer, self.member, self.bias, self.q_start = layer, member, bias, q_start

@@ -102,12 +102,12 @@ def _cut(row: list[int], stop: set[int]) -> list[int]:
 
 
 def _generate(access: Any, prompts: Sequence[Prompt], max_new_tokens: int, stop: list[int],
-              per_batch: Callable[[list[Prompt]], Any]) -> list[list[int]]:
+              per_batch: Callable[[list[Prompt]], Any], prefill: dict[str, Any]) -> list[list[int]]:
     import torch
 
     ids = torch.tensor([p.input_ids for p in prompts], dtype=torch.long)
     with per_batch(list(prompts)):
-        new = access.greedy(ids, max_new_tokens, stop_ids=stop)
+        new = access.greedy(ids, max_new_tokens, stop_ids=stop, **prefill)
     stop_set = set(stop)
     return [_cut([int(t) for t in row], stop_set) for row in new.tolist()]
 
@@ -139,6 +139,7 @@ def evaluate_positions(
     max_new_tokens: int | None = None,
     progress: bool | None = None,
     tokenizer: Any = None,
+    prefill_chunk: int | str | None = "auto",
 ) -> pd.DataFrame:
     """Accuracy of `task` per gold position (the behavioural U-curve of Liu et al. 2023), with Wilson 95% intervals.
 
@@ -164,6 +165,11 @@ def evaluate_positions(
     (n_items, gold_position): `task, n_items, gold_position, relative_position, n, n_correct, n_errors, accuracy,
     ci_low, ci_high` (accuracy over the trials that ran; `n` counts them; trials the model could not run are in
     `n_errors`).
+    prefill_chunk: prompt tokens per prefill pass of the KV-cached greedy call (`HFAccess.greedy`). "auto"
+    (default): one pass unless one layer's attention scores over the prompt would exceed the memory budget
+    (`posprobe.devices.prefill_chunk_size`), then chunks that fit; None: one pass; an int: chunks of that size.
+    Answers equal one pass (to float rounding); what changes is the prefill's peak memory (README, "passkey at
+    full context"). Another backend's greedy takes "auto" only.
     `table.attrs` holds provenance and speed (`tokens_per_second`, `prompt_tokens`, `generated_tokens`,
     `seconds`, `n_errors`, `model`, `seed`, `task_config`, `intervention`: the spec's settings, what they resolved
     to and its calibrations) and `trials`: per-trial records
@@ -184,6 +190,7 @@ def evaluate_positions(
         raise InputError(f"batch_size must be a positive integer (rows per greedy call) or None (one batch per "
                          f"trial); got {batch_size!r}.")
     steps = max_new_tokens or task_obj.max_new_tokens
+    prefill = _prefill_keywords(access, prefill_chunk)
     stop = _stop_ids(access, task_obj)
     plan = [(size, _positions(size, gold_positions)) for size in sizes]
     total = sum(n_trials * len(positions) for _, positions in plan)
@@ -212,7 +219,7 @@ def evaluate_positions(
             for indices in _batches([prompt for _, _, prompt in unit], rows_per_call):
                 t0 = time.time()
                 outputs.update(zip(indices, _generate_or_errors(access, [unit[i][2] for i in indices], steps, stop,
-                                                                per_batch)))
+                                                                per_batch, prefill)))
                 gen_seconds += time.time() - t0
                 bar.update(len(indices))
             for index, (size, trial, prompt) in enumerate(unit):
@@ -242,6 +249,7 @@ def evaluate_positions(
         "seed": seed,
         "n_trials": n_trials,
         "max_new_tokens": steps,
+        "prefill_chunk": prefill_chunk,
         "intervention": spec.describe(access) if spec is not None else _describe(intervention),
         "prompt_tokens": prompt_tokens,
         "generated_tokens": generated_tokens,
@@ -280,20 +288,43 @@ def trial_errors() -> tuple[type[BaseException], ...]:
     return ContextLengthError, torch.OutOfMemoryError, MemoryError
 
 
+def _prefill_keywords(access: Any, prefill_chunk: Any) -> dict[str, Any]:
+    """The `prefill_chunk` keyword for `access.greedy`: none for "auto" (any access's greedy runs as it chooses);
+    a chosen value only for a greedy that takes it (the HF adapter's, or a wrapper passing **kwargs on), else the
+    InputError saying so."""
+    import inspect
+
+    from posprobe.devices import check_prefill_chunk
+
+    if check_prefill_chunk(prefill_chunk) == "auto":
+        return {}
+    try:
+        params = inspect.signature(access.greedy).parameters
+        takes = "prefill_chunk" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    except (TypeError, ValueError):  # pragma: no cover - a builtin greedy
+        takes = False
+    if not takes:
+        raise InputError(f"prefill_chunk={prefill_chunk!r} was given, but this access's greedy ("
+                         f"{type(access).__name__}, backend {getattr(access, 'backend', '?')!r}) does not prefill a "
+                         f"KV cache in chunks. Leave prefill_chunk='auto', or use backend='hf'.")
+    return {"prefill_chunk": prefill_chunk}
+
+
 def _generate_or_errors(access: Any, batch: list[Prompt], steps: int, stop: list[int],
-                        per_batch: Callable[[list[Prompt]], Any]) -> list[tuple[list[int], str | None]]:
+                        per_batch: Callable[[list[Prompt]], Any],
+                        prefill: dict[str, Any]) -> list[tuple[list[int], str | None]]:
     """Generate a batch; if running it fails (see `trial_errors`), retry row by row so one prompt that is too long
     or too big costs only its own trial."""
     recorded = trial_errors()
     try:
-        return [(row, None) for row in _generate(access, batch, steps, stop, per_batch)]
+        return [(row, None) for row in _generate(access, batch, steps, stop, per_batch, prefill)]
     except recorded as exc:
         if len(batch) == 1:
             return [([], f"{type(exc).__name__}: {exc}")]
     out: list[tuple[list[int], str | None]] = []
     for prompt in batch:
         try:
-            out.append((_generate(access, [prompt], steps, stop, per_batch)[0], None))
+            out.append((_generate(access, [prompt], steps, stop, per_batch, prefill)[0], None))
         except recorded as exc:
             out.append(([], f"{type(exc).__name__}: {exc}"))
     return out

@@ -159,9 +159,11 @@ class AttentionBuckets(RopeParameters):
                     outs.append(original(input_ids, position_ids, taps, on_layer, logit_positions, edits, **extra))
             return combine_passes(torch.stack(outs), spec_self.combine)
 
-        def greedy(input_ids: Any, max_new_tokens: int, *, stop_ids: Any = (), edits: Any = ()) -> Tensor:
+        def greedy(input_ids: Any, max_new_tokens: int, *, stop_ids: Any = (), edits: Any = (),
+                   prefill_chunk: Any = "auto") -> Tensor:
             spec_self._refuse_rescaling(access)
-            return _lockstep_greedy(access, passes, spec_self.combine, input_ids, max_new_tokens, stop_ids, edits)
+            return _lockstep_greedy(access, passes, spec_self.combine, input_ids, max_new_tokens, stop_ids, edits,
+                                    prefill_chunk)
 
         original_info = access.info
         vars(access)["_forward"] = forward
@@ -187,13 +189,17 @@ class AttentionBuckets(RopeParameters):
 
 
 def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_ids: Any, max_new_tokens: int,
-                     stop_ids: Any, edits: Any) -> Tensor:
+                     stop_ids: Any, edits: Any, prefill_chunk: Any = "auto") -> Tensor:
     """Greedy decoding from the combined distribution: each pass keeps its own KV cache, every step runs each pass
-    on the new token under its base and picks the argmax of the combined logits. Edits that scale only the last
-    query (positional_dimension) define a token's states by whether it is last: the prefix is recomputed instead."""
+    on the new token under its base and picks the argmax of the combined logits. Each pass prefills the prompt in
+    chunks as `HFAccess.greedy` does (`prefill_chunk`; the passes' RoPE differs from the model's by its base only,
+    so whether chunks apply is decided once, on the model). Edits that scale only the last query
+    (positional_dimension) define a token's states by whether it is last: the prefix is recomputed instead."""
     from posprobe.access import ProjectionInputEdit
     from posprobe.adapters._compat import cache_kwargs
+    from posprobe.devices import check_prefill_chunk
 
+    check_prefill_chunk(prefill_chunk)
     all_edits = [*access._edits, *edits]
     if any(isinstance(e, ProjectionInputEdit) and e.queries == "last" for e in all_edits):
         return ModelAccess.greedy(access, input_ids, max_new_tokens, stop_ids=stop_ids, edits=edits)
@@ -201,18 +207,22 @@ def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_i
     access._validate_edits(all_edits)
     model = access.model
     caches = [access.new_kv_cache() for _ in passes]
+    chunk = access._prefill_chunk(ids, all_edits, caches[0], prefill_chunk)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     step_ids = ids
     pos = torch.arange(ids.shape[1], device=ids.device)[None].expand(ids.shape[0], -1)
     new: list[Tensor] = []
     with torch.inference_mode():
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             outs = []
             for spec, cache in zip(passes, caches):
                 with spec.applied(access), access._session(pos, frozenset(), None, all_edits):
-                    out = model(input_ids=step_ids, position_ids=pos, **cache_kwargs(model, cache), use_cache=True,
-                                logits_to_keep=1)
-                outs.append(out.logits[:, -1])
+                    if step == 0:
+                        logits = access._prefill(ids, cache, chunk)
+                    else:
+                        logits = model(input_ids=step_ids, position_ids=pos, **cache_kwargs(model, cache),
+                                       use_cache=True, logits_to_keep=1).logits[:, -1]
+                outs.append(logits)
             nxt = combine_passes(torch.stack(outs), combine).argmax(-1, keepdim=True)
             new.append(nxt)
             if len(stop) and bool(torch.isin(nxt, stop).all()):

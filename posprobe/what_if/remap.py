@@ -121,6 +121,12 @@ class _EditFunction:
         """Query rows per chunk (the HF adapter computes the layer's attention that many queries at a time)."""
         return max(1, SCORE_CHUNK_BYTES // (BYTES_PER_PAIR * batch * heads * max(n_keys, 1)))
 
+    @property
+    def prefill_chunks(self) -> bool:
+        """Whether greedy decoding may prefill the prompt in chunks (HFAccess.greedy) with the values of one pass:
+        every method but Ms-PoE's outlier order, which ranks the heads by the call's last query (a chunk's last)."""
+        return not (isinstance(self.spec, MsPoE) and self.spec.order == "outlier")
+
     def __repr__(self) -> str:
         return f"{self.spec} on layer {self.layer}"
 
