@@ -168,8 +168,8 @@ def evaluate_positions(
     prefill_chunk: prompt tokens per prefill pass of the KV-cached greedy call (`HFAccess.greedy`). "auto"
     (default): one pass unless one layer's attention scores over the prompt would exceed the memory budget
     (`posprobe.devices.prefill_chunk_size`), then chunks that fit; None: one pass; an int: chunks of that size.
-    Answers equal one pass (to float rounding); what changes is the prefill's peak memory (README, "passkey at
-    full context"). Another backend's greedy takes "auto" only.
+    Answers equal one pass (to float rounding); what changes is the prefill's peak memory (docs/hardware.md,
+    "Memory of greedy decoding"). Another backend's greedy takes "auto" only.
     `table.attrs` holds provenance and speed (`tokens_per_second`, `prompt_tokens`, `generated_tokens`,
     `seconds`, `n_errors`, `model`, `seed`, `task_config`, `intervention`: the spec's settings, what they resolved
     to and its calibrations) and `trials`: per-trial records
