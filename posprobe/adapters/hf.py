@@ -626,12 +626,26 @@ class HFAccess(ModelAccess):
             )
             return out.logits
 
-    def new_kv_cache(self) -> Any:
+    def new_kv_cache(self, edits: Sequence[Edit] = ()) -> Any:
         """An empty decoder KV cache for this model (what `greedy` uses; what-ifs that decode several passes in
-        lockstep keep one each)."""
-        from transformers import DynamicCache
+        lockstep keep one each).
 
-        return DynamicCache(config=self.model.config)
+        transformers' cache keeps only the last window of keys on a sliding-window layer, so a decoding step's key
+        0 is then not the prompt's first token. Attention edits index keys from the first token (sinks, spans,
+        grouped positions), so where an `AttentionEdit` acts on a sliding-window layer the cache keeps every key
+        of every layer instead (the model's mask still applies the window): more memory (a full-length K / V on
+        those layers), the values of a pass over the whole sequence. Only for caches of plain attention layers;
+        another layer kind keeps the model's cache."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+        cache = DynamicCache(config=self.model.config)
+        layers = list(getattr(cache, "layers", None) or [])
+        edited = {e.layer for e in edits if isinstance(e, AttentionEdit)}
+        trimmed = {i for i, layer in enumerate(layers) if isinstance(layer, DynamicSlidingWindowLayer)}
+        if edited & trimmed and all(type(layer) in (DynamicLayer, DynamicSlidingWindowLayer) for layer in layers):
+            return DynamicCache()  # lazily made full layers: keys from the first token on every layer
+        return cache
 
     def greedy(
         self, input_ids: Any, max_new_tokens: int, *, stop_ids: Sequence[int] = (), edits: Sequence[Edit] = (),
@@ -656,7 +670,7 @@ class HFAccess(ModelAccess):
             return ids.new_zeros(b, 0)
         if any(isinstance(e, ProjectionInputEdit) and e.queries == "last" for e in all_edits):
             return self._greedy_last_query(ids, max_new_tokens, stop_ids, all_edits, prefill_chunk)
-        cache = self.new_kv_cache()
+        cache = self.new_kv_cache(all_edits)
         chunk = self._prefill_chunk(ids, all_edits, cache, prefill_chunk)
         new: list[Tensor] = []
         pos = torch.arange(n, device=ids.device)[None].expand(b, -1)
@@ -749,7 +763,7 @@ class HFAccess(ModelAccess):
         import copy
 
         b, n = ids.shape
-        cache = self.new_kv_cache()
+        cache = self.new_kv_cache(edits)
         chunk = self._prefill_chunk(ids, edits, cache, prefill_chunk)
         settle = [dataclasses.replace(e, queries="none") if isinstance(e, ProjectionInputEdit) and e.queries == "last"
                   else e for e in edits]

@@ -206,7 +206,7 @@ def _lockstep_greedy(access: Any, passes: list[RopeTheta], combine: str, input_i
     ids = access._check_ids(input_ids)
     access._validate_edits(all_edits)
     model = access.model
-    caches = [access.new_kv_cache() for _ in passes]
+    caches = [access.new_kv_cache(all_edits) for _ in passes]
     chunk = access._prefill_chunk(ids, all_edits, caches[0], prefill_chunk)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=ids.device)
     step_ids = ids

@@ -197,10 +197,21 @@ def test_ms_poe_outlier_order_stays_in_one_pass(llama, ids):
         _assert_one_pass(llama, ids)
 
 
-def test_attention_edit_on_a_sliding_layer_stays_in_one_pass(gemma3, ids):
-    """Layer 0's cache keeps 7 tokens (window 8): later chunks' keys would not start at the first token."""
-    with MaskHeads(heads=[(0, 1)]).applied(gemma3):
-        _assert_one_pass(gemma3, ids)
+@pytest.mark.parametrize("spec", [MaskHeads(heads=[(0, 1)]), StreamingLLM(n_sink=2, window=6, layers="0:"),
+                                  SelfExtend(group=2, window=4, layers="0:")], ids=lambda s: type(s).__name__)
+def test_attention_edits_on_a_sliding_layer_keep_every_key(gemma3, ids, spec):
+    """transformers' cache keeps only the last 7 keys of layer 0 (window 8), while edits index keys from the first
+    token: with an attention edit on a sliding layer the cache keeps every key (`new_kv_cache`), so decoding, in
+    one prefill pass or in chunks, equals a pass over the whole sequence (the trimmed cache did not: sinks and
+    grouped positions were read from the wrong keys)."""
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    assert any(isinstance(layer, DynamicSlidingWindowLayer) for layer in gemma3.new_kv_cache().layers)
+    with spec.applied(gemma3):
+        cache = gemma3.new_kv_cache(gemma3._edits)
+        assert not any(isinstance(layer, DynamicSlidingWindowLayer) for layer in cache.layers)
+        one = _assert_chunked_equals_one_pass(gemma3, ids)
+        _assert_recomputed(gemma3, ids, one)
     assert gemma3._prefill_blocker(7, gemma3._edits, gemma3.new_kv_cache()) is None  # shorter than the window
 
 
