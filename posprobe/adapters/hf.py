@@ -119,17 +119,26 @@ class AttentionCall:
         q = self.q[:, :, query_index - self.q_offset]
         k = self.k[:, :, start:stop]
         dtype = torch.promote_types(q.dtype, torch.float32)
-        s = grouped_matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * self.scale  # GQA without expand_kv
+        s = grouped_matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)).mul_(self.scale)  # GQA without expand_kv
         if self.softcap is not None:
             s = torch.tanh(s / self.softcap) * self.softcap
         if self.mask is None:
             allowed = causal_key_mask(query_index, stop, self.sliding_window, key_start=start)
-            return s.masked_fill(~allowed, float("-inf"))
+            return s.masked_fill_(~allowed, float("-inf"))
         m = self.mask[..., query_index - self.q_offset, start:stop]
         if m.dtype == torch.bool:
-            return s.masked_fill(~m, float("-inf"))
+            return s.masked_fill_(~m, float("-inf"))
         blocked = m <= torch.finfo(m.dtype).min / 2  # eager masks write finfo(dtype).min where a key is not allowed
         return torch.where(blocked, float("-inf"), s + m.to(dtype))
+
+    def blocks_keys_from(self, query_index: Tensor, stop: int) -> bool:
+        """Whether no query of `query_index` may see a key at `stop` or later (True without a mask: causal)."""
+        if self.mask is None or stop >= self.n_keys:
+            return True
+        m = self.mask[..., query_index - self.q_offset, stop:]
+        if m.dtype == torch.bool:
+            return not bool(m.any())
+        return bool((m <= torch.finfo(m.dtype).min / 2).all())
 
     def softmax(self, scores: Tensor) -> Tensor:
         """Probabilities over the keys; with learned sinks, the sink column joins the softmax and is dropped (rows
@@ -297,9 +306,22 @@ def _edited_attention(
     ctx = EditContext(layer=layer, query_index=query_index, n_keys=n_keys, position_ids=state.position_ids,
                       query=call.q, key=call.k, scale=call.scale, softcap=call.softcap)
 
-    def edited_probs(index: Tensor) -> Tensor:
-        at = ctx if index is query_index else dataclasses.replace(ctx, query_index=index)
-        scores = call.masked_scores(index, 0, n_keys)
+    def prefix_probs(index: Tensor) -> tuple[Tensor, int]:
+        """The edited probabilities of queries `index` over keys [0, stop) and stop: with `prefix`, only the keys
+        up to the last of these queries (causal: the rest are exactly 0), computed as a call over that prefix
+        (what a chunk of a chunked prefill is); else every key."""
+        stop = min(n_keys, int(index.max()) + 1) if prefix else n_keys
+        if stop < n_keys and not call.blocks_keys_from(index, stop):
+            stop = n_keys  # a mask that lets a query see later keys (prefix-LM): the whole row
+        if stop == n_keys:
+            at = ctx if index is query_index else dataclasses.replace(ctx, query_index=index)
+        else:
+            pos = ctx.position_ids
+            at = dataclasses.replace(ctx, query_index=index, n_keys=stop, query=call.q[:, :, :stop - call.q_offset],
+                                     key=call.k[:, :, :stop],
+                                     position_ids=pos[..., :stop] if pos is not None and pos.shape[-1] == n_keys
+                                     else None)
+        scores = call.masked_scores(index, 0, stop)
         for edit in edits:
             if edit.stage == "scores":
                 scores = edit.fn(scores, at)
@@ -307,12 +329,22 @@ def _edited_attention(
         for edit in edits:
             if edit.stage == "probs":
                 probs = edit.fn(probs, at)
-        return probs
+        return probs, stop
+
+    def edited_probs(index: Tensor) -> Tensor:
+        probs, stop = prefix_probs(index)
+        return probs if stop == n_keys else torch.nn.functional.pad(probs, (0, n_keys - stop))
+
+    def chunk_output(index: Tensor) -> Tensor:
+        probs, stop = prefix_probs(index)
+        return torch.matmul(probs.to(v.dtype), v[:, :, :stop])
 
     rows = _query_chunk(edits, call)
+    # Query chunks may stop at their last query's key when every edit gives a chunked prefill's values (the
+    # `prefill_chunks` contract: queries a suffix of the keys): O(rows x stop), about half the work of full rows.
+    prefix = rows is not None and all(getattr(edit.fn, "prefill_chunks", True) for edit in edits)
     if rows is not None and rows < len(query_index):  # every edit works on query chunks: O(rows x n) memory
-        out = torch.cat([torch.matmul(edited_probs(index).to(v.dtype), v) for index in query_index.split(rows)],
-                        dim=2)
+        out = torch.cat([chunk_output(index) for index in query_index.split(rows)], dim=2)
         if state.taps & _ATTENTION_TAPS and call.q_offset == 0:  # recomputed for the queries a probe reads
             state.capture(layer).pattern_source = edited_probs
         return out.transpose(1, 2).contiguous(), None

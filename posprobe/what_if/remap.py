@@ -84,7 +84,10 @@ class PairwiseAttention(WhatIf):
         pos_q = pos_k[:, ctx.query_index]
         plan = self.plan(access, ctx, pos_q, pos_k)
         out = scores
-        if plan.remap is not None:
+        span = None if plan.remap is None else _remapped_keys(plan.remap, scores.shape[-1])
+        if plan.remap is not None and span is not None:
+            # only the keys [lo, hi) where some pair is remapped are recomputed (STRING: the far keys of a chunk)
+            lo, hi = span
             inv_freq = current_inv_freq(access, ctx.layer).to(q.device)
             offset = rotary_offset(access, ctx.layer)
             qb = q.to(scores.dtype)
@@ -94,15 +97,17 @@ class PairwiseAttention(WhatIf):
                 qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
             if plan.q_scale is not None:
                 qb = qb * plan.q_scale[..., None].to(qb.dtype)
-            kb = expand_kv(key, n_heads).to(scores.dtype)
+            kb = expand_kv(key[:, :, lo:hi], n_heads).to(scores.dtype)
             if plan.delta_k is not None:
-                kb = rotate(kb, _heads(plan.delta_k, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
+                delta_k = _heads(plan.delta_k, q.shape[0])[..., lo:hi]
+                kb = rotate(kb, delta_k[..., None].to(scores.dtype) * inv_freq, offset)
             scale = ctx.scale if ctx.scale is not None else access.info.attn_scale
-            remapped = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+            remapped = torch.matmul(qb, kb.transpose(-1, -2)).mul_(scale)
             if ctx.softcap is not None:
                 remapped = torch.tanh(remapped / ctx.softcap) * ctx.softcap
-            allowed = scores > float("-inf")
-            out = torch.where(plan.remap & allowed, remapped, scores)
+            part = scores[..., lo:hi]  # edited in place (the adapter hands each call fresh logits)
+            remap = plan.remap[..., lo:hi] if plan.remap.shape[-1] > 1 else plan.remap
+            part.copy_(torch.where(remap & (part > float("-inf")), remapped, part))
         if plan.keep is not None:
             out = out.masked_fill(~plan.keep, float("-inf"))
         return out
@@ -146,6 +151,15 @@ def _key_positions(ctx: EditContext, batch: int, device: torch.device) -> Tensor
     if pos is not None and pos.shape[-1] == ctx.n_keys:
         return pos.to(device).expand(batch, -1)
     return torch.arange(ctx.n_keys, device=device)[None].expand(batch, -1)
+
+
+def _remapped_keys(remap: Tensor, n_keys: int) -> tuple[int, int] | None:
+    """[lo, hi): the keys that some (query, head) pair of `remap` (bool, broadcasting to [b, H, cq, nk]) remaps;
+    None when it remaps none."""
+    if remap.shape[-1] == 1:
+        return (0, n_keys) if bool(remap.any()) else None
+    columns = torch.nonzero(remap.flatten(0, -2).any(0))[:, 0]
+    return (int(columns[0]), int(columns[-1]) + 1) if len(columns) else None
 
 
 def _heads(x: Tensor, batch: int) -> Tensor:

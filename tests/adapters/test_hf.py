@@ -200,3 +200,26 @@ def test_model_info_of_old_scans_still_loads(tiny_rope):
     assert info.family is None and info.layers[0].rotary_offset == 0 and info.layers[0].alibi_slopes is None
     future = tiny_rope.info.to_dict() | {"a_field_of_the_future": 1}
     assert ModelInfo.from_dict(future) == tiny_rope.info
+
+
+def test_an_attention_call_knows_when_a_mask_lets_queries_see_later_keys() -> None:
+    """The edited path stops a query chunk at its last query's key only where no query sees a later key."""
+    from posprobe.adapters.hf import AttentionCall
+
+    n = 6
+    q, k = torch.zeros(1, 2, n, 4), torch.zeros(1, 1, n, 4)
+    causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+    prefix_lm = causal.clone()
+    prefix_lm[..., :3, :3] = True  # the first 3 tokens see each other (bidirectional prefix)
+    rows = torch.tensor([0, 1])
+
+    def call(mask: torch.Tensor | None) -> AttentionCall:
+        return AttentionCall(q=q, k=k, mask=mask, scale=1.0, softcap=None, sliding_window=None, sinks=None)
+
+    assert call(None).blocks_keys_from(rows, 2)
+    assert call(causal).blocks_keys_from(rows, 2)
+    assert not call(prefix_lm).blocks_keys_from(rows, 2)
+    assert call(prefix_lm).blocks_keys_from(rows, 3)
+    additive = torch.zeros(1, 1, n, n).masked_fill(~prefix_lm, torch.finfo(torch.float32).min)
+    assert not call(additive).blocks_keys_from(rows, 2)
+    assert call(additive).blocks_keys_from(torch.tensor([3, 4]), 5)
