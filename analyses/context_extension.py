@@ -124,6 +124,8 @@ def methods(native: int) -> dict[str, Any]:
         "dynamic": DynamicNTK(factor=FACTOR),
         "yarn": YaRN(factor=FACTOR),
         "string": STRING(window=min(128, native // 8)),
+        # not the paper's: the shift sized so that every distance at 2x maps inside the window (2L - 1 - S + W < L)
+        "string_fit": STRING(shift=native + min(128, native // 8), window=min(128, native // 8)),
         "self_extend": SelfExtend(group=4, window=native // 4),
         "streaming_llm": StreamingLLM(n_sink=4),
         "lm_infinite": LMInfinite(n_global=10),
