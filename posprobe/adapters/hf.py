@@ -83,6 +83,12 @@ def _register_attention() -> None:
     _registered = True
 
 
+def _mask_allows(mask: Tensor) -> Tensor:
+    """Where a model's attention mask lets a query see a key: a boolean mask as it is; an additive one wherever it
+    is not the blocking value (eager masks write finfo(dtype).min where a key is not allowed)."""
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
 @dataclass
 class AttentionCall:
     """One call of a layer's attention kernel, as the model made it: everything its logits depend on.
@@ -128,17 +134,13 @@ class AttentionCall:
         m = self.mask[..., query_index - self.q_offset, start:stop]
         if m.dtype == torch.bool:
             return s.masked_fill_(~m, float("-inf"))
-        blocked = m <= torch.finfo(m.dtype).min / 2  # eager masks write finfo(dtype).min where a key is not allowed
-        return torch.where(blocked, float("-inf"), s + m.to(dtype))
+        return torch.where(~_mask_allows(m), float("-inf"), s + m.to(dtype))
 
     def blocks_keys_from(self, query_index: Tensor, stop: int) -> bool:
         """Whether no query of `query_index` may see a key at `stop` or later (True without a mask: causal)."""
         if self.mask is None or stop >= self.n_keys:
             return True
-        m = self.mask[..., query_index - self.q_offset, stop:]
-        if m.dtype == torch.bool:
-            return not bool(m.any())
-        return bool((m <= torch.finfo(m.dtype).min / 2).all())
+        return not bool(_mask_allows(self.mask[..., query_index - self.q_offset, stop:]).any())
 
     def softmax(self, scores: Tensor) -> Tensor:
         """Probabilities over the keys; with learned sinks, the sink column joins the softmax and is dropped (rows
