@@ -36,7 +36,8 @@ Variants:
   few thousand tokens (README: SmolLM2-135M at 16k under plain / yarn / ntk / dynamic / pi).
 
 Writes `accuracy.csv`, `accuracy_by_depth.csv`, `rescan.csv`, `summary.json` and `report.md` to --out (with
-`--loss`: `loss_by_position.csv`, `loss_by_band.csv`).
+`--loss`: `loss_by_position.csv`, `loss_by_band.csv`), each file atomically; the accuracy and rescan tables are
+rewritten after every method, so a long run stopped midway keeps the methods it finished.
 Command: `python analyses/context_extension.py --variant quick --out outputs/context_extension_quick`.
 """
 
@@ -53,6 +54,7 @@ import numpy as np
 import pandas as pd
 
 import posprobe
+from posprobe._io import write_text_atomic
 from posprobe.errors import InputError
 from posprobe.probes import Budget, get_probe
 from posprobe.tasks import get_task
@@ -113,6 +115,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=None, help="prompts per greedy call (default: all depths "
                         "in quick, 1 in full: one long prompt at a time)")
     return parser.parse_args()
+
+
+def save_csv(frame: pd.DataFrame, path: Path, index: bool = False) -> None:
+    """Write a table through a temporary sibling renamed into place (a stopped run never leaves half a file)."""
+    write_text_atomic(path, frame.to_csv(index=index))
+
+
+def depth_table(by_depth: pd.DataFrame) -> pd.DataFrame:
+    """The per-depth accuracy rows without the object columns that do not belong in a csv (per-trial lists)."""
+    return by_depth.drop(columns=[c for c in by_depth.columns if by_depth[c].dtype == object and c not in
+                                  ("task", "method", "intervention")], errors="ignore")
 
 
 def methods(native: int) -> dict[str, Any]:
@@ -272,7 +285,7 @@ def rescan(access: Any, specs: dict[str, Any], native: int, variant: str, n_text
              **summary(baseline, baseline, top), "seconds": time.perf_counter() - start}]
     print(f"  rescan plain @1x: {rows[0]['seconds']:.0f} s", flush=True)
     if partial is not None:
-        pd.DataFrame(rows).to_csv(partial, index=False)
+        save_csv(pd.DataFrame(rows), partial)
     for name, spec in specs.items():
         if isinstance(spec, AttentionBuckets):  # N passes are N models: no single set of heads to rescan
             print(f"  rescan skips {name}: it combines the outputs of {len(spec.passes())} passes; scan one with "
@@ -286,7 +299,7 @@ def rescan(access: Any, specs: dict[str, Any], native: int, variant: str, n_text
                      **summary(heads, baseline, top), "seconds": time.perf_counter() - start})
         print(f"  rescan {name} @2x: {rows[-1]['seconds']:.0f} s", flush=True)
         if partial is not None:
-            pd.DataFrame(rows).to_csv(partial, index=False)
+            save_csv(pd.DataFrame(rows), partial)
     return pd.DataFrame(rows)
 
 
@@ -375,11 +388,15 @@ def main() -> None:
             frames += evaluate(access, name, spec, lengths, args.trials, args.seed, args.depths,
                                args.batch_size or (None if args.variant == "quick" else 1), args.filler,
                                tuple(args.tasks))
+            if frames:  # rewritten after each method: a long run stopped midway keeps the methods it finished
+                done = pd.concat(frames, ignore_index=True)
+                save_csv(depth_table(done), out / "accuracy_by_depth.csv")
+                save_csv(pooled(done), out / "accuracy.csv")
     if losses:
         loss = pd.concat(losses, ignore_index=True)
-        loss.to_csv(out / "loss_by_position.csv", index=False)
+        save_csv(loss, out / "loss_by_position.csv")
         bands = loss_table(loss, native)
-        bands.to_csv(out / "loss_by_band.csv")
+        save_csv(bands, out / "loss_by_band.csv", index=True)
         print("next-token NLL by position band (nats):\n" + bands.to_markdown(floatfmt=".2f"), flush=True)
     by_depth = pd.concat(frames, ignore_index=True) if frames else None
     acc = pooled(by_depth) if by_depth is not None else None
@@ -391,13 +408,11 @@ def main() -> None:
                       partial=out / "rescan.csv")
     wall = time.perf_counter() - started
     if by_depth is not None and acc is not None:
-        by_depth.drop(columns=[c for c in by_depth.columns if by_depth[c].dtype == object and c not in
-                               ("task", "method", "intervention")],
-                      errors="ignore").to_csv(out / "accuracy_by_depth.csv", index=False)
-        acc.to_csv(out / "accuracy.csv", index=False)
+        save_csv(depth_table(by_depth), out / "accuracy_by_depth.csv")
+        save_csv(acc, out / "accuracy.csv")
     if scan is not None:
-        scan.to_csv(out / "rescan.csv", index=False)
-    (out / "summary.json").write_text(json.dumps({
+        save_csv(scan, out / "rescan.csv")
+    write_text_atomic(out / "summary.json", json.dumps({
         "variant": args.variant, "model": access.info.name, "native": native, "lengths": lengths,
         "filler": args.filler, "trials": args.trials, "seed": args.seed, "wall_seconds": wall,
         "rescan": None if scan is None else dict(zip(("texts", "queries", "trials"), rescan_sizes(args)),
@@ -408,7 +423,7 @@ def main() -> None:
     if acc is None and scan is None:
         return
     text = report(args, access, acc, by_depth, scan, wall)
-    (out / "report.md").write_text(text)
+    write_text_atomic(out / "report.md", text)
     print(text)
 
 

@@ -548,6 +548,11 @@ class RotaryEdit:
 
 Edit = AttentionEdit | ProjectionInputEdit | RotaryEdit
 
+# The attribute a what-if sets on an access while it swaps a layer's rotary embedding for its own (RoPE rescaling:
+# posprobe.what_if.rope_scaling): {layer: (rotary module, layer_type)}. The what-ifs write it; an adapter that needs
+# to know which rotaries a pass will use (chunked prefill refuses length-dependent ones) reads it. One name, here.
+ROTARY_OVERRIDES = "_posprobe_what_if_rotary"
+
 
 def validate_edits(info: ModelInfo, edits: Sequence[Edit]) -> None:
     """Raise `InterventionError` for an edit `info`'s model cannot honour exactly (nothing is applied half-way).

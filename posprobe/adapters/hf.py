@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from posprobe.access import (
+    ROTARY_OVERRIDES,
     AttentionEdit,
     Edit,
     EditContext,
@@ -65,7 +66,6 @@ _ROTARY_FUNCTIONS = ("apply_rotary_pos_emb", "apply_rotary_emb", "apply_rotary_p
                      "_apply_rotary_emb")  # module-level rotary functions of transformers' modeling files
 _registered = False
 _LENGTH_DEPENDENT_ROPE = frozenset({"dynamic", "longrope"})  # rope types whose frequencies follow the pass length
-_WHAT_IF_ROTARY = "_posprobe_what_if_rotary"  # = posprobe.what_if.base._ROTARY_OVERRIDES: {layer: (rotary, type)}
 
 
 def _register_attention() -> None:
@@ -767,7 +767,7 @@ class HFAccess(ModelAccess):
             if type(layer) not in (DynamicLayer, DynamicSlidingWindowLayer):
                 return f"cache layer {index} is a {type(layer).__name__}"
         rotaries = [m for m in self.model.modules() if hasattr(m, "rope_type")]
-        rotaries += [module for module, _ in vars(self).get(_WHAT_IF_ROTARY, {}).values()]
+        rotaries += [module for module, _ in vars(self).get(ROTARY_OVERRIDES, {}).values()]
         for rotary in rotaries:
             kinds = rotary.rope_type.values() if isinstance(rotary.rope_type, dict) else [rotary.rope_type]
             if any(kind in _LENGTH_DEPENDENT_ROPE for kind in kinds):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from posprobe.access import ChunkLayout, Edit, ModelAccess
+from posprobe.access import ROTARY_OVERRIDES, ChunkLayout, Edit, ModelAccess
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import (
     Intervention,
@@ -31,9 +31,6 @@ from posprobe.interventions.spec import (
     layer_range_of,
     register,
 )
-
-# Attribute set on the access while RoPE-rescaling what-ifs are applied: {layer: (rotary module, layer_type)}.
-_ROTARY_OVERRIDES = "_posprobe_what_if_rotary"
 
 
 def hf_parts(access: ModelAccess, what: str) -> tuple[nn.Module, nn.Module]:
@@ -87,7 +84,7 @@ def current_inv_freq(access: ModelAccess, layer: int) -> Tensor:
     (`inv_freq`, or `{layer_type}_inv_freq` for per-layer-type rotaries), read after the model has updated it for
     this pass (dynamic / longrope rotaries recompute it from the sequence length).
     """
-    override = vars(access).get(_ROTARY_OVERRIDES, {}).get(layer)
+    override = vars(access).get(ROTARY_OVERRIDES, {}).get(layer)
     if override is not None:
         module, layer_type = override
     else:
@@ -202,7 +199,7 @@ class WhatIf(Intervention):
         edits = self.layer_edits(access, layers)
         original_info = access.info
         handles: list[Any] = []
-        overrides_before = dict(vars(access).get(_ROTARY_OVERRIDES, {}))
+        overrides_before = dict(vars(access).get(ROTARY_OVERRIDES, {}))
         try:
             handles = self.install(access, layers)
             limit, current = self.context_limit(access), original_info.max_positions
@@ -216,9 +213,9 @@ class WhatIf(Intervention):
                 handle.remove()
             access.info = original_info
             if overrides_before:
-                vars(access)[_ROTARY_OVERRIDES] = overrides_before
+                vars(access)[ROTARY_OVERRIDES] = overrides_before
             else:
-                vars(access).pop(_ROTARY_OVERRIDES, None)
+                vars(access).pop(ROTARY_OVERRIDES, None)
 
 
 class PositionRecorder:

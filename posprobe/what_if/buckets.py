@@ -35,10 +35,10 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import Tensor
 
-from posprobe.access import ModelAccess
+from posprobe.access import ROTARY_OVERRIDES, ModelAccess
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import check_access, register
-from posprobe.what_if.base import _ROTARY_OVERRIDES, WhatIf, hf_parts, rotary_module, takes_layer_type
+from posprobe.what_if.base import WhatIf, hf_parts, rotary_module, takes_layer_type
 from posprobe.what_if.rope_scaling import RopeParameters, RopeTheta
 
 # The authors' tool-use bases for Llama 2 (theta 10000), as ratios of the model's theta (their inference config).
@@ -181,7 +181,7 @@ class AttentionBuckets(RopeParameters):
 
     @staticmethod
     def _refuse_rescaling(access: ModelAccess) -> None:
-        if vars(access).get(_ROTARY_OVERRIDES):
+        if vars(access).get(ROTARY_OVERRIDES):
             raise InterventionError(
                 "buckets: a RoPE rescaling what-if (pi, ntk, yarn, ...) is applied to this access too; each bucket "
                 "pass sets its own RoPE base, which would silently replace it. Attention Buckets is defined on "

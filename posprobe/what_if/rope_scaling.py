@@ -34,11 +34,10 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from torch import nn
 
-from posprobe.access import ModelAccess
+from posprobe.access import ROTARY_OVERRIDES, ModelAccess
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import register
 from posprobe.what_if.base import (
-    _ROTARY_OVERRIDES,
     PositionRecorder,
     WhatIf,
     hf_parts,
@@ -128,7 +127,7 @@ class RopeParameters(WhatIf):
             scaled = scaled.to(device)
         recorder = PositionRecorder(rotary)
         handles: list[Any] = [recorder]
-        overrides = vars(access).setdefault(_ROTARY_OVERRIDES, {})
+        overrides = vars(access).setdefault(ROTARY_OVERRIDES, {})
         for layer in layers:
             layer_type = layer_type_of(access, layer, rotary)
             overrides[layer] = (scaled, layer_type)

@@ -23,7 +23,6 @@ from posprobe.interventions.disable_rope import DisableRope
 from posprobe.interventions.mask_heads import MaskHeads
 from posprobe.models import byte_tokenizer
 from posprobe.what_if import DynamicNTK, MsPoE, SelfExtend, StreamingLLM, YaRN
-from posprobe.what_if.base import _ROTARY_OVERRIDES
 
 N, CHUNK, STEPS = 40, 5, 6
 
@@ -236,10 +235,6 @@ def test_length_dependent_rope_stays_in_one_pass(ids, monkeypatch):
         forced = _decode(access, ids, prefill_chunk=CHUNK)
         assert forced[2][0] == CHUNK
         assert float((forced[1][0] - one[1][0]).abs().max()) > 1e-4
-
-
-def test_what_if_rotary_attribute_is_the_one_what_ifs_set():
-    assert hf._WHAT_IF_ROTARY == _ROTARY_OVERRIDES
 
 
 def test_prefill_chunk_is_checked(llama, ids):
