@@ -212,6 +212,22 @@ def test_masks_put_exact_zeros_where_masked(access, tokens, spec):
         torch.testing.assert_close(probs.sum(-1), torch.ones_like(probs.sum(-1)))
 
 
+@pytest.mark.parametrize("spec", [LogNTemperature(), StreamingLLM(), LMInfinite()], ids=lambda s: s.name)
+def test_extension_only_methods_change_nothing_within_the_native_window(access, model, tokens, spec):
+    """With their default sizes (window / cache / cap of the native length; log-n from the native length on), these
+    methods act only past the window: a prompt of exactly NATIVE tokens gets the plain model's logits. That is why
+    the README's context-extension passkey table gives them plain RoPE's 1x row instead of running it again; the
+    same spec 8 tokens past the window does change them (so the check can fail)."""
+    inside = tokens[:, :NATIVE]
+    plain = naive_logits(model, inside, lambda n: _dist(n)[None], _all)
+    with spec.applied(access):
+        got = access.run(inside, logits="all").logits
+        past = access.run(tokens[:, :NATIVE + 8], logits="all").logits
+    torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+    plain_past = naive_logits(model, tokens[:, :NATIVE + 8], lambda n: _dist(n)[None], _all)
+    assert (past[:, NATIVE:] - plain_past[:, NATIVE:]).abs().max() > 2e-4
+
+
 def test_composes_with_a_rope_rescaling_what_if(access, model, tokens):
     """Self-Extend on top of PI x2 rotates with PI's frequencies (current_inv_freq follows the override)."""
     G, W = 4, 8
