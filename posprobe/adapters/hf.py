@@ -573,7 +573,7 @@ class HFAccess(ModelAccess):
                     if record and isinstance(out, tuple) and len(out) == 2:
                         cap = state.capture(layer)
                         pre: tuple[Any, ...] = (args[0], args[1])
-                        if _original.__name__ == "apply_rotary_pos_emb_interleave":  # it first reorders the pairs
+                        if getattr(_original, "__name__", "") == "apply_rotary_pos_emb_interleave":
                             pre = tuple(_deinterleave(x) for x in pre)  # (2k, 2k+1) -> (k, k + r/2), as it does
                         if outside:
                             cap.q, cap.k = out
