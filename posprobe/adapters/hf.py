@@ -559,7 +559,12 @@ class HFAccess(ModelAccess):
                 if not callable(original):
                     continue
 
-                def wrapped(*args: Any, _original: Any = original, **kwargs: Any) -> Any:
+                # Which variant this is comes from the modeling module's attribute name, not the callable's
+                # __name__: `kernels` replaces these functions with nn.Module wrappers (no __name__, or another).
+                interleaved = fname == "apply_rotary_pos_emb_interleave"
+
+                def wrapped(*args: Any, _original: Any = original, _interleaved: bool = interleaved,
+                            **kwargs: Any) -> Any:
                     state.rotary_depth += 1
                     try:
                         out = _original(*args, **kwargs)
@@ -573,7 +578,7 @@ class HFAccess(ModelAccess):
                     if record and isinstance(out, tuple) and len(out) == 2:
                         cap = state.capture(layer)
                         pre: tuple[Any, ...] = (args[0], args[1])
-                        if getattr(_original, "__name__", "") == "apply_rotary_pos_emb_interleave":
+                        if _interleaved:
                             pre = tuple(_deinterleave(x) for x in pre)  # (2k, 2k+1) -> (k, k + r/2), as it does
                         if outside:
                             cap.q, cap.k = out

@@ -182,6 +182,37 @@ def test_chunk_decomposition_is_exact(name):
         assert checked_layout, f"{name}: the interleaved layout was not checked against the rotation"
 
 
+class _KernelsLikeFunc(torch.nn.Module):
+    """What the `kernels` package puts in place of a modeling module's rotary function (kernels 0.19 with
+    transformers 5.25): an nn.Module that calls the original and has no `__name__`."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "llama", "gemma3_text"])
+def test_rotary_functions_wrapped_like_kernels_are_still_recognised(name, monkeypatch):
+    """The rotary wrapper tells the interleaved variant by the modeling module's attribute name, so a function
+    replaced by an nn.Module wrapper is still recorded and still de-interleaved (DeepSeek-V3 is interleaved: a
+    missed de-interleave fails the layout check of the decomposition test)."""
+    import sys
+
+    from posprobe.adapters.hf import _ROTARY_FUNCTIONS
+
+    access = family_access(name)
+    owner = sys.modules[type(access.attention_module(0)).__module__]
+    wrapped = [f for f in _ROTARY_FUNCTIONS if callable(getattr(owner, f, None))]
+    assert wrapped, f"{owner.__name__} has none of {_ROTARY_FUNCTIONS}"
+    for fname in wrapped:
+        monkeypatch.setattr(owner, fname, _KernelsLikeFunc(getattr(owner, fname)))
+    assert not hasattr(getattr(owner, wrapped[0]), "__name__")
+    test_chunk_decomposition_is_exact(name)
+
+
 def _budget():
     from posprobe.probes.base import get_budget
 
