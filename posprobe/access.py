@@ -517,11 +517,15 @@ class AttentionEdit:
     stage "scores": fn edits the masked pre-softmax logits [b, H, cq, nk] (masked = -inf) before softmax;
     stage "probs": fn edits the probabilities [b, H, cq, nk] after softmax (it should keep rows summing to 1).
     The layer is then computed in eager form from the edited probabilities.
+    stage "qk": fn((q, k), ctx) -> (q, k) edits the layer's post-rotary queries [b, H, nq, d] and keys
+    [b, G, nk, d] before the attention kernel (it may return keys with one head per query head, G = H); the layer
+    then runs through its own kernel (SDPA where the model uses it), so it costs what a plain pass does, and probes
+    read the pattern of the edited q/k. Only adapters listing "qk" in `attention_edit_stages` (HF) accept it.
     """
 
     layer: int
-    fn: Callable[[Tensor, EditContext], Tensor]
-    stage: Literal["scores", "probs"] = "probs"
+    fn: Callable[..., Any]
+    stage: Literal["scores", "probs", "qk"] = "probs"
 
 
 @dataclass(frozen=True)
@@ -554,7 +558,8 @@ Edit = AttentionEdit | ProjectionInputEdit | RotaryEdit
 ROTARY_OVERRIDES = "_posprobe_what_if_rotary"
 
 
-def validate_edits(info: ModelInfo, edits: Sequence[Edit]) -> None:
+def validate_edits(info: ModelInfo, edits: Sequence[Edit],
+                   stages: Sequence[str] = ("scores", "probs")) -> None:
     """Raise `InterventionError` for an edit `info`'s model cannot honour exactly (nothing is applied half-way).
 
     Checked: the edit type; the layer; AttentionEdit's stage, a callable fn and, when the fn declares `heads`
@@ -573,8 +578,12 @@ def validate_edits(info: ModelInfo, edits: Sequence[Edit]) -> None:
             raise InterventionError(f"Edit {kind} targets layer {layer!r}, but {info.name} has layers "
                                     f"0..{info.n_layers - 1}. Choose a layer in that range.")
         if isinstance(edit, AttentionEdit):
-            if edit.stage not in ("scores", "probs"):
-                raise InterventionError(f"AttentionEdit stage must be 'scores' or 'probs'; got {edit.stage!r}.")
+            if edit.stage not in stages:
+                known = edit.stage in ("scores", "probs", "qk")
+                raise InterventionError(
+                    f"AttentionEdit stage must be one of {', '.join(map(repr, stages))}"
+                    + (" on this backend ('qk' edits q/k inside the HF attention interface; use backend='hf')"
+                       if known else "") + f"; got {edit.stage!r}.")
             if not callable(edit.fn):
                 raise InterventionError(f"AttentionEdit fn must be a callable (tensor, EditContext) -> tensor; got "
                                         f"{type(edit.fn).__name__}.")
@@ -634,6 +643,8 @@ class ModelAccess(abc.ABC):
     backend: str = "abstract"
     # Adapters whose `_forward` accepts `attention_mask=` ([b, n], 1 = token, 0 = padding) set this.
     supports_attention_mask: bool = False
+    # The AttentionEdit stages the adapter applies ("qk" needs the rotated q/k before the kernel: HF).
+    attention_edit_stages: tuple[str, ...] = ("scores", "probs")
 
     def __init__(self) -> None:
         self._edits: list[Edit] = []
@@ -782,7 +793,7 @@ class ModelAccess(abc.ABC):
     def _validate_edits(self, edits: Sequence[Edit]) -> None:
         """Refuse edits that would match nothing or fail mid-pass: every adapter calls this where edits enter
         (`run`, `greedy`, `editing`), so an out-of-range layer, head or dimension raises before any work."""
-        validate_edits(self.info, edits)
+        validate_edits(self.info, edits, self.attention_edit_stages)
 
     # --- tokenizer helpers --------------------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = True) -> list[int]:

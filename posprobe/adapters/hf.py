@@ -215,17 +215,51 @@ def _additive_mask(mask: Tensor | None, query: Tensor, key: Tensor, window: int 
         ~mask, torch.finfo(query.dtype).min)
 
 
+class _OneKeyHeadPerQueryHead:
+    """The attention module as its kernel sees it after a "qk" edit gave every query head its own key / value head
+    (Ms-PoE rotates each head's keys differently): `num_key_value_groups` 1, so the kernel does not repeat them
+    again; every other attribute is the module's."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
 def _model_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None,
                      kwargs: dict[str, Any], eager: bool) -> tuple[Tensor, Any]:
     """The model's own attention output: SDPA, or the modeling module's eager function when the model ran eager
     or when SDPA cannot compute this attention (softcap, learned sinks)."""
+    kernel_module: Any = module
+    if key.shape[1] == query.shape[1] and getattr(module, "num_key_value_groups", 1) > 1:  # a "qk" edit's keys
+        value = expand_kv(value, query.shape[1])
+        kernel_module = _OneKeyHeadPerQueryHead(module)
     if eager or kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         if not eager:  # SDPA-format mask handed to an eager function
             mask = _additive_mask(mask, query, key, kwargs.get("sliding_window"))
-        return _eager_function(module)(module, query, key, value, mask, **kwargs)
+        return _eager_function(module)(kernel_module, query, key, value, mask, **kwargs)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+    return sdpa_attention_forward(kernel_module, query, key, value, mask, **kwargs)
+
+
+def _edit_query_key(query: Tensor, key: Tensor, layer: int, edits: list[AttentionEdit], state: _PassState,
+                    kwargs: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """The layer's q/k after its "qk"-stage edits, in order (queries are the last nq of the nk keys)."""
+    n_keys = int(key.shape[2])
+    scaling = kwargs.get("scaling")
+    ctx = EditContext(layer=layer, query_index=torch.arange(n_keys - query.shape[2], n_keys, device=query.device),
+                      n_keys=n_keys, position_ids=state.position_ids, query=query, key=key,
+                      scale=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
+                      softcap=kwargs.get("softcap"))
+    for edit in edits:
+        if edit.stage == "qk":
+            query, key = edit.fn((query, key), ctx)
+            ctx = dataclasses.replace(ctx, query=query, key=key)
+    return query, key
 
 
 def _posprobe_attention(
@@ -237,6 +271,11 @@ def _posprobe_attention(
                                                           and attention_mask.dtype != torch.bool)
     if state is None or layer is None:
         return _model_attention(module, query, key, value, attention_mask, kwargs, eager)
+    edits = state.attention_edits.get(layer) or []
+    rotated = query, key  # what the rotary function returned (the pre-rotary capture matches these heads)
+    if any(edit.stage == "qk" for edit in edits):
+        query, key = _edit_query_key(query, key, layer, edits, state, kwargs)
+        edits = [edit for edit in edits if edit.stage != "qk"]
     scaling = kwargs.get("scaling")
     call = AttentionCall(
         q=query, k=key, mask=attention_mask, scale=float(scaling if scaling is not None else query.shape[-1] ** -0.5),
@@ -248,8 +287,7 @@ def _posprobe_attention(
         cap.extras["attention_call"] = call
         cap.pattern_source = call.probs
         cap.band_source = (cap.pattern_source, call.band)
-        _settle_pre_rotary(cap, query, key)
-    edits = state.attention_edits.get(layer)
+        _settle_pre_rotary(cap, *rotated)
     if not edits:
         return _model_attention(module, query, key, value, attention_mask, kwargs, eager)
     return _edited_attention(call, value, layer, edits, state)
@@ -382,6 +420,7 @@ class HFAccess(ModelAccess):
 
     backend = "hf"
     supports_attention_mask = True  # padded batches: the mask reaches the attention function (AttentionCall.mask)
+    attention_edit_stages = ("scores", "probs", "qk")  # "qk": _edit_query_key, before the model's own kernel
 
     def __init__(self, model: nn.Module, tokenizer: Any, name: str | None = None) -> None:
         super().__init__()

@@ -8,8 +8,10 @@ are (`scan(model, intervention=...)`, `evaluate_positions(..., intervention=...)
 - RoPE rescaling through transformers' own rope functions (`rope_scaling`): pi, ntk, dynamic, yarn, longrope,
   llama3, proportional, and a plain new base rope_theta.
 - Attention Buckets (`buckets`): passes with different RoPE bases, their next-token logits combined by confidence.
-- At the attention logits (`remap`): string, self_extend, ms_poe, logn (query temperature), and the masks
-  streaming_llm (sink + window) and lm_infinite (Lambda mask + distance cap).
+- At the attention logits (`remap`): string, self_extend, and the masks streaming_llm (sink + window) and
+  lm_infinite (Lambda mask + distance cap).
+- On the rotated queries / keys before the model's own kernel (`query_key`): ms_poe (per-head position scaling)
+  and logn (query temperature).
 
 Each docstring gives the formula and the paper; `posprobe interventions` lists the settings and defaults. HF
 backend only (they change the rotary embedding / attention of a transformers model).
@@ -17,15 +19,8 @@ backend only (they change the rotary embedding / attention of a transformers mod
 
 from posprobe.what_if.base import Extrapolate, Stack, WhatIf
 from posprobe.what_if.buckets import AttentionBuckets
-from posprobe.what_if.remap import (
-    STRING,
-    LMInfinite,
-    LogNTemperature,
-    MsPoE,
-    PairwiseAttention,
-    SelfExtend,
-    StreamingLLM,
-)
+from posprobe.what_if.query_key import LogNTemperature, MsPoE, QueryKeyWhatIf
+from posprobe.what_if.remap import STRING, LMInfinite, PairwiseAttention, SelfExtend, StreamingLLM
 from posprobe.what_if.rope_scaling import (
     DynamicNTK,
     Llama3,
@@ -41,4 +36,5 @@ from posprobe.what_if.rope_scaling import (
 
 __all__ = ["STRING", "AttentionBuckets", "DynamicNTK", "Extrapolate", "LMInfinite", "Llama3", "LogNTemperature",
            "LongRoPE", "MsPoE", "NTKAware", "PairwiseAttention", "PositionInterpolation", "ProportionalRoPE",
-           "RopeParameters", "RopeRescaling", "RopeTheta", "SelfExtend", "Stack", "StreamingLLM", "WhatIf", "YaRN"]
+           "QueryKeyWhatIf", "RopeParameters", "RopeRescaling", "RopeTheta", "SelfExtend", "Stack", "StreamingLLM",
+           "WhatIf", "YaRN"]

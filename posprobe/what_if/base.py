@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from posprobe.access import ROTARY_OVERRIDES, ChunkLayout, Edit, ModelAccess
+from posprobe.access import ROTARY_OVERRIDES, ChunkLayout, Edit, EditContext, ModelAccess
 from posprobe.errors import InterventionError
 from posprobe.interventions.spec import (
     Intervention,
@@ -113,6 +113,15 @@ def rotate(x: Tensor, angle: Tensor, offset: int = 0) -> Tensor:
     if offset == 0 and r == x.shape[-1]:
         return rotated
     return torch.cat((x[..., :offset], rotated, x[..., offset + r:]), dim=-1)
+
+
+def key_positions(ctx: EditContext, batch: int, device: torch.device) -> Tensor:
+    """Positions of an attention call's keys [b, nk]: the pass's position ids when they cover every key, else
+    0..nk-1 (KV-cached generation and chunked prefill, where posprobe's positions are contiguous)."""
+    pos = ctx.position_ids
+    if pos is not None and pos.shape[-1] == ctx.n_keys:
+        return pos.to(device).expand(batch, -1)
+    return torch.arange(ctx.n_keys, device=device)[None].expand(batch, -1)
 
 
 def rotary_offset(access: ModelAccess, layer: int) -> int:

@@ -1,21 +1,18 @@
-"""Position remapping and masking what-ifs applied at the attention logits: STRING, Self-Extend, Ms-PoE, log-n
-query temperature, StreamingLLM (sink + window), LM-Infinite (Lambda mask + distance cap).
+"""Position remapping and masking what-ifs applied at the attention logits: STRING, Self-Extend, StreamingLLM
+(sink + window), LM-Infinite (Lambda mask + distance cap). Definitions: docs/interventions.md.
 
 Owns one engine, `PairwiseAttention`: an `AttentionEdit(stage="scores")` per touched layer whose function gets the
 layer's rotated q and k (`EditContext.query/key`, HF adapter) and, where the method says so, replaces the logit of
 (query i, key j) by the logit at another relative position, computed by rotating the already-rotated q by
 delta_q(i) and k by delta_k(j) (RoPE composes: R(a) R(p) = R(p + a)) with the frequencies the layer uses now
 (`current_inv_freq`: the model's, or those of a RoPE-rescaling what-if applied on top). Masks set logits to -inf,
-so their probabilities are exactly 0. The logits of the pairs a method leaves alone are the model's own.
+so their probabilities are exactly 0. The logits of the pairs a method leaves alone are the model's own. (Methods
+that change every logit of a query or head alike, Ms-PoE and log-n, edit q/k instead: `posprobe.what_if.query_key`.)
 
 With d = p_i - p_j (positions, not indices) and L the native length (`max_position_embeddings`):
 - STRING (An et al. 2024): d' = d for d < S, else d - S + W (query shifted by W - S). Paper: S = L / 3, W = 128.
 - Self-Extend (Jin et al. 2024): d' = d for d < W (neighbour window), else (floor(p_i / G) + W - floor(W / G)) -
   floor(p_j / G) (grouped positions), one softmax over the merged logits.
-- Ms-PoE (Zhang et al. 2024): head h sees positions p / r_h, r = min + (max - min) * k / H for k = 0..H-1, 1.2 to
-  1.8; heads take ratios in the order of the official code: by the outlier score (minus the share of keys getting
-  more than 3x the mean attention from the last query, pre-rotary q/k), `order="index"` = its "normal" head type.
-- log-n temperature (Chiang & Cholak 2022; Qwen's logn-attn): q_i * max(1, ln(p_i + 1) / ln L).
 - StreamingLLM (Xiao et al. 2024): keys j < n_sink or d < window; positions as in the rolling cache (a sink key's
   distance is min(p_i, n_sink + window - 1) - p_j), or the original ones with `positions="original"`.
 - LM-Infinite (Han et al. 2024): keys j < n_global or d < n_local (the Lambda mask), distances capped at `cap`.
@@ -27,7 +24,6 @@ unchunked). Every query's logits depend only on its own position and the keys, s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -40,6 +36,7 @@ from posprobe.interventions.spec import register
 from posprobe.what_if.base import (
     WhatIf,
     current_inv_freq,
+    key_positions,
     native_length,
     rotary_offset,
     rotate,
@@ -80,7 +77,7 @@ class PairwiseAttention(WhatIf):
         query, key = _query_key(self.name, ctx)
         q = query[:, :, ctx.query_index - (ctx.n_keys - query.shape[2])]  # the rows of this call / chunk
         n_heads = q.shape[1]
-        pos_k = _key_positions(ctx, q.shape[0], q.device)
+        pos_k = key_positions(ctx, q.shape[0], q.device)
         pos_q = pos_k[:, ctx.query_index]
         plan = self.plan(access, ctx, pos_q, pos_k)
         out = scores
@@ -126,12 +123,6 @@ class _EditFunction:
         """Query rows per chunk (the HF adapter computes the layer's attention that many queries at a time)."""
         return max(1, SCORE_CHUNK_BYTES // (BYTES_PER_PAIR * batch * heads * max(n_keys, 1)))
 
-    @property
-    def prefill_chunks(self) -> bool:
-        """Whether greedy decoding may prefill the prompt in chunks (HFAccess.greedy) with the values of one pass:
-        every method but Ms-PoE's outlier order, which ranks the heads by the call's last query (a chunk's last)."""
-        return not (isinstance(self.spec, MsPoE) and self.spec.order == "outlier")
-
     def __repr__(self) -> str:
         return f"{self.spec} on layer {self.layer}"
 
@@ -142,15 +133,6 @@ def _query_key(name: str, ctx: EditContext) -> tuple[Tensor, Tensor]:
         raise InterventionError(f"{name}: this adapter does not hand q/k to attention edits (EditContext."
                                 f"query/key); the position what-ifs run on the HF backend.")
     return ctx.query, ctx.key
-
-
-def _key_positions(ctx: EditContext, batch: int, device: torch.device) -> Tensor:
-    """Positions of the keys [b, nk]: the pass's position ids when they cover every key, else 0..nk-1 (KV-cached
-    generation, where posprobe's positions are contiguous)."""
-    pos = ctx.position_ids
-    if pos is not None and pos.shape[-1] == ctx.n_keys:
-        return pos.to(device).expand(batch, -1)
-    return torch.arange(ctx.n_keys, device=device)[None].expand(batch, -1)
 
 
 def _remapped_keys(remap: Tensor, n_keys: int) -> tuple[int, int] | None:
@@ -239,82 +221,6 @@ class SelfExtend(PairwiseAttention):
         # longest n whose grouped distances stay below the native length: (n - 1) // G + W - W // G < L
         reach = None if native is None else (native - 1 - self.window + self.window // self.group) * self.group + 1
         return {**super().resolved(access), "trained_reach": reach}
-
-
-@register
-@dataclass(frozen=True)
-class MsPoE(PairwiseAttention):
-    """Ms-PoE (Zhang et al. 2024): per-head position scaling p / r_h, r_h in [ratio_min, ratio_max)."""
-
-    name: ClassVar[str] = "ms_poe"
-    summary: ClassVar[str] = "Ms-PoE: head h sees positions p / r_h, ratios 1.2..1.8 ordered by the outlier head score"
-
-    ratio_min: float | int = field(default=1.2, metadata={"help": "smallest ratio"})
-    ratio_max: float | int = field(default=1.8, metadata={"help": "ratio bound (r_k = min + (max - min) k / H)"})
-    order: Literal["outlier", "index"] = field(default="outlier", metadata={"help": "outlier (head score, per "
-                                                                            "pass) or index (the code's 'normal')"})
-
-    def default_layers(self, access: ModelAccess) -> list[int]:
-        return [i for i in super().default_layers(access) if i >= 2]  # the official apply_layers: 2..last
-
-    def ratios(self, n_heads: int, device: torch.device) -> Tensor:
-        if not 0 < float(self.ratio_min) <= float(self.ratio_max):
-            raise InterventionError(f"ms_poe: need 0 < ratio_min <= ratio_max; got {self.ratio_min}, "
-                                    f"{self.ratio_max}.")
-        k = torch.arange(n_heads, device=device, dtype=torch.float32)
-        return float(self.ratio_min) + (float(self.ratio_max) - float(self.ratio_min)) * k / n_heads
-
-    def head_ratios(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
-        """[b, H] ratio of every head: ratio table indexed by the head order (as the official code does)."""
-        q, _ = _query_key(self.name, ctx)
-        b, n_heads = q.shape[:2]
-        table = self.ratios(n_heads, q.device)
-        if self.order == "index":
-            order = (n_heads - 1 - torch.arange(n_heads, device=q.device))[None].expand(b, -1)
-        elif self.order == "outlier":
-            order = self.outlier_order(access, ctx, pos_q, pos_k)
-        else:
-            raise InterventionError(f"ms_poe: order must be 'outlier' or 'index'; got {self.order!r}.")
-        return table[order]
-
-    def outlier_order(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Tensor:
-        """argsort of -(share of keys above 3x the mean attention of the call's last query), pre-rotary q/k,
-        1/sqrt(d); the same for every query chunk of the call."""
-        query, key = _query_key(self.name, ctx)
-        inv_freq = current_inv_freq(access, ctx.layer).to(query.device)
-        offset = rotary_offset(access, ctx.layer)
-        last = pos_k[:, -1:]  # the call's last query is its last key (whatever chunk of queries is computed)
-        q = rotate(query[:, :, -1:].float(), -last[:, None, :, None].float() * inv_freq, offset)
-        k = rotate(expand_kv(key, q.shape[1]).float(), -pos_k[:, None, :, None].float() * inv_freq, offset)
-        visible = pos_k <= last  # [b, nk]
-        logits = torch.matmul(q, k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # [b, H, nk]
-        probs = torch.softmax(logits.masked_fill(~visible[:, None], float("-inf")), dim=-1)
-        share = (probs > 3 * probs.mean(-1, keepdim=True)).float().mean(-1)
-        return torch.argsort(-share, dim=-1, stable=True)
-
-    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
-        inverse = 1.0 / self.head_ratios(access, ctx, pos_q, pos_k)[..., None]  # [b, H, 1]
-        return Plan(remap=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=pos_q.device),
-                    delta_q=pos_q[:, None].float() * (inverse - 1), delta_k=pos_k[:, None].float() * (inverse - 1))
-
-
-@register
-@dataclass(frozen=True)
-class LogNTemperature(PairwiseAttention):
-    """log-n attention temperature: q_i times max(1, ln(p_i + 1) / ln L) past the trained length L."""
-
-    name: ClassVar[str] = "logn"
-    summary: ClassVar[str] = "log-n scaling: queries beyond the trained length times ln(p + 1) / ln(L)"
-    needs_rope: ClassVar[bool] = False
-
-    trained_length: int | None = field(default=None, metadata={"help": "L; none = the model's native length"})
-
-    def plan(self, access: ModelAccess, ctx: EditContext, pos_q: Tensor, pos_k: Tensor) -> Plan:
-        length = self.trained_length or native_length(access)
-        if length is None or length < 2:
-            raise InterventionError("logn: give trained_length (the model reports no max_position_embeddings).")
-        scale = torch.clamp(torch.log(pos_q.double() + 1) / math.log(length), min=1.0)[:, None]
-        return Plan(remap=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=pos_q.device), q_scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------

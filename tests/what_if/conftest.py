@@ -6,6 +6,7 @@ import pytest
 import torch
 
 NATIVE = 32  # max_position_embeddings of the tiny models: sequences of 48-80 tokens go past the native window
+N = 64  # tokens of the `tokens` fixture: twice the native window
 
 
 def tiny_llama(rope_parameters=None, seed=0):
@@ -61,3 +62,19 @@ def gemma3():
 @pytest.fixture(scope="module")
 def ids():
     return torch.randint(3, 250, (2, 80), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def model():
+    """The tiny Llama the naive-reference tests (test_remap, test_query_key) compare against."""
+    return tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def access(model):
+    return wrap(model)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+    return torch.randint(3, 250, (1, N), generator=torch.Generator().manual_seed(5))

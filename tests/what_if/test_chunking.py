@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from posprobe.access import Tap
-from posprobe.what_if import STRING, LMInfinite, LogNTemperature, MsPoE, SelfExtend, StreamingLLM, remap
+from posprobe.what_if import STRING, LMInfinite, SelfExtend, StreamingLLM, remap
 from tests.what_if.conftest import tiny_llama, wrap
 
 N = 64
 ROWS = 7
 
-SPECS = [STRING(shift=20, window=6), SelfExtend(group=4, window=8), MsPoE(layers="0:"),
-         MsPoE(order="index", layers="0:"), LogNTemperature(), StreamingLLM(n_sink=2, window=9),
+SPECS = [STRING(shift=20, window=6), SelfExtend(group=4, window=8), StreamingLLM(n_sink=2, window=9),
          LMInfinite(n_global=3, n_local=20, cap=12)]
 
 
@@ -64,7 +63,7 @@ def test_chunked_equals_unchunked(access, tokens, spec, monkeypatch):
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("spec", [SelfExtend(group=4, window=8), MsPoE(layers="0:")], ids=str)
+@pytest.mark.parametrize("spec", [SelfExtend(group=4, window=8), StreamingLLM(n_sink=2, window=9)], ids=str)
 def test_patterns_a_probe_reads_are_the_same(access, tokens, spec, monkeypatch):
     def patterns():
         out = {}

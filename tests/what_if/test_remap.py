@@ -27,9 +27,7 @@ from posprobe.what_if import (
     StreamingLLM,
     YaRN,
 )
-from tests.what_if.conftest import NATIVE, tiny_llama, wrap
-
-N = 64  # tokens: twice the tiny models' native window
+from tests.what_if.conftest import NATIVE, N
 
 
 def _rotate(x, angle):  # x [..., d], angle [..., d/2]: HF half-split rotation, written out
@@ -39,17 +37,20 @@ def _rotate(x, angle):  # x [..., d], angle [..., d/2]: HF half-split rotation, 
     return torch.cat((a * c - b * s, b * c + a * s), dim=-1)
 
 
-def naive_logits(model, ids, relative, visible, query_scale=None, inv_freq=None):
+def naive_logits(model, ids, relative, visible, query_scale=None, inv_freq=None, probs_out=None):
     """Forward pass of a Llama with attention logit(i, j) = scale * (R(P[h, i, j]) q_i) . k_j, both unrotated.
 
-    relative(n) -> P [H or 1, n, n] float; visible(n) -> bool [n, n] (on top of causal); query_scale(n) -> [n].
+    relative(n) -> P [H or 1, n, n] float, or relative(n, q, k) with the layer's unrotated q, k [H, n, d] (methods
+    whose positions depend on the layer's attention); visible(n) -> bool [n, n] (on top of causal);
+    query_scale(n) -> [n]; probs_out: a list that receives every layer's probabilities [H, n, n].
     """
     cfg = model.config
     n = ids.shape[1]
     heads, kv_heads, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if inv_freq is None:
         inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, d, 2).float() / d))
-    P = relative(n).float()
+    per_layer = relative.__code__.co_argcount == 3
+    P = None if per_layer else relative(n).float()
     causal = torch.ones(n, n, dtype=torch.bool).tril() & visible(n)
     with torch.no_grad():
         h = model.model.embed_tokens(ids)
@@ -61,10 +62,13 @@ def naive_logits(model, ids, relative, visible, query_scale=None, inv_freq=None)
             v = attn.v_proj(x).view(1, n, kv_heads, d)[0].transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
             if query_scale is not None:
                 q = q * query_scale(n)[None, :, None]
-            angle = P[..., None] * inv_freq  # [H|1, n, n, d/2]
+            layer_P = relative(n, q, k).float() if per_layer else P
+            angle = layer_P[..., None] * inv_freq  # [H|1, n, n, d/2]
             q_at = _rotate(q[:, :, None, :].expand(heads, n, n, d), angle.expand(heads, n, n, d // 2))
             logits = (q_at * k[:, None, :, :]).sum(-1) * attn.scaling
             probs = torch.softmax(logits.masked_fill(~causal, float("-inf")), dim=-1)
+            if probs_out is not None:
+                probs_out.append(probs)
             out = (probs @ v).transpose(0, 1).reshape(1, n, heads * d)
             h = h + attn.o_proj(out)
             h = h + block.mlp(block.post_attention_layernorm(h))
@@ -78,21 +82,6 @@ def _dist(n):
 
 def _all(n):
     return torch.ones(n, n, dtype=torch.bool)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_llama(seed=3)
-
-
-@pytest.fixture(scope="module")
-def access(model):
-    return wrap(model)
-
-
-@pytest.fixture(scope="module")
-def tokens():
-    return torch.randint(3, 250, (1, N), generator=torch.Generator().manual_seed(5))
 
 
 def _check(access, model, tokens, spec, relative, visible=_all, query_scale=None):
