@@ -55,7 +55,6 @@ class Plan:
     remap: Tensor | None = None  # bool: pairs whose logit is recomputed at the remapped positions
     delta_q: Tensor | float | None = None  # position shift of each query (positions, may be fractional)
     delta_k: Tensor | None = None  # position shift of each key
-    q_scale: Tensor | None = None  # multiplier of each query ([b, 1|H, nq])
     keep: Tensor | None = None  # bool: pairs that stay visible (None: all the model allows)
 
 
@@ -92,8 +91,6 @@ class PairwiseAttention(WhatIf):
                 dq = plan.delta_q if isinstance(plan.delta_q, Tensor) else torch.full_like(pos_q, plan.delta_q,
                                                                                             dtype=scores.dtype)
                 qb = rotate(qb, _heads(dq, q.shape[0])[..., None].to(scores.dtype) * inv_freq, offset)
-            if plan.q_scale is not None:
-                qb = qb * plan.q_scale[..., None].to(qb.dtype)
             kb = expand_kv(key[:, :, lo:hi], n_heads).to(scores.dtype)
             if plan.delta_k is not None:
                 delta_k = _heads(plan.delta_k, q.shape[0])[..., lo:hi]
