@@ -18,6 +18,8 @@ class built from a config copy with the new theta). Composition:
 - Reading activations (`scan`, any probe tap) is refused: N passes are N different models and posprobe does not
   choose one silently. Scan one bucket with `rope_theta:theta=B`. `scan(intervention=...)` refuses it when it
   resolves the spec (`check_runner`), before the model is loaded; a tap inside `applied` is refused at the pass.
+- `weights(access, ids, logits=...)`: each pass's weight w_j at the requested positions (which base carries a
+  prediction), one forward per pass, outside `applied`.
 - Score-level what-ifs (STRING, Self-Extend, ...) stack with it (each pass runs them with its own frequencies);
   RoPE rescaling what-ifs do not (the paper defines no bucket over a rescaled RoPE): refused.
 Cost: N forward passes per call. Formulas in docs/interventions.md ("Attention Buckets").
@@ -45,11 +47,18 @@ from posprobe.what_if.rope_scaling import RopeParameters, RopeTheta
 PAPER_RATIOS = (1.0, 1.75, 1.8, 1.9, 2.0, 2.5)
 
 
+def pass_weights(logits: Tensor) -> Tensor:
+    """[P, ..., V] logits of P passes -> [P, ...] float32 (or wider) weights: softmax over the passes of each pass's
+    largest logit, the confidence weights `combine_passes` mixes the passes with."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(z.amax(dim=-1), dim=0)
+
+
 def combine_passes(logits: Tensor, combine: str = "logits") -> Tensor:
     """[P, ..., V] logits of P passes -> [..., V]: weights softmax over passes of each pass's max logit, then the
     weighted sum of the logits ("logits") or log of the weighted mixture of the distributions ("probs")."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    weights = torch.softmax(z.amax(dim=-1), dim=0)[..., None]  # [P, ..., 1]
+    weights = pass_weights(z)[..., None]  # [P, ..., 1]
     if combine == "logits":
         out = (weights * z).sum(dim=0)
     elif combine == "probs":
@@ -129,6 +138,29 @@ class AttentionBuckets(RopeParameters):
         bases = self.pass_bases(access)
         return {**WhatIf.resolved(self, access), "passes": [str(spec) for spec in self.passes()],
                 "bases": [sorted(set(b.values())) for b in bases], "combine": self.combine}
+
+    def weights(self, access: ModelAccess, input_ids: Any, *, logits: Any = "last") -> Tensor:
+        """Which pass carries the prediction: each pass's weight in the combination, [P, b, n_kept] in the order
+        of `passes()`, at the positions `logits` picks ("last": the next token a greedy decode starts with; "all";
+        or sequence indices, as `access.run`). One forward per pass, run without this spec applied; the weights
+        are those `access.run(ids, logits=...)` combines under it (`pass_weights`)."""
+        access = check_access(access, type(self).__name__)
+        hf_parts(access, type(self).__name__)
+        if "_forward" in vars(access):
+            raise InterventionError("buckets.weights runs each pass itself: call it outside `with "
+                                    "AttentionBuckets(...).applied(access)` (inside, a run already combines them).")
+        self._refuse_rescaling(access)
+        passes = self.passes()
+        for spec in passes:  # bad layers / bases raise here, before any pass
+            spec.target_layers(access)
+        if isinstance(logits, str) and logits == "none":
+            raise InterventionError("buckets.weights: logits='none' asks for no position; give 'last', 'all' or "
+                                    "sequence indices.")
+        outs = []
+        for spec in passes:
+            with spec.applied(access):
+                outs.append(access.run(input_ids, logits=logits).requested_logits())
+        return pass_weights(torch.stack(outs))
 
     @contextlib.contextmanager
     def applied(self, access: ModelAccess) -> Iterator[ModelAccess]:

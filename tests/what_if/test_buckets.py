@@ -70,6 +70,37 @@ def test_llama_equals_the_naive_reference(sharp, ids, combine):
     assert not torch.allclose(got, llama_pass(weights, ids, BASES[0]), atol=1e-3)
 
 
+def test_weights_are_the_naive_confidences_and_rebuild_the_combination(sharp, ids):
+    """`weights` = softmax_j(max_v z_j) of the transformers passes, in the order of `passes()`; with them the
+    passes' logits give back what the applied spec returns (the weights are the ones it combined with)."""
+    spec = AttentionBuckets(bases=BASES)
+    got = spec.weights(sharp, ids, logits="all")  # [P, b, n]
+    weights = sharp.model.state_dict()
+    passes = [llama_pass(weights, ids, b) for b in BASES]
+    confidence = torch.stack([z.double().max(dim=-1).values for z in passes])
+    want = torch.exp(confidence - torch.logsumexp(confidence, dim=0))
+    assert got.shape == (len(BASES), *ids.shape)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    # the passes differ in confidence on this model, so the test can tell a wrong order or a uniform weight apart
+    assert float((want - 1 / len(BASES)).abs().max()) > 0.1
+    with spec.applied(sharp):
+        combined = sharp.run(ids, logits="all").logits
+    rebuilt = sum(got[j][..., None] * passes[j] for j in range(len(BASES)))
+    torch.testing.assert_close(combined, rebuilt.float(), atol=1e-5, rtol=0)
+    last = spec.weights(sharp, ids)  # default: the last position, the first token a greedy decode picks
+    torch.testing.assert_close(last, got[:, :, -1:])
+
+
+def test_weights_refuse_what_they_cannot_answer(sharp, ids):
+    spec = AttentionBuckets(bases=BASES)
+    with pytest.raises(InterventionError, match="logits='none'"):
+        spec.weights(sharp, ids, logits="none")
+    with spec.applied(sharp), pytest.raises(InterventionError, match="outside"):
+        spec.weights(sharp, ids)
+    with YaRN(factor=2).applied(sharp), pytest.raises(InterventionError, match="rescaling"):
+        spec.weights(sharp, ids)
+
+
 def test_default_bases_are_the_papers_ratios_on_gemma3_full_layers(gemma3, ids):
     """Gemma 3: the buckets go to the full_attention layers (theta 1e6), sliding layers keep 10k."""
     spec = AttentionBuckets()
