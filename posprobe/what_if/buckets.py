@@ -139,20 +139,26 @@ class AttentionBuckets(RopeParameters):
         return {**WhatIf.resolved(self, access), "passes": [str(spec) for spec in self.passes()],
                 "bases": [sorted(set(b.values())) for b in bases], "combine": self.combine}
 
+    def _checked(self, access: ModelAccess, wrapped: str) -> tuple[ModelAccess, list[RopeTheta]]:
+        """The access and the passes, after every check that needs no pass: an HF access not already wrapped by
+        buckets (`wrapped`: the message if it is), no RoPE rescaling on it, valid layers and bases."""
+        access = check_access(access, type(self).__name__)
+        hf_parts(access, type(self).__name__)
+        if "_forward" in vars(access) or "greedy" in vars(access):
+            raise InterventionError(wrapped)
+        self._refuse_rescaling(access)
+        passes = self.passes()
+        for spec in passes:  # bad layers / bases raise here, before any pass
+            spec.target_layers(access)
+        return access, passes
+
     def weights(self, access: ModelAccess, input_ids: Any, *, logits: Any = "last") -> Tensor:
         """Which pass carries the prediction: each pass's weight in the combination, [P, b, n_kept] in the order
         of `passes()`, at the positions `logits` picks ("last": the next token a greedy decode starts with; "all";
         or sequence indices, as `access.run`). One forward per pass, run without this spec applied; the weights
         are those `access.run(ids, logits=...)` combines under it (`pass_weights`)."""
-        access = check_access(access, type(self).__name__)
-        hf_parts(access, type(self).__name__)
-        if "_forward" in vars(access):
-            raise InterventionError("buckets.weights runs each pass itself: call it outside `with "
-                                    "AttentionBuckets(...).applied(access)` (inside, a run already combines them).")
-        self._refuse_rescaling(access)
-        passes = self.passes()
-        for spec in passes:  # bad layers / bases raise here, before any pass
-            spec.target_layers(access)
+        access, passes = self._checked(access, "buckets.weights runs each pass itself: call it outside `with "
+                                       "AttentionBuckets(...).applied(access)` (inside, a run already combines them).")
         if isinstance(logits, str) and logits == "none":
             raise InterventionError("buckets.weights: logits='none' asks for no position; give 'last', 'all' or "
                                     "sequence indices.")
@@ -166,15 +172,8 @@ class AttentionBuckets(RopeParameters):
     def applied(self, access: ModelAccess) -> Iterator[ModelAccess]:
         """While applied, `access.run` returns the combined logits and `access.greedy` decodes from them; exit
         puts the access's own methods back (nothing of the model is written)."""
-        access = check_access(access, type(self).__name__)
-        hf_parts(access, type(self).__name__)
-        if "_forward" in vars(access) or "greedy" in vars(access):
-            raise InterventionError("buckets: this access already runs wrapped passes (Attention Buckets applied "
-                                    "twice?); apply one AttentionBuckets at a time.")
-        self._refuse_rescaling(access)
-        passes = self.passes()
-        for spec in passes:  # bad layers / bases raise here, before any pass
-            spec.target_layers(access)
+        access, passes = self._checked(access, "buckets: this access already runs wrapped passes (Attention "
+                                       "Buckets applied twice?); apply one AttentionBuckets at a time.")
         original = access._forward
         spec_self = self
 
