@@ -57,8 +57,8 @@ class RopeFrequencyConfig:
     # summaries by at most 0.025 (SmolLM2-135M: 0.06; analyses/rope_frequency_usage.py). None = every sampled query.
     max_queries: int | None = 64
     # Queries per contribution block (memory ~ block x keys x (r/2) x heads floats). None = as many as fit in about
-    # 2 MiB (rope_chunks.CHUNK_BLOCK_BYTES, a core's L2 cache): the kernel is memory-bound, and cache-sized blocks ran
-    # ~2x faster than a fixed 16 at 512+ keys. The result does not depend on it beyond float32 rounding.
+    # 8 MiB (rope_chunks.CHUNK_BLOCK_BYTES): the kernel is memory-bound, and blocks of that size ran fastest on two
+    # CPU cores at 512+ keys. The result does not depend on it beyond float32 rounding.
     block_size: int | None = None
     check_exactness: bool = True  # verify sum_k c_k * scale == logit on one block per layer (reported in summary)
 
@@ -133,8 +133,8 @@ def _norm_sums(pre: torch.Tensor | None, post: torch.Tensor, lay: LayerInfo) -> 
     (e.g. [b, n, heads, d] from a per-head q-norm hook) is never summed along the wrong axis.
     """
     if pre is not None and pre.shape == post.shape:
-        return chunk_norms(pre.double(), lay).sum((0, 2))
-    norms = chunk_norms(post.double(), lay).sum((0, 2))
+        return chunk_norms(pre.float(), lay).sum((0, 2), dtype=torch.float64)
+    norms = chunk_norms(post.float(), lay).sum((0, 2), dtype=torch.float64)
     if lay.rotary_cos_scale not in (0.0, 1.0):
         norms[:, : lay.n_chunks] /= lay.rotary_cos_scale
     return norms
