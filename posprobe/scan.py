@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import datetime as _dt
 import json
 import math
@@ -88,7 +89,10 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-def _versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple[tuple[str, str], ...]:
+    """The package versions of this process, read once: `importlib.metadata` scans the environment (~13 ms a call),
+    and a package upgraded after import would not be the code that runs anyway."""
     out = {}
     for package in ("posprobe", "torch", "transformers", "numpy", "pandas", "scikit-learn", "scipy"):
         try:
@@ -96,7 +100,11 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     out["python"] = sys.version.split()[0]
-    return out
+    return tuple(out.items())
+
+
+def _versions() -> dict[str, str]:
+    return dict(_installed_versions())
 
 
 class Scan:

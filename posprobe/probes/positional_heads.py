@@ -115,7 +115,7 @@ class _Reducer:
         info: ModelInfo = self.ctx.info
         shape = (info.n_layers, info.n_heads)
         corr, mass = np.full(shape, np.nan), np.full(shape, np.nan)
-        parts: list[pd.DataFrame] = []
+        parts: list[dict[str, np.ndarray]] = []
         for layer, signed in self.long_signed.items():
             lay = info.layers[layer]
             weight = self.long_weight[layer].numpy()
@@ -128,15 +128,16 @@ class _Reducer:
             # curve rows ordered band, head (finite values only), as arrays
             labels = np.array(band_labels(lay, info.head_dim), dtype=object)
             bands, heads_idx = np.nonzero(np.isfinite(contrib.T))  # [bands, H]: band-major
-            parts.append(pd.DataFrame({"curve": "long_contrib_by_chunk",
-                                       "series": np.where(labels[bands] == NONROTARY, NONROTARY, ""),
-                                       "layer": layer, "head": heads_idx, "x": bands,
-                                       "y": contrib[heads_idx, bands]}))
+            parts.append({"series": np.where(labels[bands] == NONROTARY, NONROTARY, "").astype(object),
+                          "layer": np.full(len(bands), layer, dtype=np.int64), "head": heads_idx, "x": bands,
+                          "y": contrib[heads_idx, bands]})
         score = corr * mass
         heads = head_frame(info, {"dim_distance_corr": corr, "long_mass": mass, "positional_head_score": score})
         heads["is_positional_head"] = np.nan_to_num(score, nan=-np.inf).reshape(-1) >= self.config.threshold
-        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(
-            columns=["curve", "series", "layer", "head", "x", "y"])
+        keys = ("series", "layer", "head", "x", "y")  # one frame for every layer (not one per layer)
+        table = (pd.DataFrame({"curve": "long_contrib_by_chunk",
+                               **{key: np.concatenate([part[key] for part in parts]) for key in keys}})
+                 if parts else pd.DataFrame(columns=["curve", *keys]))
         curves = curve_frame(table, PROBE.name)
         skipped = {lay.index: f"layer {lay.index} has no RoPE ({lay.positional.value})" for lay in info.layers
                    if not lay.has_rope}

@@ -40,6 +40,7 @@ from posprobe.probes.base import (
 )
 from posprobe.probes.rope_chunks import (
     NONROTARY,
+    ROTARY,
     band_labels,
     chunk_norms,
     effective_frequencies,
@@ -80,10 +81,12 @@ def model_skip_reason(info: ModelInfo) -> str | None:
 
 
 def frequency_table(info: ModelInfo) -> pd.DataFrame:
-    """One row per (RoPE layer, band): chunk index, band, base and scaled angular frequency, wavelength, theta."""
+    """One row per (RoPE layer, band): chunk index, band, base and scaled angular frequency, wavelength, theta.
+
+    Built as one frame from per-layer arrays (one small frame per layer cost ~1 ms each in a short scan)."""
     columns = ["layer", "chunk", "band", "frequency", "effective_frequency", "wavelength", "rope_theta", "rotary_dim",
                "rope_type", "chunk_layout"]
-    parts = []
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in columns}
     for lay in info.layers:
         if not lay.has_rope:
             continue
@@ -94,18 +97,23 @@ def frequency_table(info: ModelInfo) -> pd.DataFrame:
                              f"{theta!r} / {rotary_dim!r} / {layout!r}); its frequency table is undefined. Fix the "
                              f"model's LayerInfo (adapters/architectures.py).")
         scaled, rope_type = effective_frequencies(lay, info.max_positions)
-        extra = has_nonrotary_band(lay, info.head_dim)  # the non-rotated band: frequency 0, infinite wavelength
-        n = lay.n_chunks + int(extra)
+        extra = int(has_nonrotary_band(lay, info.head_dim))  # the non-rotated band: frequency 0, infinite wavelength
+        n = lay.n_chunks + extra
         with np.errstate(divide="ignore"):
             wavelength = 2 * np.pi / base
-        parts.append(pd.DataFrame({
-            "layer": lay.index, "chunk": np.arange(n), "band": ["rotary"] * lay.n_chunks + [NONROTARY] * extra,
+        values = {
+            "layer": np.full(n, lay.index, dtype=np.int64), "chunk": np.arange(n),
+            "band": np.array([ROTARY] * lay.n_chunks + [NONROTARY] * extra, dtype=object),
             "frequency": np.append(base, [0.0] * extra),
             "effective_frequency": np.append(np.asarray(scaled, dtype=np.float64), [0.0] * extra),
-            "wavelength": np.append(wavelength, [np.inf] * extra), "rope_theta": float(theta),
-            "rotary_dim": int(rotary_dim), "rope_type": rope_type, "chunk_layout": layout.value},
-            columns=columns))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
+            "wavelength": np.append(wavelength, [np.inf] * extra), "rope_theta": np.full(n, float(theta)),
+            "rotary_dim": np.full(n, int(rotary_dim), dtype=np.int64),
+            "rope_type": np.full(n, rope_type, dtype=object), "chunk_layout": np.full(n, layout.value, dtype=object)}
+        for name in columns:
+            parts[name].append(values[name])
+    if not parts["layer"]:
+        return pd.DataFrame(columns=columns)
+    return pd.DataFrame({name: np.concatenate(parts[name]) for name in columns}, columns=columns)
 
 
 def usage_summaries(share: np.ndarray, n_chunks: int, fraction: float) -> dict[str, np.ndarray]:
@@ -144,9 +152,10 @@ _CURVE_KEYS = ("curve", "series", "layer", "head", "x", "y")
 
 
 def _layer_curve_rows(layer: int, labels: list[str], share: np.ndarray, q_norm: np.ndarray,
-                      k_norm: np.ndarray) -> pd.DataFrame:
-    """One layer's curve rows as arrays: for every band, the usage and q-norm row of each head (alternating), the
-    layer-mean usage row, then a k-norm row per KV head (the order the per-row loop this replaces wrote)."""
+                      k_norm: np.ndarray) -> dict[str, np.ndarray]:
+    """One layer's curve rows as columns of arrays: for every band, the usage and q-norm row of each head
+    (alternating), the layer-mean usage row, then a k-norm row per KV head (the order the per-row loop this replaces
+    wrote). `finish` concatenates the layers into one frame."""
     n_heads, n_kv, n_band = share.shape[0], k_norm.shape[0], len(labels)
     nonrotary = np.array([label == NONROTARY for label in labels])
     with warnings.catch_warnings():  # a band NaN for every head (no usage at all) has a NaN layer mean
@@ -161,9 +170,9 @@ def _layer_curve_rows(layer: int, labels: list[str], share: np.ndarray, q_norm: 
     series = np.repeat(np.where(nonrotary, NONROTARY, "").astype(object)[:, None], per_band, axis=1)
     kv_labels = np.array([f"kv{kv}" for kv in range(n_kv)], dtype=object)
     series[:, 2 * n_heads + 1:] = np.where(nonrotary[:, None], kv_labels + f" {NONROTARY}", kv_labels)
-    return pd.DataFrame({"curve": np.tile(curve, n_band), "series": series.reshape(-1), "layer": layer,
-                         "head": np.tile(head, n_band), "x": np.repeat(np.arange(n_band), per_band),
-                         "y": y.reshape(-1)})
+    return {"curve": np.tile(curve, n_band), "series": series.reshape(-1),
+            "layer": np.full(n_band * per_band, layer, dtype=np.int64), "head": np.tile(head, n_band),
+            "x": np.repeat(np.arange(n_band), per_band), "y": y.reshape(-1)}
 
 
 class _Reducer:
@@ -217,7 +226,7 @@ class _Reducer:
         cfg = self.config
         columns = {name: np.full((info.n_layers, info.n_heads), np.nan) for name in
                    ("rope_high_freq_share", "rope_low_freq_share", "rope_freq_centroid", "rope_nonrotary_share")}
-        parts: list[pd.DataFrame] = []
+        parts: list[dict[str, np.ndarray]] = []
         layer_rows: list[dict] = []
         for lay in info.layers:
             layer = lay.index
@@ -239,7 +248,8 @@ class _Reducer:
             k_norm = (self.k_norm[layer] / self.norm_rows[layer]).numpy()
             parts.append(_layer_curve_rows(layer, band_labels(lay, info.head_dim), share, q_norm, k_norm))
         heads = head_frame(info, columns)
-        table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=list(_CURVE_KEYS))
+        table = (pd.DataFrame({key: np.concatenate([part[key] for part in parts]) for key in _CURVE_KEYS})
+                 if parts else pd.DataFrame(columns=list(_CURVE_KEYS)))
         curves = curve_frame(table, PROBE.name)
         layers = pd.DataFrame(layer_rows)
         measured = [e for e in self.max_error.values()]
