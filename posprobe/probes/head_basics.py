@@ -54,23 +54,20 @@ def binned_key_sums(p: torch.Tensor, qidx: torch.Tensor, window: int | None, n_b
     Returns (mass [H, cq, n_bins], count [cq, n_bins]) in float64 (float32 on MPS), on p's device. O(cq * n).
     """
     acc = accumulator_dtype(p.device)
-    cs = p.new_zeros(*p.shape[:-1], p.shape[-1] + 1, dtype=acc)  # cs[..., j] = sum_{t < j} p_t, written
+    cs = torch.empty(*p.shape[:-1], p.shape[-1] + 1, dtype=acc, device=p.device)  # cs[..., j] = sum_{t < j} p_t
+    cs[..., 0] = 0
     torch.cumsum(p, dim=-1, dtype=acc, out=cs[..., 1:])  # in place: no float64 copy of p, no padded copy
-    i = qidx[:, None].to(acc)
-    lows, highs = [], []
-    for lo, hi in bin_edges(n_bins):
-        start = i - (hi if hi != float("inf") else 1e18)  # smallest key of the bin
-        start = torch.maximum(start, torch.full_like(i, float(first_key)))
-        if window is not None:
-            start = torch.maximum(start, i - window + 1)
-        lows.append(start)
-        highs.append(i - lo)  # largest key of the bin
-    a = torch.cat(lows, dim=1)
-    c = torch.cat(highs, dim=1)
+    i = qidx[:, None].to(acc)  # [cq, 1]
+    edges = bin_edges(n_bins)
+    lo = torch.tensor([lo for lo, _ in edges], dtype=acc, device=p.device)  # [bins]: the bin's smallest distance
+    hi = torch.tensor([hi if hi != float("inf") else 1e18 for _, hi in edges], dtype=acc, device=p.device)
+    a = (i - hi).clamp(min=float(first_key))  # [cq, bins]: the bin's smallest key
+    if window is not None:
+        a = torch.maximum(a, i - window + 1)
+    c = i - lo  # the bin's largest key
     count = (c - a + 1).clamp(min=0)
     a_idx = (a - key_start).clamp(min=0).long()  # prefix-sum columns are keys relative to the band's first
-    c_idx = (c + 1 - key_start).clamp(min=0).long()
-    c_idx = torch.maximum(c_idx, a_idx)
+    c_idx = torch.maximum((c + 1 - key_start).clamp(min=0).long(), a_idx)
     H = p.shape[0]
     mass = cs.gather(-1, c_idx[None].expand(H, -1, -1)) - cs.gather(-1, a_idx[None].expand(H, -1, -1))
     mass = torch.where(count[None] > 0, mass, torch.zeros_like(mass))
@@ -130,6 +127,8 @@ class _Reducer:
             n_ok = int(ok.sum())
             if not n_ok:
                 continue
+            if bool(ok[-n_ok:].all()):  # the usual case (sorted queries, only query 0 has no key): a view, no copy
+                ok = slice(len(qidx) - n_ok, None)
             n_visible = (span[ok] + 1).to(acc)  # k_i with the sink
             for r in range(b):
                 u = torch.rand(n_ok, per_query, generator=generators[r], dtype=torch.float64).to(qidx.device)
