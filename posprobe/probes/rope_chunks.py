@@ -244,7 +244,7 @@ def chunk_block_size(n_heads: int, n_bands: int, n_keys: int, block_bytes: int =
 
 
 def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | None = None, check: bool = True,
-                      pattern_chunk: int = 256, workspace: dict[str, Tensor] | None = None) -> ChunkUsage:
+                      pattern_chunk: int = 256) -> ChunkUsage:
     """Attention-weighted absolute chunk contributions of one RoPE layer over `queries` (METRICS.md section 1).
 
     Contributions are materialised `block_size` queries at a time over only the keys those queries can see (causal
@@ -252,9 +252,8 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
     `CHUNK_BLOCK_BYTES`, `chunk_block_size`), plus the capture's pattern of
     `pattern_chunk` queries (read once per chunk, shared through the capture's memo with the other probes). Keys are
     split into bands once per layer and read per KV head (no expanded copy for grouped-query models). With `check`,
-    the first block also verifies that the bands sum to the model's logit (`max_logit_error`). `workspace`: a dict
-    the caller keeps across layers, holding the block buffer (a fresh buffer per layer doubled the first products'
-    time); its contents are scratch.
+    the first block also verifies that the bands sum to the model's logit (`max_logit_error`). Every block of the
+    layer writes its contributions into one buffer (a fresh one per block doubled the products' time).
     """
     layer, model = cap.info, cap.model
     scale = float(cap.extras.get("attn_scale", model.attn_scale))
@@ -266,10 +265,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
     max_error = 0.0
     first = True
     window = layer.sliding_window
-    held = workspace if workspace is not None else {}
-    work: Tensor | None = held.get("chunk_usage")
-    if work is not None and (work.device != cap.device or work.dtype != k0_all.dtype):
-        work = None
+    work: Tensor | None = None
     for cidx, chunk_probs, band_start in cap.pattern_band_chunks(cap.query_chunk(pattern_chunk), queries):
         _, _, q_chunk, _ = visible_keys(cap, cidx)
         qc_chunk, qr_chunk = split_chunks(q_chunk, layer)  # [b, H, cq, c, 2], [b, H, cq, rest]
@@ -288,8 +284,7 @@ def layer_chunk_usage(cap: LayerCapture, queries: Tensor, *, block_size: int | N
             shape = (b, groups, per_group, cq, nk, n_chunks)
             if work is None or work.numel() < math.prod(shape):  # one buffer for every block
                 most = b * heads * step * min(int(cidx.max()) + 1, window or cap.n_tokens) * n_chunks
-                work = held["chunk_usage"] = torch.empty(max(most, math.prod(shape)), dtype=q0.dtype,
-                                                         device=q0.device)
+                work = torch.empty(max(most, math.prod(shape)), dtype=q0.dtype, device=q0.device)
             c = torch.mul(q0[:, :, :, s : s + cq], k0_all[:, :, None, None, start:stop],
                           out=work[: math.prod(shape)].view(shape))
             c.addcmul_(q1[:, :, :, s : s + cq], k1_all[:, :, None, None, start:stop])

@@ -193,7 +193,6 @@ class _Reducer:
         self.norm_rows: dict[int, int] = {}
         self.max_error: dict[int, float] = {}
         self.sample: TextSample | None = None
-        self.workspace: dict[str, torch.Tensor] = {}  # layer_chunk_usage's block buffer, reused across layers
 
     def begin(self, sample: TextSample) -> None:
         self.sample = sample
@@ -209,8 +208,7 @@ class _Reducer:
         queries = self.ctx.query_sample(cap.n_tokens)
         if cfg.max_queries is not None and len(queries) > cfg.max_queries:
             queries = queries[torch.linspace(0, len(queries) - 1, cfg.max_queries).round().long().unique()]
-        sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness,
-                                 workspace=self.workspace)
+        sums = layer_chunk_usage(cap, queries, block_size=cfg.block_size, check=cfg.check_exactness)
         qn = _norm_sums(cap.q_pre, q, cap.info).cpu()  # [H, bands], to the CPU accumulators once per layer
         kn = _norm_sums(cap.k_pre, k, cap.info).cpu()  # [G, bands]
         if layer not in self.usage:  # first pass over this layer
