@@ -5,7 +5,7 @@ rotary bands once (memoised on the capture) and reads the RoPE probes' probabili
 pattern chunks. The references here are the plain formulas: `expand_kv` + full `chunk_contributions` over every key,
 and the model's own eager attention with `output_attentions` for the probabilities. Models: a Gemma 3 layout (4 query
 heads / 1 KV head, sliding + global layers, window 8 shorter than the text), a GQA Llama, and a partial-rotary
-GPT-NeoX (the non-rotated band).
+GPT-NeoX (the non-rotated band), and GPT-J (interleaved chunks, partial rotary).
 """
 
 from __future__ import annotations
@@ -64,11 +64,22 @@ def _neox_partial():
     return GPTNeoXForCausalLM(config).eval(), tok
 
 
-@pytest.fixture(scope="module", params=["gemma3", "llama_gqa", "neox_partial"])
+def _gptj_interleaved():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    tok = _tok()
+    torch.manual_seed(3)
+    config = GPTJConfig(vocab_size=len(tok), n_embd=64, n_inner=128, n_layer=2, n_head=4, rotary_dim=8,
+                        n_positions=512)
+    return GPTJForCausalLM(config).eval(), tok
+
+
+@pytest.fixture(scope="module", params=["gemma3", "llama_gqa", "neox_partial", "gptj_interleaved"])
 def access(request):
     from posprobe.adapters.hf import HFAccess
 
-    model, tok = {"gemma3": _gemma3, "llama_gqa": _llama_gqa, "neox_partial": _neox_partial}[request.param]()
+    model, tok = {"gemma3": _gemma3, "llama_gqa": _llama_gqa, "neox_partial": _neox_partial,
+                  "gptj_interleaved": _gptj_interleaved}[request.param]()
     model.config._attn_implementation = "sdpa"
     return HFAccess(model, tok, name=f"tiny-{request.param}")
 
