@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import datetime as _dt
+import functools
 import json
 import math
 import sys
